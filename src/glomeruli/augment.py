@@ -1,0 +1,89 @@
+"""Augment stage: every original plus K random variants per image (K by class), offline and seeded."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from glomeruli.h5store import ImageStore, RecordMeta, StoreWriter
+from glomeruli.logs import progress
+from glomeruli.parallel import batched, ordered_map
+from glomeruli.params import AugmentParams
+
+log = logging.getLogger(__name__)
+WRITE_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One record of the augmented store: original `source_index`, copy 0 = the original itself."""
+
+    source_index: int
+    copy: int
+
+
+def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentParams,
+                  fill: tuple[int, int, int]) -> np.ndarray:
+    """Random scale, shift, optional flip / 90-degree turn, and Gaussian noise; uint8 in, uint8 out."""
+    size = image.shape[0]
+    scale = rng.uniform(*params.scale)
+    shift = rng.uniform(-params.translate, params.translate, size=2) * size
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), 0.0, scale)
+    matrix[:, 2] += shift
+    out = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=tuple(int(c) for c in fill))
+    if params.flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    if params.rotate90:
+        out = np.rot90(out, k=int(rng.integers(4)))
+    if params.noise_std > 0:
+        noisy = out.astype(np.float32) + rng.normal(0.0, params.noise_std, out.shape).astype(np.float32)
+        out = np.clip(np.rint(noisy), 0, 255)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def plan_variants(labels: np.ndarray, copies_per_class: dict[int, int]) -> list[Variant]:
+    return [Variant(i, c) for i, label in enumerate(labels) for c in range(1 + copies_per_class[int(label)])]
+
+
+_job: dict = {}
+
+
+def _init(store_path: Path, params: AugmentParams, fill: tuple[int, int, int], seed: int) -> None:
+    _job.update(store=None, store_path=store_path, params=params, fill=fill, seed=seed)
+
+
+def _render(variant: Variant) -> np.ndarray:
+    if _job["store"] is None:  # opened in the worker: h5py handles must not cross a fork
+        _job["store"] = ImageStore(_job["store_path"])
+    image = _job["store"].read(np.array([variant.source_index]))[0]
+    if variant.copy == 0:
+        return image
+    # A seed per (image, copy) keeps records identical whatever the worker count or order.
+    rng = np.random.default_rng([_job["seed"], variant.source_index, variant.copy])
+    return augment_image(image, rng, _job["params"], _job["fill"])
+
+
+def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed: int, workers: int) -> RecordMeta:
+    """Write originals and their variants, each original followed by its copies."""
+    with ImageStore(in_path) as store:
+        meta, size, fill = store.meta, store.image_size, tuple(int(c) for c in store.attrs["fill"])
+        attrs = {k: v for k, v in store.attrs.items() if k != "stage"}
+    variants = plan_variants(meta.labels, params.copies_per_class)
+    src = np.array([v.source_index for v in variants], dtype=np.int64)
+    out_meta = RecordMeta(
+        ids=np.array([meta.ids[v.source_index] + (f"#aug{v.copy}" if v.copy else "") for v in variants], dtype=object),
+        source_ids=meta.ids[src], groups=meta.groups[src], labels=meta.labels[src].astype(np.int8),
+        is_augmented=np.array([v.copy > 0 for v in variants], dtype=bool))
+    log.info("augmenting %d originals into %d records (copies per class: %s)",
+             len(meta), len(variants), params.copies_per_class)
+    images = ordered_map(_render, variants, workers, block=WRITE_BLOCK, initializer=_init,
+                         initargs=(in_path, params, fill, seed))
+    with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
+        for block in batched(progress(images, len(variants), "augment"), WRITE_BLOCK):
+            writer.append(np.stack(block))
+    return out_meta

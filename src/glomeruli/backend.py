@@ -1,0 +1,45 @@
+"""The only place that knows which Keras backend runs: accelerator detection, precision, seeding.
+
+TensorFlow is imported here and nowhere else, and only when it is the backend, so the package
+runs on JAX machines that have no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+
+log = logging.getLogger(__name__)
+
+
+def accelerator() -> str:
+    """'gpu', 'tpu' or 'cpu' for the active backend."""
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        return jax.default_backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    if name == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def configure(seed: int, mixed_precision: str) -> str:
+    """Seed every generator, make CPU runs repeatable, set the dtype policy; returns the policy."""
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    device = accelerator()
+    policy = ("mixed_bfloat16" if device in ("gpu", "tpu") else "float32") if mixed_precision == "auto" else mixed_precision
+    keras.mixed_precision.set_dtype_policy(policy)
+    log.info("keras %s on %s (%s), dtype policy %s", keras.__version__, keras.backend.backend(), device, policy)
+    return policy

@@ -1,0 +1,113 @@
+"""The image store: one HDF5 layout (and one reader) for preprocessed and augmented images.
+
+Datasets: images (N, S, S, 3) uint8, labels int8, ids / source_ids / groups UTF-8 strings,
+is_augmented bool. Written with fixed chunk shapes and no timestamps so identical inputs
+give byte-identical files (DVC compares hashes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class RecordMeta:
+    """Everything about the records except the pixels (small enough to hold in memory)."""
+
+    ids: np.ndarray
+    source_ids: np.ndarray
+    groups: np.ndarray
+    labels: np.ndarray
+    is_augmented: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class StoreWriter:
+    """Fill a store of known size slice by slice (memory stays one block)."""
+
+    def __init__(self, path: Path, meta: RecordMeta, image_size: int, attrs: dict):
+        self._file = h5py.File(path, "w", libver=("earliest", "v110"))
+        n = len(meta)
+        for name, data, dtype in (("ids", meta.ids, _STR), ("source_ids", meta.source_ids, _STR),
+                                  ("groups", meta.groups, _STR), ("labels", meta.labels, "i1"),
+                                  ("is_augmented", meta.is_augmented, "?")):
+            self._file.create_dataset(name, data=np.asarray(data, dtype=object if dtype is _STR else dtype),
+                                      dtype=dtype, track_times=False)
+        self._images = self._file.create_dataset(
+            "images", shape=(n, image_size, image_size, 3), dtype="u1",
+            chunks=(1, image_size, image_size, 3), track_times=False)
+        for key, value in attrs.items():
+            self._file.attrs[key] = value
+        self._cursor = 0
+
+    def append(self, images: np.ndarray) -> None:
+        end = self._cursor + len(images)
+        self._images[self._cursor:end] = images
+        self._cursor = end
+
+    def close(self) -> None:
+        if self._cursor != self._images.shape[0]:
+            self._file.close()
+            raise RuntimeError(f"store incomplete: {self._cursor} of {self._images.shape[0]} images written")
+        self._file.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+def _strings(ds: h5py.Dataset) -> np.ndarray:
+    return ds.asstr()[()].astype(object)
+
+
+class ImageStore:
+    """Read-only access: metadata in memory, pixels read on demand in increasing index order."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+            f = self._file
+            self.meta = RecordMeta(ids=_strings(f["ids"]), source_ids=_strings(f["source_ids"]),
+                                   groups=_strings(f["groups"]), labels=f["labels"][()].astype(np.int64),
+                                   is_augmented=f["is_augmented"][()].astype(bool))
+            self.images = f["images"]
+        except (OSError, KeyError) as err:
+            raise ValueError(f"{self.path} is not an image store written by this pipeline ({err}); "
+                             "rerun `dvc repro` to rebuild it") from err
+        self.attrs = dict(self._file.attrs)
+        self.image_size = int(self.images.shape[1])
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Images at `indices` (any order) as uint8 (n, S, S, 3)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return np.empty((0, self.image_size, self.image_size, 3), np.uint8)
+        order = np.argsort(indices, kind="stable")
+        out = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
+        sorted_idx = indices[order]
+        unique, inverse = np.unique(sorted_idx, return_inverse=True)
+        out[order] = self.images[unique][inverse]
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ImageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

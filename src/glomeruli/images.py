@@ -1,0 +1,166 @@
+"""The one image decoding and preprocessing path, shared by ingest, training and prediction.
+
+Images arrive as bytes (from a folder or a zip). `probe_image` reads only the header so that
+oversized images are refused before any pixel is allocated; `decode_rgb` then decodes with
+OpenCV and turns every supported layout (grey, grey+alpha, palette, 16-bit, BGR, BGRA) into
+HxWx3 uint8 RGB; `resize_and_pad` fits it into the square model input without squashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# Our own `max_pixels` (ingest.max_pixels) is the limit that applies, checked in probe_image before
+# any decode. Pillow's built-in bomb check would otherwise warn or refuse at its own fixed limit
+# (about 89 Mpx), and Pillow is only used here to read headers, never to decode pixels.
+Image.MAX_IMAGE_PIXELS = None
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND_CHUNK = b"IEND\xaeB`\x82"  # chunk type + its fixed CRC
+_UINT16_MAX = 65535
+
+
+class ImageError(ValueError):
+    """A user-caused bad image (empty, corrupt, truncated, too large...): the message names the file."""
+
+
+class ImageTooLargeError(ImageError):
+    """The header declares more pixels than allowed; nothing was decoded."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    channels: int
+
+
+def content_hash(data: bytes) -> str:
+    """SHA-256 hex digest of the file bytes (finds exact duplicates, ties outputs to inputs)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def probe_image(data: bytes, name: str, max_pixels: int) -> ImageInfo:
+    """Read only the header: size and channel count; refuse empty, non-image or oversized data."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes); re-export or remove it")
+    try:
+        # Image.open is lazy: it parses the header and allocates no pixel buffer.
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            channels = len(image.getbands())
+            image_format = image.format
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (no known image format in its first bytes); "
+                         "remove it or replace it with a PNG") from None
+    except Exception as err:  # noqa: BLE001 - Pillow plugins raise many types on hostile headers; all mean a bad file
+        raise ImageError(f"{name}: unreadable image header ({type(err).__name__}: {err})") from None
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name}: header declares an empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {image_format} header declares {width}x{height} = {width * height} pixels, more than "
+            f"ingest.max_pixels = {max_pixels}; downscale the image, or raise ingest.max_pixels if it is genuine")
+    return ImageInfo(width=width, height=height, channels=channels)
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int,
+               background: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """Decode image bytes to HxWx3 uint8 RGB; transparent pixels are composited over `background`."""
+    info = probe_image(data, name, max_pixels)
+    _refuse_truncated_png(data, name)
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:
+        raise ImageError(f"{name}: OpenCV failed to decode it ({str(err).strip()})") from None
+    if decoded is None:
+        raise ImageError(f"{name}: corrupt or truncated image (OpenCV could not decode it); "
+                         "re-export the file or remove it")
+    if decoded.shape[:2] != (info.height, info.width):
+        # A header that disagrees with the pixels could also slip past the max_pixels check.
+        raise ImageError(f"{name}: header says {info.width}x{info.height} but the pixels decode as "
+                         f"{decoded.shape[1]}x{decoded.shape[0]}; re-export the file")
+    return _to_rgb(_to_uint8(decoded, name), name, background)
+
+
+def _refuse_truncated_png(data: bytes, name: str) -> None:
+    # OpenCV 4.14 already rejects cut PNGs, but older libpng/OpenCV builds returned the rows they
+    # had; an IEND check costs nothing and keeps the guarantee independent of the library version.
+    # Searched anywhere, not only at the very end, because trailing bytes after IEND are legal.
+    if data.startswith(_PNG_SIGNATURE) and _PNG_IEND_CHUNK not in data:
+        raise ImageError(f"{name}: truncated PNG (its IEND end marker is missing); the copy is incomplete, "
+                         "copy or download it again")
+
+
+def _to_uint8(image: np.ndarray, name: str) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        # Round, not truncate: 65535 -> 255 and mid-grey stays mid-grey.
+        scaled = (image.astype(np.uint32) * 255 + _UINT16_MAX // 2) // _UINT16_MAX
+        return scaled.astype(np.uint8)
+    raise ImageError(f"{name}: unsupported pixel type {image.dtype} (only 8- and 16-bit images are "
+                     "supported); convert it to an 8-bit PNG")
+
+
+def _to_rgb(image: np.ndarray, name: str, background: tuple[int, int, int]) -> np.ndarray:
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels == 1:
+        grey = image.reshape(image.shape[:2])
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if channels == 2:
+        grey, alpha = image[:, :, 0], image[:, :, 1]
+        colour = np.repeat(grey[:, :, None], 3, axis=2)
+        return _composite(colour, alpha, background)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        colour = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
+        return _composite(colour, image[:, :, 3], background)
+    raise ImageError(f"{name}: {channels} colour channels are not supported; convert it to an RGB(A) PNG")
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Alpha-blend over a flat colour in integer arithmetic, so alpha 255 returns the pixels exactly."""
+    a = alpha.astype(np.uint32)[:, :, None]
+    bg = np.asarray(background, dtype=np.uint32).reshape(1, 1, 3)
+    blended = (rgb.astype(np.uint32) * a + bg * (255 - a) + 127) // 255
+    return np.ascontiguousarray(blended.astype(np.uint8))
+
+
+def resize_and_pad(image: np.ndarray, size: int, fill: tuple[int, int, int]) -> np.ndarray:
+    """Scale the longer side to `size` keeping the aspect ratio, then pad centred to size x size."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"resize_and_pad expects HxWx3 uint8 RGB, got shape {image.shape} {image.dtype}")
+    if size < 1:
+        raise ValueError(f"resize_and_pad: size must be >= 1, got {size}")
+    height, width = image.shape[:2]
+    longer = max(height, width)
+    # Integer round-half-up of side * size / longer: exact and identical on every platform.
+    new_width = max(1, (2 * width * size + longer) // (2 * longer))
+    new_height = max(1, (2 * height * size + longer) // (2 * longer))
+    if longer == size:
+        resized = image
+    else:
+        interpolation = cv2.INTER_AREA if size < longer else cv2.INTER_CUBIC
+        resized = cv2.resize(image, (new_width, new_height), interpolation=interpolation)
+    canvas = np.empty((size, size, 3), dtype=np.uint8)
+    canvas[:, :] = np.asarray(fill, dtype=np.uint8)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    canvas[top:top + new_height, left:left + new_width] = resized
+    return canvas
+
+
+def load_model_input(data: bytes, name: str, size: int, fill: tuple[int, int, int],
+                     max_pixels: int) -> np.ndarray:
+    """Bytes -> size x size x 3 uint8 RGB, 0..255 (the model normalises internally)."""
+    return resize_and_pad(decode_rgb(data, name, max_pixels, background=fill), size, fill)

@@ -1,0 +1,486 @@
+"""Ingest: turn a messy dataset folder or zip into a clean manifest and a report of everything left out.
+
+Every file found ends up either in the manifest or in `report["skipped"]` with one reason; nothing
+is dropped silently. Each kept image was read, hashed and fully decoded with the same decoder
+training and prediction use, so later stages never meet an unreadable file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import logging
+import multiprocessing
+import os
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import cv2
+
+from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
+from glomeruli.logs import progress
+from glomeruli.sources import SourceError, list_entries, read_bytes
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("id", "path", "name", "label", "group", "sha256", "width", "height", "channels")
+LABELS_CSV_HEADER = ("name", "ground truth")
+VALID_LABELS = (0, 1)
+# No valid image of max_pixels is bigger than 16-bit RGBA stored raw (8 bytes a pixel) plus
+# metadata; anything larger (e.g. a zip member that inflates to gigabytes) is refused unread.
+_MAX_BYTES_PER_PIXEL = 8
+_METADATA_SLACK_BYTES = 16 << 20
+_FIRST_BAD_FILES_SHOWN = 5
+
+
+class IngestError(RuntimeError):
+    """The dataset cannot be used as it is: the message names the file or setting and the fix."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    id: str
+    path: str
+    name: str
+    label: int
+    group: str
+    sha256: str
+    width: int
+    height: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    class_dirs: dict[str, int]
+    labels_csv: str | None
+    group_regex: str
+    max_pixels: int
+    max_unreadable_fraction: float
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    rows: list[ManifestRow]
+    report: dict
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    relpath: str
+    folder: str
+    label: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.relpath).name
+
+    @property
+    def match_name(self) -> str:
+        # macOS stores names decomposed (NFD), spreadsheets type them composed (NFC): compare both as NFC.
+        return unicodedata.normalize("NFC", self.name)
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    relpath: str
+    sha256: str | None = None
+    info: ImageInfo | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelsCsv:
+    labels: dict[str, int]       # NFC file name -> label, for names with one consistent valid label
+    excluded: dict[str, str]     # NFC file name -> why its image is excluded (bad or conflicting labels)
+    rows_by_name: dict[str, list[dict]]  # NFC file name -> its csv rows, to report extra rows
+    report: dict
+
+
+class _Skips:
+    """Collects one reason per file left out, for report["skipped"]."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []
+
+    def add(self, relpath: str, reason: str) -> None:
+        self.items.append({"file": relpath, "reason": reason})
+
+    def sorted(self) -> list[dict[str, str]]:
+        return sorted(self.items, key=lambda s: (s["file"], s["reason"]))
+
+
+# ---------------------------------------------------------------------------------------- ingest
+
+def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
+    """List, label, read, hash and decode every image of `source`; report everything left out."""
+    source = Path(source)
+    group_pattern = _compile_group_regex(config.group_regex)
+    entries, listing_skipped = list_entries(source)
+    skips = _Skips()
+    for item in listing_skipped:
+        skips.add(item.relpath, item.reason)
+    warnings: list[str] = []
+
+    candidates, outside, csv_entry = _classify_entries(entries, config)
+    for relpath in outside:
+        skips.add(relpath, "outside the class folders (only files directly inside "
+                           f"{', '.join(sorted(config.class_dirs))} are used)")
+    csv_labels = _load_labels_csv(source, config, csv_entry, warnings)
+
+    in_both = _names_in_both_classes(candidates)
+    survivors, label_conflicts, csv_missing = _apply_labels(candidates, in_both, csv_labels, skips)
+    to_read, unreadable = _drop_oversized_files(survivors, config.max_pixels)
+    inspected = _inspect_all(source, [c.relpath for c in to_read], config.max_pixels, config.workers)
+    decoded: list[tuple[_Candidate, _Inspected]] = []
+    for candidate, result in zip(to_read, inspected, strict=True):
+        if result.error:
+            unreadable.append({"file": candidate.relpath, "reason": result.error})
+        else:
+            decoded.append((candidate, result))
+    unreadable.sort(key=lambda u: u["file"])
+    for item in unreadable:
+        skips.add(item["file"], item["reason"])
+
+    kept, duplicates = _drop_duplicates(decoded, skips)
+    rows, ungrouped = _manifest_rows(kept, group_pattern)
+
+    report = _build_report(source, config, entries, listing_skipped, candidates, rows, unreadable, skips,
+                           outside, duplicates, label_conflicts, in_both, csv_labels, csv_missing,
+                           ungrouped, warnings)
+    log.info("ingest: %d images kept of %d found in the class folders; %d unreadable, %d files skipped in all",
+             len(rows), len(candidates), len(unreadable), len(report["skipped"]))
+    return IngestResult(rows=rows, report=report)
+
+
+def _compile_group_regex(pattern: str) -> re.Pattern[str]:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise IngestError(f"ingest.group_regex = {pattern!r} is not a regular expression ({err})") from None
+    if "group" not in compiled.groupindex:
+        raise IngestError(f"ingest.group_regex = {pattern!r} has no named group; write it as "
+                          "'^(?P<group>.+?)_PAS_' so the biopsy id can be read from the file name")
+    return compiled
+
+
+def _classify_entries(entries, config: IngestConfig) -> tuple[list[_Candidate], list[str], Any]:
+    candidates, outside, csv_entry = [], [], None
+    for entry in entries:
+        parts = entry.relpath.split("/")
+        if config.labels_csv is not None and entry.relpath == config.labels_csv:
+            csv_entry = entry
+        elif len(parts) == 2 and parts[0] in config.class_dirs:
+            candidates.append(_Candidate(entry.relpath, parts[0], config.class_dirs[parts[0]], entry.size))
+        else:
+            outside.append(entry.relpath)
+    return candidates, outside, csv_entry
+
+
+def _names_in_both_classes(candidates: list[_Candidate]) -> dict[str, list[str]]:
+    """NFC file name -> its files, for names that appear in more than one class folder."""
+    folders, files = defaultdict(set), defaultdict(list)
+    for candidate in candidates:
+        folders[candidate.match_name].add(candidate.folder)
+        files[candidate.match_name].append(candidate.relpath)
+    return {name: sorted(files[name]) for name in sorted(files) if len(folders[name]) > 1}
+
+
+def _apply_labels(candidates, in_both, csv_labels: LabelsCsv | None, skips: _Skips):
+    survivors, conflicts, missing = [], [], []
+    for candidate in candidates:
+        name = candidate.match_name
+        if name in in_both:
+            skips.add(candidate.relpath, "name_in_both_classes: the same file name is in both class folders; "
+                                         "its label is ambiguous, keep it in one folder only")
+            continue
+        if csv_labels is None:
+            survivors.append(candidate)
+            continue
+        csv_file = csv_labels.report["file"]
+        if name in csv_labels.excluded:
+            skips.add(candidate.relpath, csv_labels.excluded[name])
+        elif name not in csv_labels.labels:
+            missing.append(candidate.relpath)  # the folder label stands
+            survivors.append(candidate)
+        elif csv_labels.labels[name] != candidate.label:
+            conflicts.append({"file": candidate.relpath, "folder_label": candidate.label,
+                              "csv_label": csv_labels.labels[name]})
+            skips.add(candidate.relpath, f"label conflict: folder '{candidate.folder}' says {candidate.label}, "
+                                         f"{csv_file} says {csv_labels.labels[name]}; fix one of them")
+        else:
+            survivors.append(candidate)
+    return survivors, conflicts, missing
+
+
+def _drop_oversized_files(candidates: list[_Candidate], max_pixels: int) -> tuple[list[_Candidate], list[dict]]:
+    """Files too big to be an image of max_pixels, refused before reading (they count as unreadable)."""
+    limit = max_pixels * _MAX_BYTES_PER_PIXEL + _METADATA_SLACK_BYTES
+    kept, refused = [], []
+    for candidate in candidates:
+        if candidate.size > limit:
+            refused.append({"file": candidate.relpath,
+                            "reason": f"too large: {candidate.size} bytes, more than any image of "
+                                      f"ingest.max_pixels = {max_pixels} pixels can be; not read"})
+        else:
+            kept.append(candidate)
+    return kept, refused
+
+
+def _drop_duplicates(decoded, skips: _Skips):
+    """Keep the first (by id) of identical files; drop all copies whose labels disagree."""
+    by_hash = defaultdict(list)
+    for candidate, result in decoded:
+        by_hash[result.sha256].append((candidate, result))
+    kept, duplicates = [], []
+    for sha256 in sorted(by_hash, key=lambda h: by_hash[h][0][0].relpath):
+        copies = by_hash[sha256]
+        if len(copies) == 1:
+            kept.append(copies[0])
+            continue
+        files = [c.relpath for c, _ in copies]
+        labels = sorted({c.label for c, _ in copies})
+        if len(labels) == 1:
+            first = files[0]
+            kept.append(copies[0])
+            for relpath in files[1:]:
+                skips.add(relpath, f"duplicate of {first}")
+            duplicates.append({"sha256": sha256, "files": files, "labels": labels, "kept": first})
+        else:
+            for relpath in files:
+                skips.add(relpath, "duplicate with conflicting labels")
+            duplicates.append({"sha256": sha256, "files": files, "labels": labels, "kept": None})
+    kept.sort(key=lambda pair: pair[0].relpath)
+    return kept, duplicates
+
+
+def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestRow], list[str]]:
+    rows, ungrouped = [], []
+    for candidate, result in kept:
+        match = group_pattern.search(candidate.name)
+        group = match.group("group") if match else None
+        if not group:
+            group = candidate.name  # its own group: it can never share a split partition with others
+            ungrouped.append(candidate.relpath)
+        info = result.info
+        rows.append(ManifestRow(id=candidate.relpath, path=candidate.relpath, name=candidate.name,
+                                label=candidate.label, group=group, sha256=result.sha256,
+                                width=info.width, height=info.height, channels=info.channels))
+    return rows, ungrouped
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def _resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # parallelism comes from the processes; nested threads only oversubscribe
+
+
+def _inspect(task: tuple[str, str, int]) -> _Inspected:
+    """Read, hash and fully decode one file (in a worker process)."""
+    source, relpath, max_pixels = task
+    try:
+        data = read_bytes(Path(source), relpath)
+    except (OSError, SourceError) as err:
+        return _Inspected(relpath, error=f"unreadable: cannot read the file ({err})")
+    try:
+        info = probe_image(data, relpath, max_pixels)
+        decode_rgb(data, relpath, max_pixels)  # a full decode is the only reliable truncation check
+    except ImageTooLargeError as err:
+        return _Inspected(relpath, error=f"too large: {err}")
+    except ImageError as err:
+        return _Inspected(relpath, error=f"unreadable: {err}")
+    return _Inspected(relpath, sha256=content_hash(data), info=info)
+
+
+def _inspect_all(source: Path, relpaths: list[str], max_pixels: int, workers: int) -> list[_Inspected]:
+    """Inspect files in sorted order; results come back in the same order whatever the worker count."""
+    tasks = [(str(source), relpath, max_pixels) for relpath in relpaths]
+    n_workers = min(_resolve_workers(workers), len(tasks))
+    if n_workers <= 1:
+        return list(progress(map(_inspect, tasks), len(tasks), "ingest"))
+    chunksize = max(1, min(64, len(tasks) // (n_workers * 8)))
+    log.info("ingest: reading %d images with %d worker processes", len(tasks), n_workers)
+    with multiprocessing.get_context().Pool(n_workers, initializer=_init_worker) as pool:
+        return list(progress(pool.imap(_inspect, tasks, chunksize=chunksize), len(tasks), "ingest"))
+
+
+# ---------------------------------------------------------------------------------------- labels csv
+
+def _load_labels_csv(source: Path, config: IngestConfig, csv_entry, warnings: list[str]) -> LabelsCsv | None:
+    if config.labels_csv is None:
+        return None
+    if csv_entry is None:
+        message = (f"ingest.labels_csv = {config.labels_csv!r} is not in {source}; labels come from the "
+                   "class folders only (set ingest.labels_csv: null to silence this)")
+        log.warning(message)
+        warnings.append(message)
+        return None
+    return parse_labels_csv(read_bytes(source, csv_entry.relpath), config.labels_csv)
+
+
+def parse_labels_csv(data: bytes, file: str) -> LabelsCsv:
+    """Parse `name,ground truth` rows; bad rows are reported, a wrong header is an error."""
+    has_bom = data.startswith(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8-sig")  # Excel writes a BOM; it is not part of the header
+    except UnicodeDecodeError as err:
+        raise IngestError(f"{file}: not UTF-8 text ({err}); save it as 'CSV UTF-8'") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    expected = ",".join(LABELS_CSV_HEADER)
+    if not rows:
+        raise IngestError(f"{file}: empty; expected the header '{expected}' and one row per image, "
+                          "or set ingest.labels_csv: null")
+    header = [cell.strip() for cell in rows[0][1]]
+    if tuple(header) != LABELS_CSV_HEADER:
+        raise IngestError(f"{file}: header is {','.join(header)!r}, expected {expected!r}; fix the header, "
+                          "or set ingest.labels_csv: null to use the folder labels only")
+
+    bad_rows, bad_labels, duplicate_rows = [], [], []
+    rows_by_name: dict[str, list[dict]] = defaultdict(list)
+    for line, row in rows[1:]:
+        cells = [cell.strip() for cell in row]
+        if len(cells) != 2:
+            bad_rows.append({"line": line, "row": row, "reason": f"expected 2 columns, found {len(cells)}"})
+            continue
+        name, label = unicodedata.normalize("NFC", cells[0]), cells[1]
+        if not name or "/" in name or "\\" in name:
+            bad_rows.append({"line": line, "row": row, "reason": "expected a bare file name (no folder)"})
+            continue
+        rows_by_name[name].append({"line": line, "name": name, "label": label})
+
+    labels, excluded, conflicting = {}, {}, []
+    for name, name_rows in rows_by_name.items():
+        values = {r["label"] for r in name_rows}
+        invalid = sorted(v for v in values if v not in {str(v) for v in VALID_LABELS})
+        if invalid:
+            bad_labels.extend(r for r in name_rows if r["label"] in invalid)
+            excluded[name] = (f"{file} line {name_rows[0]['line']}: label {invalid[0]!r} is not 0 or 1; "
+                              "fix the csv row")
+        elif len(values) > 1:
+            conflicting.append({"name": name, "rows": name_rows})
+            excluded[name] = f"{file} gives conflicting labels {sorted(values)} for this name; keep one row"
+        else:
+            labels[name] = int(values.pop())
+            if len(name_rows) > 1:
+                duplicate_rows.extend(name_rows[1:])
+    report = {"file": file, "present": True, "bom": has_bom, "crlf": "\r\n" in text, "n_rows": len(rows) - 1,
+              "bad_rows": bad_rows, "bad_labels": sorted(bad_labels, key=lambda r: r["line"]),
+              "conflicting_rows": conflicting, "duplicate_rows": duplicate_rows}
+    return LabelsCsv(labels=labels, excluded=excluded, rows_by_name=dict(rows_by_name), report=report)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+def _config_report(config: IngestConfig) -> dict:
+    # workers is left out on purpose: the report must not depend on how many processes read the files.
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "workers"}
+
+
+def _build_report(source, config, entries, listing_skipped, candidates, rows, unreadable, skips, outside,
+                  duplicates, label_conflicts, in_both, csv_labels, csv_missing, ungrouped, warnings) -> dict:
+    counts = {}
+    for folder in sorted(config.class_dirs):
+        label = config.class_dirs[folder]
+        counts[folder] = {"label": label,
+                          "found": sum(c.folder == folder for c in candidates),
+                          "kept": sum(r.path.split("/")[0] == folder for r in rows)}
+    candidate_names = {c.match_name for c in candidates}
+    csv_extra = [] if csv_labels is None else sorted(
+        (r for name, name_rows in csv_labels.rows_by_name.items() if name not in candidate_names
+         for r in name_rows), key=lambda r: r["line"])
+    csv_report = csv_labels.report if csv_labels else {"file": config.labels_csv, "present": False}
+    return {
+        "source": str(source),
+        "config": _config_report(config),
+        "n_listed": len(entries) + len(listing_skipped),
+        "n_found": len(candidates),
+        "n_kept": len(rows),
+        "n_unreadable": len(unreadable),
+        "n_groups": len({r.group for r in rows}),
+        "counts": counts,
+        "folders_found": sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}),
+        "skipped": skips.sorted(),
+        "unreadable": unreadable,
+        "outside_class_folders": sorted(outside),
+        "duplicates": duplicates,
+        "label_conflicts": label_conflicts,
+        "name_in_both_classes": [{"name": name, "files": files} for name, files in in_both.items()],
+        "csv": csv_report,
+        "csv_extra_rows": csv_extra,
+        "csv_missing_rows": sorted(csv_missing),
+        "ungrouped": sorted(ungrouped),
+        "warnings": warnings,
+    }
+
+
+def check_ingest(result: IngestResult, config: IngestConfig) -> None:
+    """Refuse a dataset with an empty class or too many unreadable images."""
+    report = result.report
+    for folder in sorted(config.class_dirs):
+        counts = report["counts"][folder]
+        if counts["kept"] == 0:
+            raise IngestError(
+                f"class folder '{folder}' (label {counts['label']}) has no usable images in {report['source']} "
+                f"({counts['found']} files found there); folders found: {report['folders_found'] or 'none'}. "
+                f"Put the images in {report['source']}/{folder}/, or fix ingest.class_dirs / data.source "
+                "(see report['skipped'] for why files were left out)")
+    n_unreadable, n_kept = report["n_unreadable"], report["n_kept"]
+    fraction = n_unreadable / (n_unreadable + n_kept) if n_unreadable + n_kept else 0.0
+    if fraction > config.max_unreadable_fraction:
+        first = "; ".join(f"{u['file']} ({u['reason']})" for u in report["unreadable"][:_FIRST_BAD_FILES_SHOWN])
+        raise IngestError(
+            f"{n_unreadable} of {n_unreadable + n_kept} images ({fraction:.1%}) are unreadable, more than "
+            f"ingest.max_unreadable_fraction = {config.max_unreadable_fraction}. First bad files: {first}. "
+            "Fix or remove them, or raise ingest.max_unreadable_fraction to accept the loss")
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+def write_manifest(rows: list[ManifestRow], path: Path | str) -> None:
+    """Write the manifest CSV (UTF-8, `\\n` line ends) to exactly `path`."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in rows:
+            writer.writerow([getattr(row, column) for column in MANIFEST_COLUMNS])
+
+
+def read_manifest(path: Path | str) -> list[ManifestRow]:
+    """Read a manifest written by write_manifest; a wrong header or row names the file and line."""
+    path = Path(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != MANIFEST_COLUMNS:
+            raise IngestError(f"{path}: header is {header!r}, expected {','.join(MANIFEST_COLUMNS)!r}; "
+                              "regenerate it with the ingest stage (dvc repro)")
+        return [_manifest_row(path, reader.line_num, cells) for cells in reader]
+
+
+def _manifest_row(path: Path, line: int, cells: list[str]) -> ManifestRow:
+    if len(cells) != len(MANIFEST_COLUMNS):
+        raise IngestError(f"{path} line {line}: {len(cells)} columns, expected {len(MANIFEST_COLUMNS)}; "
+                          "regenerate it with the ingest stage (dvc repro)")
+    values: dict[str, Any] = dict(zip(MANIFEST_COLUMNS, cells, strict=True))
+    try:
+        for column in ("label", "width", "height", "channels"):
+            values[column] = int(values[column])
+    except ValueError:
+        raise IngestError(f"{path} line {line}: {column} = {values[column]!r} is not an integer; "
+                          "regenerate it with the ingest stage (dvc repro)") from None
+    if values["label"] not in VALID_LABELS:
+        raise IngestError(f"{path} line {line}: label {values['label']} is not 0 or 1; "
+                          "regenerate it with the ingest stage (dvc repro)")
+    return ManifestRow(**values)

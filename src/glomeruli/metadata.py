@@ -1,0 +1,69 @@
+"""What travels with a trained model: input size, padding, threshold, class names (models/model.meta.json)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from glomeruli.atomic import write_json
+from glomeruli.errors import UserError
+
+CLASS_NAMES = ("non_globally_sclerotic", "globally_sclerotic")  # index = label
+
+
+class MetadataError(UserError, ValueError):
+    """Missing or inconsistent model metadata."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    image_size: int
+    fill: tuple[int, int, int]
+    threshold: float
+    threshold_rule: str
+    class_names: tuple[str, str]
+    model_sha256: str
+    max_pixels: int
+
+
+def metadata_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name.removesuffix(".keras") + ".meta.json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_metadata(model_path: Path, meta: ModelMetadata) -> None:
+    write_json(metadata_path(model_path), asdict(meta))
+
+
+def read_metadata(model_path: Path) -> ModelMetadata:
+    """Metadata of `model_path`, refused when missing, incomplete or written for another model file."""
+    path = metadata_path(model_path)
+    if not path.is_file():
+        raise MetadataError(f"{path} not found: the evaluate stage writes it beside {model_path.name} "
+                            "(run `dvc repro evaluate`); a model without it has no validated threshold")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        meta = ModelMetadata(image_size=int(raw["image_size"]), fill=tuple(int(c) for c in raw["fill"]),
+                             threshold=float(raw["threshold"]), threshold_rule=str(raw["threshold_rule"]),
+                             class_names=tuple(raw["class_names"]), model_sha256=str(raw["model_sha256"]),
+                             max_pixels=int(raw["max_pixels"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise MetadataError(f"{path} is incomplete or malformed ({err}); rerun `dvc repro evaluate`") from err
+    if not 0.0 <= meta.threshold <= 1.0 or len(meta.fill) != 3 or len(meta.class_names) != 2:
+        raise MetadataError(f"{path} holds impossible values (threshold {meta.threshold}, fill {meta.fill}, "
+                            f"class names {meta.class_names}); rerun `dvc repro evaluate`")
+    if meta.class_names != CLASS_NAMES:
+        raise MetadataError(f"{path} names classes {meta.class_names}, expected {CLASS_NAMES}")
+    if meta.model_sha256 != file_sha256(model_path):
+        raise MetadataError(f"{path} was written for another version of {model_path.name} (checksum differs); "
+                            "rerun `dvc repro evaluate` so threshold and model match")
+    return meta

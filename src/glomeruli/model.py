@@ -1,0 +1,153 @@
+"""EfficientNetB3 classifier: build, freeze / unfreeze, split at a block for caching, save and load safely."""
+
+from __future__ import annotations
+
+import logging
+import re
+import urllib.error
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from glomeruli.errors import UserError
+from glomeruli.params import N_EFFICIENTNET_BLOCKS
+
+log = logging.getLogger(__name__)
+
+BASE_NAME = "efficientnetb3"
+POOL_NAME = "avg_pool"
+HEAD_NAME = "head"
+IMAGENET_FILE = "efficientnetb3_notop.h5"
+
+
+class WeightsError(UserError, RuntimeError):
+    """Pretrained weights are unavailable."""
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model file that is unsafe, corrupt or not one of ours."""
+
+
+def _base(image_size: int, weights: str) -> keras.Model:
+    keras_weights = None if weights == "none" else weights
+    try:
+        return keras.applications.EfficientNetB3(include_top=False, weights=keras_weights,
+                                                 input_shape=(image_size, image_size, 3))
+    except (urllib.error.URLError, OSError, ValueError, Exception) as err:  # the download error type varies by backend
+        if weights != "imagenet":
+            raise WeightsError(f"cannot load EfficientNetB3 weights from {weights!r} (model.weights): {err}") from err
+        raise WeightsError(
+            f"ImageNet weights for EfficientNetB3 could not be obtained ({type(err).__name__}: {err}). Ways out: "
+            f"(1) run once with internet access so Keras caches {IMAGENET_FILE} in ~/.keras/models/; "
+            f"(2) copy {IMAGENET_FILE} into ~/.keras/models/ by hand; "
+            "(3) set model.weights to a weights file path, or to none to train from scratch "
+            "(e.g. `dvc exp run -S model.weights=none`).") from err
+
+
+def build_model(image_size: int, weights: str, dropout: float) -> keras.Model:
+    """uint8-range RGB (0-255, as float) -> P(globally sclerotic). The base normalises internally."""
+    base = _base(image_size, weights)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    # training=False keeps the base's BatchNormalization and drop-connect in inference mode in every
+    # phase, so with frozen layers its activations are fixed and can be cached (see training.py).
+    features = keras.layers.GlobalAveragePooling2D(name=POOL_NAME)(base(inputs, training=False))
+    head = keras.Sequential([
+        keras.Input(features.shape[1:]),
+        # Standardises features with train-set statistics (adapt_head): their scale differs by orders
+        # of magnitude between ImageNet and untrained bases, and a fixed layer keeps caching exact.
+        keras.layers.Normalization(axis=-1, name="head_norm"),
+        keras.layers.Dropout(dropout, name="head_dropout"),
+        keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability"),
+    ], name=HEAD_NAME)
+    return keras.Model(inputs, head(features), name="glomeruli_b3")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BASE_NAME)
+
+
+def freeze_base(model: keras.Model) -> None:
+    base_of(model).trainable = False
+
+
+def _block_number(layer_name: str) -> int | None:
+    """EfficientNet layer names: stem_*, block1a_* ... block7b_*, top_*."""
+    if layer_name.startswith("top_"):
+        return N_EFFICIENTNET_BLOCKS + 1
+    match = re.match(r"block(\d)", layer_name)
+    return int(match.group(1)) if match else None
+
+
+def first_unfrozen_block(n_blocks: int) -> int:
+    return N_EFFICIENTNET_BLOCKS + 1 - n_blocks
+
+
+def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
+    """Unfreeze the top `n_blocks` blocks and top_ layers; BatchNormalization stays frozen."""
+    base = base_of(model)
+    base.trainable = True
+    first = first_unfrozen_block(n_blocks)
+    unfrozen = []
+    for layer in base.layers:
+        block = _block_number(layer.name)
+        layer.trainable = (block is not None and block >= first
+                           and not isinstance(layer, keras.layers.BatchNormalization))
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """Image -> pooled base features: the fixed part of the frozen phase."""
+    return keras.Model(model.inputs, model.get_layer(POOL_NAME).output, name="features")
+
+
+def head_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(HEAD_NAME)
+
+
+def adapt_head(model: keras.Model, train_features: np.ndarray) -> None:
+    """Set the head's feature standardisation from the training set's pooled features."""
+    head_of(model).get_layer("head_norm").adapt(train_features)
+
+
+def split_at_block(model: keras.Model, n_blocks: int) -> tuple[keras.Model, keras.Model]:
+    """(bottom, top): image -> activations entering the first unfrozen block -> probability.
+
+    Both share layers (and so weights) with `model`; training `top` trains `model`.
+    """
+    base = base_of(model)
+    first = first_unfrozen_block(n_blocks)
+    boundary_layer = next(l for l in base.layers if _block_number(l.name) == first)
+    boundary = boundary_layer.input
+    bottom_base = keras.Model(base.inputs, boundary, name="bottom_base")
+    top_base = keras.Model(boundary, base.output, name="top_base")
+    image = keras.Input(model.inputs[0].shape[1:], name="image")
+    bottom = keras.Model(image, bottom_base(image, training=False), name="bottom")
+    activations = keras.Input(boundary.shape[1:], name="activations")
+    pooled = model.get_layer(POOL_NAME)(top_base(activations, training=False))
+    top = keras.Model(activations, head_of(model)(pooled), name="top")
+    return bottom, top
+
+
+def compile_model(model: keras.Model, lr: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
+
+
+def load_model(path: Path | str) -> keras.Model:
+    """Load a .keras model in safe mode: files that would run arbitrary code are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} not found; run `dvc repro` to train one, or pass --model PATH")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as err:
+        if "safe_mode" in str(err) or "lambda" in str(err).lower():
+            raise ModelLoadError(f"{path} asks to run arbitrary code (a Lambda layer) and was refused; "
+                                 "only load models you trust, retrained with this pipeline") from err
+        raise ModelLoadError(f"{path} is not a model this pipeline can load: {err}") from err
+    except Exception as err:  # a corrupt zip or h5 raises many types
+        raise ModelLoadError(f"{path} could not be read as a Keras model ({type(err).__name__}: {err}); "
+                             "retrain it with `dvc repro`") from err

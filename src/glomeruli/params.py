@@ -1,0 +1,304 @@
+"""The one loader of params.yaml: reads, types and validates every setting before work starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from glomeruli.errors import UserError
+
+# EfficientNetB3 has seven blocks; its stem downsamples 32x, so very small inputs break it.
+N_EFFICIENTNET_BLOCKS = 7
+MIN_IMAGE_SIZE = 32
+
+
+class ParamsError(UserError, ValueError):
+    """A bad value in params.yaml: the message names the key, the value and what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` (no dot) as a float, as users mean it, not as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: Path | str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=_Loader) or {}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    class_dirs: dict[str, int]
+    labels_csv: str | None
+    group_regex: str
+    max_pixels: int
+    max_unreadable_fraction: float
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    image_size: int
+    fill: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    copies_per_class: dict[int, int]
+    scale: tuple[float, float]
+    translate: float
+    noise_std: float
+    flip: bool
+    rotate90: bool
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float
+    test_fraction: float
+    group_by: str
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    weights: str
+    dropout: float
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int
+    batch_size: int
+    lr: float
+    class_weight: str
+    patience: int
+
+
+@dataclass(frozen=True)
+class FinetuneParams(TrainParams):
+    unfreeze_blocks: int
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold_rule: str
+    fixed_threshold: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    workers: int
+    cache_features: bool
+    memory_budget_gb: float
+    mixed_precision: str
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    ingest: IngestParams
+    preprocess: PreprocessParams
+    augment: AugmentParams
+    split: SplitParams
+    model: ModelParams
+    train_frozen: TrainParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    runtime: RuntimeParams
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ParamsError(f"params.yaml: `{key}` = {value!r} is invalid: {allowed}.")
+
+
+def _number(key: str, value: Any, kind: type, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        _fail(key, value, f"expected {'an integer' if kind is int else 'a number'}")
+    value = kind(value)
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(key, value, f"must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        _fail(key, value, f"must be <= {hi}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        _fail(key, value, f"allowed values are {', '.join(choices)}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(key, value, "expected true or false")
+    return value
+
+
+def _section(raw: dict, key: str) -> dict:
+    section = raw.get(key)
+    if not isinstance(section, dict):
+        _fail(key, section, "expected a mapping of settings (see the params.yaml shipped with the project)")
+    return section
+
+
+def _get(section: dict, prefix: str, name: str) -> Any:
+    if name not in section:
+        raise ParamsError(f"params.yaml: `{prefix}.{name}` is missing; add it (see README, 'Parameters').")
+    return section[name]
+
+
+def _train(section: dict, prefix: str) -> dict:
+    g = lambda n: _get(section, prefix, n)  # noqa: E731
+    return dict(
+        epochs=_number(f"{prefix}.epochs", g("epochs"), int, 1),
+        batch_size=_number(f"{prefix}.batch_size", g("batch_size"), int, 1),
+        lr=_number(f"{prefix}.lr", g("lr"), float, 0, 1, lo_open=True),
+        class_weight=_choice(f"{prefix}.class_weight", g("class_weight"), ("balanced", "none")),
+        patience=_number(f"{prefix}.patience", g("patience"), int, 0),
+    )
+
+
+def _rgb(key: str, value: Any) -> tuple[int, int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * 3
+    if not isinstance(value, list) or len(value) != 3:
+        _fail(key, value, "expected an integer 0-255 or a list of three, e.g. [0, 0, 0]")
+    return tuple(_number(key, v, int, 0, 255) for v in value)  # type: ignore[return-value]
+
+
+def parse_params(raw: dict) -> Params:
+    """Type and validate a params mapping; raises ParamsError naming the first bad key."""
+    ing, pre, aug = _section(raw, "ingest"), _section(raw, "preprocess"), _section(raw, "augment")
+    spl, mdl, tf, ft = _section(raw, "split"), _section(raw, "model"), _section(raw, "train_frozen"), _section(raw, "finetune")
+    ev, rt, data = _section(raw, "evaluate"), _section(raw, "runtime"), _section(raw, "data")
+
+    class_dirs = _get(ing, "ingest", "class_dirs")
+    if not isinstance(class_dirs, dict) or sorted(set(class_dirs.values())) != [0, 1] or len(class_dirs) != 2:
+        _fail("ingest.class_dirs", class_dirs, "expected two folder names mapped to labels 0 and 1")
+    group_regex = _get(ing, "ingest", "group_regex")
+    try:
+        if "group" not in re.compile(group_regex).groupindex:
+            _fail("ingest.group_regex", group_regex, "needs a named group (?P<group>...)")
+    except (re.error, TypeError) as err:
+        _fail("ingest.group_regex", group_regex, f"not a regular expression ({err})")
+
+    copies = _get(aug, "augment", "copies_per_class")
+    if not isinstance(copies, dict) or {str(k) for k in copies} != {"0", "1"}:
+        _fail("augment.copies_per_class", copies, 'expected copies for both labels, e.g. {"0": 1, "1": 4}')
+    scale = _get(aug, "augment", "scale")
+    if not isinstance(scale, list) or len(scale) != 2:
+        _fail("augment.scale", scale, "expected [min, max], e.g. [0.9, 1.1]")
+    scale = tuple(_number("augment.scale", s, float, 0.1, 10) for s in scale)
+    if scale[0] > scale[1]:
+        _fail("augment.scale", list(scale), "min must not exceed max")
+
+    val_fraction = _number("split.val_fraction", _get(spl, "split", "val_fraction"), float, 0, 1, lo_open=True)
+    test_fraction = _number("split.test_fraction", _get(spl, "split", "test_fraction"), float, 0, 1, lo_open=True)
+    if val_fraction + test_fraction >= 1:
+        _fail("split.val_fraction + split.test_fraction", val_fraction + test_fraction,
+              "must be below 1 so the train partition is not empty")
+
+    weights = _get(mdl, "model", "weights")
+    if weights is None:
+        weights = "none"
+    if not isinstance(weights, str):
+        _fail("model.weights", weights, "expected imagenet, none or a path to a weights file")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        _fail("model.weights", weights, "no such file; give imagenet, none or an existing weights file")
+
+    finetune = _train(ft, "finetune")
+    finetune["unfreeze_blocks"] = _number("finetune.unfreeze_blocks", _get(ft, "finetune", "unfreeze_blocks"),
+                                          int, 1, N_EFFICIENTNET_BLOCKS)
+    labels_csv = _get(ing, "ingest", "labels_csv")
+    if labels_csv is not None and not isinstance(labels_csv, str):
+        _fail("ingest.labels_csv", labels_csv, "expected a file name such as public.csv, or null")
+    source = _get(data, "data", "source")
+    if not isinstance(source, str) or not source:
+        _fail("data.source", source, "expected a folder or .zip path")
+
+    return Params(
+        seed=_number("seed", raw.get("seed"), int, 0),
+        data=DataParams(source=source),
+        ingest=IngestParams(
+            class_dirs={str(k): int(v) for k, v in class_dirs.items()},
+            labels_csv=labels_csv or None,
+            group_regex=group_regex,
+            max_pixels=_number("ingest.max_pixels", _get(ing, "ingest", "max_pixels"), int, 1),
+            max_unreadable_fraction=_number("ingest.max_unreadable_fraction",
+                                            _get(ing, "ingest", "max_unreadable_fraction"), float, 0, 1),
+        ),
+        preprocess=PreprocessParams(
+            image_size=_number("preprocess.image_size", _get(pre, "preprocess", "image_size"), int, MIN_IMAGE_SIZE, 2048),
+            fill=_rgb("preprocess.fill", _get(pre, "preprocess", "fill")),
+        ),
+        augment=AugmentParams(
+            copies_per_class={int(k): _number(f"augment.copies_per_class.{k}", v, int, 0, 100) for k, v in copies.items()},
+            scale=scale,  # type: ignore[arg-type]
+            translate=_number("augment.translate", _get(aug, "augment", "translate"), float, 0, 0.5),
+            noise_std=_number("augment.noise_std", _get(aug, "augment", "noise_std"), float, 0, 128),
+            flip=_bool("augment.flip", _get(aug, "augment", "flip")),
+            rotate90=_bool("augment.rotate90", _get(aug, "augment", "rotate90")),
+        ),
+        split=SplitParams(val_fraction=val_fraction, test_fraction=test_fraction,
+                          group_by=_choice("split.group_by", _get(spl, "split", "group_by"), ("image", "biopsy"))),
+        model=ModelParams(weights=weights,
+                          dropout=_number("model.dropout", _get(mdl, "model", "dropout"), float, 0, 0.95)),
+        train_frozen=TrainParams(**_train(tf, "train_frozen")),
+        finetune=FinetuneParams(**finetune),
+        evaluate=EvaluateParams(
+            threshold_rule=_choice("evaluate.threshold_rule", _get(ev, "evaluate", "threshold_rule"),
+                                   ("max_f1", "youden", "fixed")),
+            fixed_threshold=_number("evaluate.fixed_threshold", _get(ev, "evaluate", "fixed_threshold"), float, 0, 1),
+            batch_size=_number("evaluate.batch_size", _get(ev, "evaluate", "batch_size"), int, 1),
+        ),
+        runtime=RuntimeParams(
+            workers=_number("runtime.workers", _get(rt, "runtime", "workers"), int, 0),
+            cache_features=_bool("runtime.cache_features", _get(rt, "runtime", "cache_features")),
+            memory_budget_gb=_number("runtime.memory_budget_gb", _get(rt, "runtime", "memory_budget_gb"), float, 0),
+            mixed_precision=_choice("runtime.mixed_precision", _get(rt, "runtime", "mixed_precision"),
+                                    ("auto", "float32", "mixed_bfloat16", "mixed_float16")),
+        ),
+    )
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; every stage and command goes through here."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the project root, or pass --params PATH.")
+    return parse_params(read_yaml(path))
+
+
+def as_dict(obj: Any) -> Any:
+    """Params (or any section) as plain JSON-ready data, for reports and model metadata."""
+    if is_dataclass(obj):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): as_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_dict(v) for v in obj]
+    return obj

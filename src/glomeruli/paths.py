@@ -1,0 +1,17 @@
+"""Where each stage reads and writes, relative to the project root (the same paths as dvc.yaml)."""
+
+from pathlib import Path
+
+MANIFEST = Path("data/interim/manifest.csv")
+INGEST_REPORT = Path("data/interim/ingest_report.json")
+PREPROCESSED = Path("data/interim/preprocessed.h5")
+AUGMENTED = Path("data/processed/augmented.h5")
+SPLIT = Path("data/processed/split.json")
+SPLIT_SUMMARY = Path("metrics/split.json")
+FROZEN_MODEL = Path("models/frozen.keras")
+MODEL = Path("models/model.keras")
+LIVE_FROZEN = Path("metrics/train_frozen")
+LIVE_FINETUNE = Path("metrics/finetune")
+METRICS = Path("metrics/evaluate.json")
+PLOTS = Path("metrics/plots")
+CHECKPOINTS = Path(".glomeruli-tmp/checkpoints")  # resume state, outside DVC's outputs

@@ -1,0 +1,647 @@
+"""Deterministic generator of SYNTHETIC PAS-stained glomerulus crops in the CMIL dataset layout.
+
+The images only mimic the look of the real data (class folders, ``public.csv``, RGBA PNGs of
+variable size, biopsy-grouped file names) so the pipeline can be demonstrated and tested without
+the real dataset. They carry no medical information. Every biopsy id starts with ``SYNTH-``, every
+PNG holds a ``Comment`` text chunk saying ``synthetic glomeruli sample`` and the folder holds
+``SYNTHETIC_DATA.txt``, so synthetic files cannot pass for real ones.
+
+Drawing model: two stain-density maps (hematoxylin for nuclei, PAS for basement membranes and
+matrix) are painted with vectorised NumPy/OpenCV operations and turned into colour with the
+Beer-Lambert law, which makes per-biopsy stain variation a matter of jittering two colour vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import struct
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import cv2
+import numpy as np
+
+from glomeruli import __version__
+
+__all__ = ["SampleSummary", "generate_sample_dataset"]
+
+log = logging.getLogger(__name__)
+
+SCLEROTIC_DIR = "globally_sclerotic_glomeruli"  # label 1
+NON_SCLEROTIC_DIR = "non_globally_sclerotic_glomeruli"  # label 0
+LABELS_CSV = "public.csv"
+CSV_HEADER = "name,ground truth"
+MARKER_FILE = "SYNTHETIC_DATA.txt"
+MARKER_SIGNATURE = "SYNTHETIC glomeruli sample data"  # first line of the marker; proves we wrote the folder
+PNG_TEXT_KEY = "Comment"
+PNG_TEXT_PREFIX = "synthetic glomeruli sample"
+BIOPSY_PREFIX = "SYNTH-"
+NAME_HEX_BYTES = 12  # 24 lowercase hex digits, like the real file names
+
+MIN_IMAGES = 4  # two of each class
+MIN_SIDE = 16
+MIN_PER_CLASS = 2
+IMAGES_PER_BIOPSY = 12  # default biopsy count is n_images / this
+EMPTY_BIOPSY_PROBABILITY = 0.3  # biopsies drawn without any sclerotic glomerulus
+
+# Independent random streams (SeedSequence spawn keys) so that the plan, each biopsy's stain and
+# each image are reproducible on their own, whichever worker draws them.
+_PLAN_STREAM, _IMAGE_STREAM, _BIOPSY_STREAM = 0, 1, 2
+
+# Optical densities (absorbance per unit stain, R, G, B) from Ruifrok & Johnston's H-PAS vectors.
+HEMATOXYLIN_OD_RGB = (0.644, 0.717, 0.267)
+PAS_OD_RGB = (0.175, 0.972, 0.155)
+LN10 = float(np.log(10.0))
+NUCLEUS_DENSITY = 1.0  # hematoxylin density of a nucleus core
+
+# Class features as (non-sclerotic, sclerotic) values; `difficulty` blends each toward the other
+# class. Units: densities are stain amounts, widths/gaps are fractions of the capsule radius.
+CLASS_FEATURES: dict[str, tuple[float, float]] = {
+    "tuft_pas": (0.55, 0.25),  # dense magenta tuft vs pale matrix
+    "tuft_hema": (0.11, 0.03),  # cellular (purple) vs acellular (pink-lilac)
+    "tuft_grain": (0.40, 0.08),  # textured vs homogeneous
+    "lumen_fraction": (0.16, 0.006),  # open capillary lumens
+    "capillary_wall": (0.35, 0.0),  # PAS-bright capillary loops around lumens
+    "wrinkled_gbm": (0.0, 0.14),  # collapsed, crinkled basement membranes inside the scar
+    "nucleus_density": (1.0, 0.07),  # nuclei per (nucleus spacing)^2, relative
+    "bowman_gap": (0.10, 0.0),  # white Bowman's space between tuft and capsule
+    "bowman_fill": (0.0, 0.22),  # collagen filling Bowman's space (obsolescence)
+    "lobulation": (0.06, 0.015),
+    "wrinkle": (0.004, 0.025),  # fine crinkling of the outline
+    "fibrous_width": (0.015, 0.20),  # concentric fibrous lamellae around the tuft
+    "fibrous_pas": (0.55, 0.40),
+    "size": (1.0, 0.88),  # sclerotic glomeruli tend to shrink
+}
+SHRUNKEN_PROBABILITY = 0.3  # sclerotic glomeruli drawn markedly small (obsolete, shrunken)
+SHRUNKEN_SCALE = (0.55, 0.8)
+FEATURE_JITTER = 0.12  # per-image relative spread of each feature
+MAX_BLEND = 0.32  # feature blend toward the other class at difficulty 1 (typical images)
+AMBIGUOUS_FRACTION = 0.22  # share of blended "obsolescent-like" images at difficulty 1
+AMBIGUOUS_BLEND = (0.35, 0.6)
+
+# Geometry, as fractions of the capsule radius R (real: glomerulus ~200 um, nucleus ~6 um).
+NUCLEUS_RADIUS = 0.026
+NUCLEUS_SPACING = 3.4  # in nucleus radii, for nucleus_density 1
+LUMEN_SPACING = 0.06
+TUBULE_SPACING = 0.62
+CAPSULE_THICKNESS = 0.018
+FILL_RANGE = (0.80, 0.97)  # glomerulus extent / crop extent (crops are loose bounding boxes)
+MAX_ASPECT = 1.45  # glomeruli are cut obliquely at most this elongated
+GLASS_PROBABILITY = 0.15  # crops that reach the edge of the tissue section
+THETA_BINS = 512  # angular resolution of the outline look-up tables
+NOISE_STD = 0.86  # std of unit Gaussian noise after bicubic upsampling (measured)
+
+# PNG encoding: SUB filter + Huffman-only deflate is ~3x faster than Pillow's adaptive filtering
+# for these noisy textures at ~20 % larger files, which matters when making 20k images.
+PNG_PARAMS = [
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    """What :func:`generate_sample_dataset` wrote."""
+
+    root: Path
+    n_images: int
+    n_sclerotic: int
+    n_biopsies: int
+
+
+@dataclass(frozen=True)
+class _Stain:
+    """Per-biopsy scanner/stain appearance."""
+
+    hema_od: tuple[float, float, float]  # B, G, R, already scaled by concentration and ln 10
+    pas_od: tuple[float, float, float]
+    white: tuple[float, float, float]  # B, G, R of empty glass
+    blur: float  # Gaussian blur sigma at R = 150 px
+
+
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    name: str
+    label: int
+    width: int
+    height: int
+    stain: _Stain
+    difficulty: float
+    seed: int
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def generate_sample_dataset(
+    out_dir: Path | str,
+    n_images: int = 200,
+    *,
+    sclerotic_fraction: float = 0.18,
+    difficulty: float = 0.3,
+    seed: int = 0,
+    size_range: tuple[int, int] = (250, 950),
+    n_biopsies: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> SampleSummary:
+    """Write a synthetic CMIL-layout dataset into ``out_dir`` and return a summary.
+
+    Same arguments give byte-identical files whatever ``workers`` is (0 = all cores).
+    ``difficulty`` 0 makes the classes trivially separable, 1 blends their features, strengthens
+    stain/blur variation and adds ambiguous obsolescent-like glomeruli. Refuses (FileExistsError)
+    a non-empty ``out_dir`` that is not a previous synthetic dataset; replaces one that is.
+    """
+    out = Path(out_dir)
+    _validate(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies, workers)
+    _check_target(out)
+    jobs, n_bio = _plan(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies)
+    n_scl = sum(j.label for j in jobs)
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over by a crashed run of a process with our pid
+    try:
+        for sub in (SCLEROTIC_DIR, NON_SCLEROTIC_DIR):
+            (tmp / sub).mkdir(parents=True)
+        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies, difficulty %.2f) in %s",
+                 n_images, n_scl, n_bio, difficulty, out)
+        _run_jobs(jobs, tmp, workers, progress)
+        _write_csv(tmp / LABELS_CSV, jobs)
+        _write_marker(tmp / MARKER_FILE, n_images, n_scl, n_bio, sclerotic_fraction, difficulty,
+                      seed, size_range)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SampleSummary(root=out, n_images=n_images, n_sclerotic=n_scl, n_biopsies=n_bio)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, planning and file handling
+
+
+def _validate(n_images, fraction, difficulty, seed, size_range, n_biopsies, workers) -> None:
+    if not isinstance(n_images, (int, np.integer)) or n_images < MIN_IMAGES:
+        raise ValueError(f"n_images must be an integer >= {MIN_IMAGES}, got {n_images!r}")
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"sclerotic_fraction must be in (0, 1), got {fraction!r}")
+    if not 0.0 <= float(difficulty) <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    try:
+        lo, hi = (int(v) for v in size_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"size_range must be a (min, max) pair of ints, got {size_range!r}") from None
+    if lo < MIN_SIDE or lo > hi:
+        raise ValueError(f"size_range must satisfy {MIN_SIDE} <= min <= max, got {size_range!r}")
+    if n_biopsies is not None and not 1 <= n_biopsies <= n_images:
+        raise ValueError(f"n_biopsies must be in [1, n_images], got {n_biopsies!r}")
+    if not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0 (0 = all cores), got {workers!r}")
+
+
+def _is_synthetic_root(path: Path) -> bool:
+    marker = path / MARKER_FILE
+    try:
+        with marker.open(encoding="utf-8") as fh:
+            return fh.readline().strip() == MARKER_SIGNATURE
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_target(out: Path) -> None:
+    """Never let synthetic images mix with a user's real data."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not _is_synthetic_root(out):
+        raise FileExistsError(
+            f"{out} is not empty and holds no {MARKER_FILE} from a previous synthetic run; refusing "
+            "to write synthetic images into what may be a real dataset. Choose an empty folder.")
+    ours = {SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV, MARKER_FILE}
+    foreign = [e for e in entries if e not in ours]
+    if foreign:
+        raise FileExistsError(
+            f"{out} is a synthetic dataset but also holds {foreign[:5]}; refusing to delete them. "
+            "Remove them or choose another folder.")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)  # only an empty folder or a previous synthetic dataset gets here
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def _plan(n_images, fraction, difficulty, seed, size_range, n_biopsies) -> tuple[list[_Job], int]:
+    """Draw labels, biopsy grouping, sizes and names; cheap and done once in the main process."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
+    n = int(n_images)
+    n_bio = int(n_biopsies) if n_biopsies is not None else max(2, round(n / IMAGES_PER_BIOPSY))
+    n_bio = min(n_bio, n)
+
+    # Uneven biopsy sizes, each biopsy at least one glomerulus.
+    weights = rng.gamma(1.5, size=n_bio)
+    sizes = 1 + rng.multinomial(n - n_bio, weights / weights.sum())
+    biopsy_of = np.repeat(np.arange(n_bio), sizes)
+
+    # Sclerotic glomeruli cluster in some biopsies; others have none.
+    n_scl = int(np.clip(round(n * fraction), MIN_PER_CLASS, n - MIN_PER_CLASS))
+    propensity = rng.gamma(0.8, size=n_bio) + 1e-3
+    empty = rng.random(n_bio) < EMPTY_BIOPSY_PROBABILITY
+    for b in np.argsort(-sizes):  # give back the biggest biopsies until enough candidates remain
+        if sizes[~empty].sum() >= n_scl and (~empty).any():
+            break
+        empty[b] = False
+    p = np.where(empty, 0.0, propensity)[biopsy_of]
+    labels = np.zeros(n, dtype=np.int64)
+    labels[rng.choice(n, size=n_scl, replace=False, p=p / p.sum())] = 1
+
+    lo, hi = (int(v) for v in size_range)
+    # Skewed toward small crops, like the real data; width and height drawn independently.
+    widths = lo + np.rint((hi - lo) * rng.beta(1.6, 2.4, size=n)).astype(int)
+    heights = lo + np.rint((hi - lo) * rng.beta(1.6, 2.4, size=n)).astype(int)
+
+    stains = [_draw_stain(seed, b, difficulty) for b in range(n_bio)]
+    names: list[str] = []
+    seen: set[str] = set()
+    counter = np.zeros(n_bio, dtype=int)
+    for i in range(n):
+        b = biopsy_of[i]
+        counter[b] += 1
+        name = ""
+        while not name or name in seen:
+            name = (f"{BIOPSY_PREFIX}B{b + 1:03d}_PAS_{counter[b]}of{sizes[b]}_"
+                    f"{rng.bytes(NAME_HEX_BYTES).hex()}.png")
+        seen.add(name)
+        names.append(name)
+
+    jobs = [
+        _Job(i, names[i], int(labels[i]), int(widths[i]), int(heights[i]), stains[biopsy_of[i]],
+             float(difficulty), int(seed))
+        for i in range(n)
+    ]
+    return jobs, n_bio
+
+
+def _draw_stain(seed: int, biopsy: int, difficulty: float) -> _Stain:
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_BIOPSY_STREAM, biopsy)))
+    amp = 0.4 + 1.2 * difficulty  # stain/scanner variation grows with difficulty
+
+    def vector(base, conc_spread):
+        v = np.asarray(base[::-1]) * (1.0 + 0.10 * amp * rng.standard_normal(3))  # hue shift
+        v = np.clip(v, 0.03, None) / np.linalg.norm(v)
+        conc = np.exp(conc_spread * amp * rng.standard_normal())
+        return tuple(float(x) for x in v * conc * LN10)
+
+    white = 246.0 - 6.0 * amp * rng.random(3)  # scanner white balance, B G R
+    return _Stain(hema_od=vector(HEMATOXYLIN_OD_RGB, 0.18), pas_od=vector(PAS_OD_RGB, 0.15),
+                  white=tuple(float(x) for x in white),
+                  blur=float(0.35 + amp * 0.6 * rng.random()))
+
+
+def _write_csv(path: Path, jobs: list[_Job]) -> None:
+    rows = sorted((j.name, j.label) for j in jobs)
+    text = CSV_HEADER + "\n" + "".join(f"{name},{label}\n" for name, label in rows)
+    path.write_text(text, encoding="utf-8", newline="")
+
+
+def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed, size_range):
+    lines = [
+        MARKER_SIGNATURE,
+        "",
+        "Every image in this folder is SYNTHETIC: drawn by a program, not scanned from tissue.",
+        "It imitates the CMIL glomeruli layout so the pipeline can be demonstrated and tested;",
+        "it must never be used to train or evaluate a model meant for real biopsies.",
+        "",
+        f"generator: glomeruli.sample_data.generate_sample_dataset (glomeruli {__version__})",
+        f"seed: {seed}",
+        f"n_images: {n_images}",
+        f"n_sclerotic: {n_scl}",
+        f"n_biopsies: {n_bio}",
+        f"sclerotic_fraction: {float(fraction)}",
+        f"difficulty: {float(difficulty)}",
+        f"size_range: [{int(size_range[0])}, {int(size_range[1])}]",
+        f"biopsy ids start with {BIOPSY_PREFIX!r}; every PNG has a {PNG_TEXT_KEY!r} text chunk "
+        f"starting with {PNG_TEXT_PREFIX!r}.",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+
+
+# --------------------------------------------------------------------------------------------
+# Running the jobs
+
+
+def _run_jobs(jobs: list[_Job], folder: Path, workers: int, progress: bool) -> None:
+    n_workers = min(os.cpu_count() or 1 if workers == 0 else workers, len(jobs))
+    use_bar = progress and sys.stderr.isatty()
+    done = _iter_done(jobs, folder, n_workers)
+    if use_bar:
+        from tqdm import tqdm
+
+        for _ in tqdm(done, total=len(jobs), desc="synthetic glomeruli", unit="img"):
+            pass
+        return
+    step = max(1, len(jobs) // 10)
+    for count, _ in enumerate(done, start=1):
+        if progress and (count % step == 0 or count == len(jobs)):
+            log.info("synthetic images: %d/%d", count, len(jobs))
+
+
+def _iter_done(jobs: list[_Job], folder: Path, n_workers: int) -> Iterator[int]:
+    tasks = [(job, str(folder)) for job in jobs]
+    if n_workers <= 1:
+        for task in tasks:
+            yield _write_one(task)
+        return
+    # spawn, not fork: the caller may already hold TensorFlow/OpenCV threads that fork would break.
+    ctx = multiprocessing.get_context("spawn")
+    chunk = max(1, min(32, len(tasks) // (n_workers * 8)))
+    with ctx.Pool(n_workers, initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(_write_one, tasks, chunksize=chunk)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already; nested threads only contend
+
+
+def _write_one(task: tuple[_Job, str]) -> int:
+    job, folder = task
+    data = _encode_png(_render(job), _png_comment(job))
+    sub = SCLEROTIC_DIR if job.label == 1 else NON_SCLEROTIC_DIR
+    with open(os.path.join(folder, sub, job.name), "wb") as fh:
+        fh.write(data)
+    return job.index
+
+
+def _png_comment(job: _Job) -> str:
+    return (f"{PNG_TEXT_PREFIX}; NOT real tissue; generator glomeruli.sample_data {__version__}; "
+            f"seed {job.seed}; index {job.index}; label {job.label}; difficulty {job.difficulty:g}")
+
+
+def _encode_png(bgra: np.ndarray, comment: str) -> bytes:
+    """Encode with OpenCV and splice a tEXt chunk after IHDR (no timestamps: bytes are stable)."""
+    ok, buf = cv2.imencode(".png", bgra, PNG_PARAMS)
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a PNG")
+    png = buf.tobytes()
+    payload = PNG_TEXT_KEY.encode("latin-1") + b"\0" + comment.encode("latin-1")
+    chunk = (struct.pack(">I", len(payload)) + b"tEXt" + payload
+             + struct.pack(">I", zlib.crc32(b"tEXt" + payload) & 0xFFFFFFFF))
+    ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, IHDR length, type, data, CRC
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _features(label: int, difficulty: float, rng: np.random.Generator) -> dict[str, float]:
+    """Class features of one glomerulus, blended toward the other class as difficulty grows."""
+    if rng.random() < AMBIGUOUS_FRACTION * difficulty:
+        base_blend = rng.uniform(*AMBIGUOUS_BLEND)
+    else:
+        base_blend = MAX_BLEND * difficulty * rng.random()
+    feats = {}
+    for key, (v0, v1) in CLASS_FEATURES.items():
+        own, other = (v1, v0) if label else (v0, v1)
+        blend = float(np.clip(base_blend * rng.uniform(0.5, 1.5), 0.0, 1.0))  # features drift apart
+        value = own + blend * (other - own)
+        feats[key] = max(0.0, value * (1.0 + FEATURE_JITTER * rng.uniform(-1, 1)))
+    if label and rng.random() < SHRUNKEN_PROBABILITY * (1.0 - 0.5 * difficulty):
+        feats["size"] *= rng.uniform(*SHRUNKEN_SCALE)
+    return feats
+
+
+def _periodic(rng: np.random.Generator, harmonics: Iterable[int], amp: float) -> np.ndarray:
+    """Random smooth periodic function of the angle, sampled on THETA_BINS points."""
+    theta = np.linspace(-np.pi, np.pi, THETA_BINS, endpoint=False)
+    out = np.zeros(THETA_BINS)
+    for k in harmonics:
+        out += rng.normal(0.0, 1.0) / np.sqrt(k) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    return (amp * out / max(np.abs(out).max(), 1e-9)).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
+    """Gaussian noise with features ~cell px wide (low-res draw + bicubic upsampling)."""
+    gh, gw = max(2, int(h / cell) + 2), max(2, int(w / cell) + 2)
+    small = rng.standard_normal((gh, gw), dtype=np.float32)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _soft(x: np.ndarray, scale: float) -> np.ndarray:
+    """Anti-aliased step: 0 for x << 0, 1 for x >> 0, ramp one pixel wide (scale = px per unit)."""
+    return np.clip(x * scale + 0.5, 0.0, 1.0)
+
+
+def _render(job: _Job) -> np.ndarray:
+    """Draw one crop as an (h, w, 4) uint8 BGRA array."""
+    rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(_IMAGE_STREAM, job.index)))
+    h, w, d = job.height, job.width, job.difficulty
+    f = _features(job.label, d, rng)
+
+    # Geometry: an ellipse fitted to the crop (a loose bounding box), capped in elongation. A
+    # shrunken glomerulus keeps the tissue scale (nuclei, tubules) of a normal one.
+    fib_out = 0.55 * f["fibrous_width"]
+    fib_in = 0.45 * f["fibrous_width"]
+    extent = 1.0 + fib_out + CAPSULE_THICKNESS  # outer edge, in capsule radii
+    fill = rng.uniform(*FILL_RANGE)
+    ax, ay = fill * w / 2.0, fill * h / 2.0
+    ax, ay = min(ax, MAX_ASPECT * ay) / extent, min(ay, MAX_ASPECT * ax) / extent
+    scale = float(np.sqrt(ax * ay))  # px per capsule radius of a normal-size glomerulus
+    size = min(f["size"], 1.0)
+    ax, ay = ax * size, ay * size
+    radius = float(np.sqrt(ax * ay))  # px per normalised radial unit: sets one-pixel edges
+    cx = w / 2.0 + rng.uniform(-1, 1) * max(0.0, w / 2.0 - ax * extent) * 0.6
+    cy = h / 2.0 + rng.uniform(-1, 1) * max(0.0, h / 2.0 - ay * extent) * 0.6
+
+    yy = ((np.arange(h, dtype=np.float32) - cy) / ay)[:, None]
+    xx = ((np.arange(w, dtype=np.float32) - cx) / ax)[None, :]
+    rho = np.sqrt(xx * xx + yy * yy)
+    ti = ((np.arctan2(yy, xx) + np.pi) * (THETA_BINS / (2 * np.pi))).astype(np.int32)
+    ti %= THETA_BINS
+
+    # Outlines: near-round capsule, lobulated tuft shrunk by a crescent-shaped Bowman's space.
+    theta = np.linspace(-np.pi, np.pi, THETA_BINS, endpoint=False, dtype=np.float32)
+    r_caps = 1.0 + _periodic(rng, range(2, 5), 0.035) + _periodic(rng, range(14, 30), f["wrinkle"])
+    crescent = 0.3 + 0.7 * np.maximum(0.0, np.cos(theta - rng.uniform(-np.pi, np.pi))) ** 2
+    r_tuft = r_caps * (1.0 - f["bowman_gap"] * crescent) * (
+        1.0 + _periodic(rng, range(4, 9), f["lobulation"]) + _periodic(rng, range(18, 40), f["wrinkle"]))
+    r_tuft = np.minimum(r_tuft, r_caps)
+    c = rho / r_caps[ti]  # 1 on the capsule
+    q = rho / r_tuft[ti]  # 1 on the tuft outline
+
+    grain = rng.random((h, w), dtype=np.float32) - 0.5  # pixel-scale stain granularity
+    low = _smooth_noise(rng, h, w, 0.45 * scale)  # slow density changes
+
+    glom_mask = (cx, cy, ax, ay, r_caps, extent + 0.03)
+    pas_bg, hema_bg, seeds = _draw_background(rng, h, w, scale, grain, low, glom_mask)
+
+    # Tuft: capillary lumens are the top tail of a smooth noise field, with PAS-bright rims.
+    lum_noise = _smooth_noise(rng, h, w, LUMEN_SPACING * scale)
+    thresh = NOISE_STD * NormalDist().inv_cdf(1.0 - min(max(f["lumen_fraction"], 1e-4), 0.5))
+    lumen = _soft(lum_noise - thresh, 4.0)
+    wall = np.clip(1.0 - np.abs(lum_noise - thresh + 0.25) * 3.0, 0.0, 1.0)
+    pas_tuft = f["tuft_pas"] * (1.0 + 1.2 * f["tuft_grain"] * grain + 0.15 * low)
+    pas_tuft += f["capillary_wall"] * wall
+    if f["wrinkled_gbm"] > 0.01:  # collapsed capillary walls: thin meandering level-set lines
+        cell = 0.12 * scale
+        ridge = np.clip(1.0 - np.abs(_smooth_noise(rng, h, w, cell)) * (cell / 2.5), 0.0, 1.0)
+        pas_tuft += f["wrinkled_gbm"] * ridge
+    pas_tuft += lumen * (0.03 - pas_tuft)
+    hema_tuft = f["tuft_hema"] * (1.0 + 1.5 * f["tuft_grain"] * grain + 0.3 * low) * (1.0 - lumen)
+
+    # Bowman's space: white, or pale collagen in obsolescent glomeruli.
+    pas_g = 0.03 + f["bowman_fill"] * (1.0 + 0.25 * low + 0.5 * grain)
+    a_tuft = _soft(1.0 - q, radius)
+    pas_g = pas_g + a_tuft * (pas_tuft - pas_g)
+    hema_g = a_tuft * hema_tuft
+
+    # Concentric, wrinkled fibrous lamellae wrap the (sclerotic) tuft.
+    if f["fibrous_width"] > 0.03:
+        n_layers = 1.5 + 12.0 * f["fibrous_width"]
+        wobble = _periodic(rng, range(6, 24), 2.5)
+        crinkle = _smooth_noise(rng, h, w, 0.12 * scale)
+        phase = (c - 1.0 + fib_in) * (2 * np.pi * n_layers / (fib_in + fib_out)) + wobble[ti] + 2.0 * crinkle
+        layers = f["fibrous_pas"] * (0.62 + 0.38 * np.cos(phase)) * (1.0 + 0.5 * grain)
+        zone = _soft(c - (1.0 - fib_in), radius) * _soft(1.0 + fib_out - c, radius)
+        pas_g += (0.9 * zone) * (layers - pas_g)
+        hema_g *= 1.0 - 0.7 * zone
+    # Capsule basement membrane: a thin PAS-dark line just outside c = 1.
+    cap = _soft(CAPSULE_THICKNESS / 2 - np.abs(c - 1.0 - CAPSULE_THICKNESS / 2), radius)
+    pas_g = np.maximum(pas_g, 0.7 * cap)
+
+    a_glom = _soft(extent - c, radius)
+    pas = pas_bg + a_glom * (pas_g - pas_bg)
+    hema = hema_bg + a_glom * (hema_g - hema_bg)
+
+    # Glomerular nuclei inside the tuft (and a few flat ones among the lamellae).
+    r_nuc = max(0.8, NUCLEUS_RADIUS * scale)
+    n_try = int(f["nucleus_density"] * 4.0 * ax * ay / (NUCLEUS_SPACING * r_nuc) ** 2)
+    gx = np.rint(cx + rng.uniform(-1, 1, n_try) * ax).clip(0, w - 1).astype(np.intp)
+    gy = np.rint(cy + rng.uniform(-1, 1, n_try) * ay).clip(0, h - 1).astype(np.intp)
+    keep = q[gy, gx] < 0.97
+    if f["fibrous_width"] > 0.03:
+        cg = c[gy, gx]
+        keep |= (cg > 1.0 - fib_in) & (cg < 1.0 + fib_out) & (rng.random(n_try) < 0.1)
+    seeds[gy[keep], gx[keep]] = rng.integers(150, 256, size=int(keep.sum()), dtype=np.uint8)
+    hema += _nuclei(seeds, r_nuc, rng) * (1.0 + 0.5 * grain - 0.7 * (lumen * a_tuft))
+
+    np.maximum(pas, 0.0, out=pas)
+    return _colourise(pas, hema, job.stain, scale, d, rng)
+
+
+def _nuclei(seeds: np.ndarray, r_nuc: float, rng: np.random.Generator) -> np.ndarray:
+    """Grow seed pixels into soft oval nuclei; seed value sets the nucleus' darkness."""
+    k = 2 * int(round(r_nuc)) + 1
+    kh = max(1, k - 2 * int(rng.integers(0, 2)) * (k > 3))
+    nuc = cv2.dilate(seeds, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, kh)))
+    nuc = cv2.GaussianBlur(nuc, (0, 0), max(0.4, 0.35 * r_nuc))
+    return nuc.astype(np.float32) * (NUCLEUS_DENSITY / 255.0)
+
+
+def _draw_background(rng, h, w, scale, grain, low, glom):
+    """Interstitium and tubules around the glomerulus: PAS, hematoxylin, nucleus seed maps."""
+    cx, cy, ax, ay, r_caps, reach = glom
+    canvas = np.full((h, w), 0.12, dtype=np.float32)
+
+    # Tubules on a jittered grid, packed so neighbours share walls; painter's order overlaps them.
+    step = TUBULE_SPACING * scale
+    gy, gx = np.mgrid[-0.5:h / step + 0.5, -0.5:w / step + 0.5]
+    n = gx.size
+    centres = (np.stack([gx.ravel(), gy.ravel()], 1) + rng.uniform(-0.3, 0.3, (n, 2))) * step
+    semi_a = step * rng.uniform(0.45, 0.62, n)
+    semi_b = semi_a * rng.uniform(0.6, 1.0, n)
+    angle = rng.uniform(0, 180, n)
+    lumen_a = rng.uniform(0.25, 0.55, n)
+    lumen_b = lumen_a * rng.uniform(0.2, 1.0, n)  # many lumens are collapsed slits
+    epi = rng.uniform(0.24, 0.46, n)  # proximal tubules are more PAS-positive
+    brush = rng.random(n) < 0.6
+    line = max(1, int(round(0.012 * scale)))
+    outside = _outside(centres[:, 0], centres[:, 1], glom, margin=0.1)
+    for i in np.flatnonzero(outside):
+        centre = (int(round(centres[i, 0])), int(round(centres[i, 1])))
+        axes = (max(1, int(semi_a[i])), max(1, int(semi_b[i])))
+        lum = (max(1, int(semi_a[i] * lumen_a[i])), max(1, int(semi_b[i] * lumen_b[i])))
+        cv2.ellipse(canvas, centre, axes, angle[i], 0, 360, float(epi[i]), -1)
+        cv2.ellipse(canvas, centre, lum, angle[i], 0, 360, 0.04, -1)
+        if brush[i]:
+            cv2.ellipse(canvas, centre, lum, angle[i], 0, 360, 0.62, line)
+        cv2.ellipse(canvas, centre, axes, angle[i], 0, 360, 0.66, line)
+    pas = canvas * (1.0 + 0.9 * grain + 0.15 * low)
+    hema = np.full((h, w), 0.03, dtype=np.float32)
+
+    # Epithelial nuclei sit in a ring between lumen and basement membrane.
+    sel = np.flatnonzero(outside)
+    idx = np.repeat(sel, rng.integers(4, 10, size=sel.size))
+    t = rng.uniform(0, 2 * np.pi, idx.size)
+    frac = (0.35 + 0.65 * lumen_a[idx]) * rng.uniform(0.85, 1.05, idx.size)
+    lx, ly = semi_a[idx] * frac * np.cos(t), semi_b[idx] * frac * np.sin(t)
+    rot = np.deg2rad(angle[idx])
+    px = centres[idx, 0] + lx * np.cos(rot) - ly * np.sin(rot)
+    py = centres[idx, 1] + lx * np.sin(rot) + ly * np.cos(rot)
+    n_int = int(w * h / (0.25 * scale) ** 2)  # sparse interstitial cells
+    px = np.concatenate([px, rng.uniform(0, w, n_int)])
+    py = np.concatenate([py, rng.uniform(0, h, n_int)])
+    ok = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    px, py = px[ok], py[ok]
+    ok = _outside(px, py, glom, margin=0.02)  # the glomerulus places its own nuclei
+    seeds = np.zeros((h, w), dtype=np.uint8)
+    seeds[py[ok].astype(np.intp), px[ok].astype(np.intp)] = rng.integers(110, 220, int(ok.sum()),
+                                                                         dtype=np.uint8)
+
+    if rng.random() < GLASS_PROBABILITY:  # crop reaches the edge of the section: bare glass
+        phi = rng.uniform(0, 2 * np.pi)
+        nx, ny = np.cos(phi), np.sin(phi)
+        edge = reach * np.hypot(ax * nx, ay * ny) * rng.uniform(1.1, 1.4)
+        dist = (np.arange(w, dtype=np.float32)[None, :] - cx) * nx + (
+            np.arange(h, dtype=np.float32)[:, None] - cy) * ny
+        tissue = _soft(edge - dist + 0.08 * scale * low, 0.7)
+        pas *= tissue
+        hema *= tissue
+        seeds[tissue < 0.5] = 0
+    return pas, hema, seeds
+
+
+def _outside(px: np.ndarray, py: np.ndarray, glom, margin: float) -> np.ndarray:
+    """Which points lie outside the glomerulus (plus margin, in capsule radii)."""
+    cx, cy, ax, ay, r_caps, reach = glom
+    ex, ey = (px - cx) / ax, (py - cy) / ay
+    t = ((np.arctan2(ey, ex) + np.pi) * (THETA_BINS / (2 * np.pi))).astype(np.intp) % THETA_BINS
+    return np.hypot(ex, ey) / r_caps[t] > reach + margin
+
+
+def _colourise(pas, hema, stain: _Stain, radius: float, difficulty: float, rng) -> np.ndarray:
+    """Beer-Lambert: transmitted light = white * exp(-sum of stain densities * their ODs)."""
+    # Small per-image drift on top of the per-biopsy stain (section thickness, focus).
+    thick = float(np.exp(0.06 * (0.5 + difficulty) * rng.standard_normal()))
+    od = hema[..., None] * (np.asarray(stain.hema_od, np.float32) * thick)
+    od += pas[..., None] * (np.asarray(stain.pas_od, np.float32) * thick)
+    np.exp(-od, out=od)
+    od *= np.asarray(stain.white, np.float32)
+    bgr = od.astype(np.uint8)
+    sigma = stain.blur * (1.0 + 0.3 * rng.random()) * min(1.0, radius / 150.0)
+    if sigma > 0.3:
+        bgr = cv2.GaussianBlur(bgr, (0, 0), sigma)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)

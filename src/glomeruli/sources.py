@@ -1,0 +1,323 @@
+"""Dataset sources: a folder, or a .zip of the same layout, read as bytes and never extracted.
+
+`list_entries` returns every readable file (posix path relative to the source root) and, with a
+reason, everything it will not read: hidden and OS junk files, unsafe zip member names, symlinks
+that loop, dangle or leave the source. `read_bytes` reads one of the listed files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PARAM_KEY = "data.source"
+JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})  # compared case-insensitively
+MACOS_RESOURCE_FOLDER = "__MACOSX"
+_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
+_MAX_OPEN_ZIPS = 8
+
+
+class SourceError(ValueError):
+    """The dataset source exists but cannot be used (not a folder or zip, corrupt zip, bad member)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    relpath: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    relpath: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _ZipIndex:
+    members: dict[str, zipfile.ZipInfo]  # relpath -> member
+    skipped: list[Skipped]
+
+
+@dataclass(frozen=True)
+class _OpenZip:
+    archive: zipfile.ZipFile
+    index: _ZipIndex
+    stamp: tuple[int, int]  # (mtime_ns, size): a replaced zip is reopened, not read through a stale index
+
+
+# One open ZipFile per (process, zip): a forked worker must not share its parent's file offset.
+_open_zips: dict[tuple[int, str], _OpenZip] = {}
+
+
+def list_entries(source: Path) -> tuple[list[Entry], list[Skipped]]:
+    """Every file of the source that can be read, and every one that will not be, both sorted by relpath."""
+    source = Path(source)
+    if source.is_dir():
+        entries, skipped = _list_folder(source)
+    elif source.is_file():
+        index = _zip_index_of(source)
+        entries = [Entry(relpath, info.file_size) for relpath, info in index.members.items()]
+        skipped = list(index.skipped)
+    else:
+        raise FileNotFoundError(
+            f"dataset source {source} does not exist; set `{PARAM_KEY}` in params.yaml to the folder "
+            "(or .zip) that holds the class folders")
+    entries.sort(key=lambda e: e.relpath)
+    skipped.sort(key=lambda s: s.relpath)
+    return entries, skipped
+
+
+def read_bytes(source: Path, relpath: str) -> bytes:
+    """The bytes of one file listed by `list_entries`."""
+    source = Path(source)
+    if source.is_dir():
+        return _read_folder_file(source, relpath)
+    return _read_zip_member(source, relpath)
+
+
+def close_sources() -> None:
+    """Close the zips this process opened (tests, long-lived processes)."""
+    pid = os.getpid()
+    for key in [k for k in _open_zips if k[0] == pid]:
+        _open_zips.pop(key).archive.close()
+
+
+def _junk_reason(name: str) -> str | None:
+    if name.startswith("."):
+        return f"hidden file or folder '{name}'"
+    if name.casefold() in JUNK_FILE_NAMES:
+        return f"operating-system junk file '{name}'"
+    if name == MACOS_RESOURCE_FOLDER:
+        return f"macOS resource folder '{MACOS_RESOURCE_FOLDER}/' (not images)"
+    return None
+
+
+def _is_utf8(name: str) -> bool:
+    # os.walk returns undecodable bytes as surrogates; such names cannot go into a UTF-8 manifest.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------- folders
+
+def _list_folder(source: Path) -> tuple[list[Entry], list[Skipped]]:
+    root = source.resolve(strict=True)
+    entries: list[Entry] = []
+    skipped: list[Skipped] = []
+
+    def on_walk_error(err: OSError) -> None:
+        skipped.append(Skipped(_relative(root, Path(err.filename)), f"cannot list folder: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=on_walk_error):
+        folder = Path(dirpath)
+        followed = []
+        for name in sorted(dirnames):
+            relpath = _relative(root, folder / name)
+            reason = _folder_skip_reason(root, folder / name, name)
+            if reason:
+                skipped.append(Skipped(relpath, reason))
+            else:
+                followed.append(name)
+        dirnames[:] = followed  # os.walk descends only into what is left here
+        for name in sorted(filenames):
+            relpath = _relative(root, folder / name)
+            reason = _junk_reason(name) or _name_reason(name)
+            if reason:
+                skipped.append(Skipped(relpath, reason))
+                continue
+            size_or_reason = _regular_file_size(root, folder / name)
+            if isinstance(size_or_reason, str):
+                skipped.append(Skipped(relpath, size_or_reason))
+            else:
+                entries.append(Entry(relpath, size_or_reason))
+    return entries, skipped
+
+
+def _relative(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _name_reason(name: str) -> str | None:
+    if not _is_utf8(name):
+        return f"file name {name!r} is not valid UTF-8; rename it"
+    return None
+
+
+def _folder_skip_reason(root: Path, path: Path, name: str) -> str | None:
+    reason = _junk_reason(name) or _name_reason(name)
+    if reason or not path.is_symlink():
+        return reason
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return "broken symlink (its target does not exist)"
+    except (OSError, RuntimeError):
+        return "symlink loop"
+    if path.parent.resolve().is_relative_to(target):
+        return f"symlink loop (folder link to its own ancestor {target})"
+    if not target.is_relative_to(root):
+        return f"symlinked folder points outside the source ({target}); copy the images into the source"
+    return "symlinked folder not followed (it could repeat or loop); copy the images into the source"
+
+
+def _regular_file_size(root: Path, path: Path) -> int | str:
+    """Size of the file (following a symlink only to a target inside the source), or a skip reason."""
+    try:
+        if path.is_symlink():
+            target = path.resolve(strict=True)
+            if not target.is_relative_to(root):
+                return f"symlink points outside the source ({target}); copy the file into the source"
+            info = target.stat()
+        else:
+            info = path.lstat()
+    except FileNotFoundError:
+        return "broken symlink (its target does not exist)"
+    except RuntimeError:  # Python 3.11 reports symlink loops from resolve(strict=True) this way
+        return "symlink loop"
+    except OSError as err:
+        return "symlink loop" if err.errno == getattr(os, "ELOOP", 40) else f"cannot read: {err.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        # FIFOs, sockets and devices would block or stream forever when read.
+        return "not a regular file (device, pipe or socket)"
+    return info.st_size
+
+
+def _read_folder_file(source: Path, relpath: str) -> bytes:
+    root = source.resolve(strict=True)
+    if _unsafe_path_reason(relpath):
+        raise FileNotFoundError(f"{relpath!r} is not a path inside {source}")
+    path = (root / relpath).resolve(strict=True)
+    if not path.is_relative_to(root):  # a symlink swapped in after listing must not leak outside files
+        raise FileNotFoundError(f"{source}/{relpath} resolves outside the source ({path})")
+    return path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------- zips
+
+def _unsafe_path_reason(name: str) -> str | None:
+    if name.startswith("/"):
+        return "unsafe zip member: absolute path"
+    if _DRIVE_LETTER.match(name):
+        return "unsafe zip member: Windows drive letter"
+    if ".." in name.split("/"):
+        return "unsafe zip member: '..' escapes the source root"
+    return None
+
+
+def _member_skip_reason(info: zipfile.ZipInfo) -> str | None:
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symlink stored in the zip (not followed)"
+    if info.flag_bits & 0x1:
+        return "encrypted zip member; re-zip without a password"
+    return None
+
+
+def _build_zip_index(archive: zipfile.ZipFile) -> _ZipIndex:
+    skipped: list[Skipped] = []
+    candidates: list[tuple[list[str], zipfile.ZipInfo]] = []
+    junk: list[tuple[list[str], str]] = []
+    for info in archive.infolist():
+        # Some Windows tools store backslashes; they are separators, and must not hide a '..'.
+        name = info.filename.replace("\\", "/")
+        if name.endswith("/"):
+            continue  # folder records carry no data; their files are listed themselves
+        reason = _unsafe_path_reason(name)
+        if reason:
+            skipped.append(Skipped(info.filename, reason))
+            continue
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        reason = next((r for r in map(_junk_reason, parts) if r), None) or _member_skip_reason(info)
+        if reason:
+            junk.append((parts, reason))
+        else:
+            candidates.append((parts, info))
+
+    wrapper = _single_wrapper_folder([parts for parts, _ in candidates])
+    if wrapper:
+        log.info("%s: every file is inside the folder '%s/'; paths are taken relative to it", archive.filename, wrapper)
+    strip = (lambda parts: parts[1:] if parts and parts[0] == wrapper else parts) if wrapper else (lambda p: p)
+    members: dict[str, zipfile.ZipInfo] = {}
+    for parts, info in candidates:
+        relpath = "/".join(strip(parts))
+        if relpath in members:
+            skipped.append(Skipped(info.filename, f"duplicate member name in the zip (same path as "
+                                                  f"{members[relpath].filename!r})"))
+        else:
+            members[relpath] = info
+    skipped.extend(Skipped("/".join(strip(parts)), reason) for parts, reason in junk)
+    return _ZipIndex(members=dict(sorted(members.items())), skipped=skipped)
+
+
+def _single_wrapper_folder(paths: list[list[str]]) -> str | None:
+    """The one top-level folder a zipped dataset folder sits in (`CMIL/<class>/x.png`), else None.
+
+    A zip holding only `<class>/x.png` files is not wrapped: its single folder has no subfolders.
+    """
+    tops = {parts[0] for parts in paths}
+    if len(tops) == 1 and all(len(parts) > 1 for parts in paths) and any(len(parts) > 2 for parts in paths):
+        return tops.pop()
+    return None
+
+
+def _zip_stamp(source: Path) -> tuple[int, int]:
+    info = source.stat()
+    return info.st_mtime_ns, info.st_size
+
+
+def _open_zip(source: Path) -> _OpenZip:
+    key = (os.getpid(), str(source.resolve()))
+    stamp = _zip_stamp(source)
+    cached = _open_zips.get(key)
+    if cached is not None and cached.stamp == stamp:
+        return cached
+    if cached is not None:
+        cached.archive.close()
+    try:
+        archive = zipfile.ZipFile(source)
+    except zipfile.BadZipFile as err:
+        raise SourceError(f"{source}: not a folder and not a readable .zip ({err}); set `{PARAM_KEY}` "
+                          "to the dataset folder or a valid zip of it") from None
+    opened = _OpenZip(archive=archive, index=_build_zip_index(archive), stamp=stamp)
+    _evict_old_zips()
+    _open_zips[key] = opened
+    return opened
+
+
+def _evict_old_zips() -> None:
+    pid = os.getpid()
+    while len(_open_zips) >= _MAX_OPEN_ZIPS:
+        key = next(iter(_open_zips))
+        stale = _open_zips.pop(key)
+        if key[0] == pid:  # a forked parent's handle is the parent's to close
+            stale.archive.close()
+
+
+def _zip_index_of(source: Path) -> _ZipIndex:
+    if not zipfile.is_zipfile(source):
+        raise SourceError(f"{source} is a file but not a .zip; set `{PARAM_KEY}` to the dataset folder "
+                          "or a zip of it")
+    return _open_zip(source).index
+
+
+def _read_zip_member(source: Path, relpath: str) -> bytes:
+    opened = _open_zip(source)
+    info = opened.index.members.get(relpath)
+    if info is None:
+        raise FileNotFoundError(f"{relpath!r} is not a readable member of {source}")
+    try:
+        return opened.archive.read(info)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as err:
+        raise SourceError(f"{source}: zip member {info.filename!r} cannot be read "
+                          f"({type(err).__name__}: {err}); re-create the zip") from None

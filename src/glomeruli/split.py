@@ -1,0 +1,113 @@
+"""Split stage: stratified train/val/test by source image (or biopsy); augmented copies only in train."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from glomeruli.errors import UserError
+from glomeruli.h5store import RecordMeta
+from glomeruli.params import SplitParams
+
+log = logging.getLogger(__name__)
+PARTITIONS = ("train", "val", "test")
+
+
+class SplitError(UserError, ValueError):
+    """The data cannot be split as asked (too few images or groups per class)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices into the augmented store, per partition, sorted."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def rows(self, partition: str) -> np.ndarray:
+        return getattr(self, partition)
+
+    def to_json(self) -> dict:
+        return {p: self.rows(p).tolist() for p in PARTITIONS}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Split":
+        return cls(**{p: np.asarray(data[p], dtype=np.int64) for p in PARTITIONS})
+
+
+def _hold_out(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of one stratified group fold of about `fraction` of the groups."""
+    n_splits = max(2, round(1 / fraction))
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise SplitError(f"only {n_groups} groups for a {fraction:.0%} hold-out; add images or lower "
+                         "split.val_fraction / split.test_fraction")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, held = next(folds.split(np.zeros(len(labels)), labels, groups))
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
+    """Assign whole groups of originals to partitions; train also gets the augmented copies of its sources."""
+    originals = np.flatnonzero(~meta.is_augmented)
+    labels = meta.labels[originals]
+    groups = (meta.groups if params.group_by == "biopsy" else meta.source_ids)[originals]
+    test = _hold_out(labels, groups, params.test_fraction, seed)
+    rest = np.flatnonzero(~test)
+    val_share = params.val_fraction / (1 - params.test_fraction)
+    val = np.zeros(len(originals), dtype=bool)
+    val[rest[_hold_out(labels[rest], groups[rest], val_share, seed + 1)]] = True
+
+    source_partition = {}
+    for i, row in enumerate(originals):
+        source_partition[meta.source_ids[row]] = "test" if test[i] else "val" if val[i] else "train"
+    train_rows = [r for r in range(len(meta)) if source_partition[meta.source_ids[r]] == "train"]
+    split = Split(train=np.array(train_rows, dtype=np.int64),
+                  val=np.sort(originals[val]), test=np.sort(originals[test]))
+    for partition in ("val", "test"):
+        present = set(meta.labels[split.rows(partition)].tolist())
+        if present != {0, 1}:
+            raise SplitError(
+                f"the {partition} partition holds only label(s) {sorted(present)}: too few images or "
+                f"{'biopsies' if params.group_by == 'biopsy' else 'images'} per class for split.{partition}_fraction="
+                f"{getattr(params, partition + '_fraction')}; add data, raise the fraction, or use split.group_by: image")
+    return split
+
+
+def summarize(meta: RecordMeta, split: Split, params: SplitParams) -> dict:
+    """Class counts per partition, for review in `dvc metrics diff`."""
+    summary: dict = {"group_by": params.group_by}
+    n_originals = int((~meta.is_augmented).sum())
+    for p in PARTITIONS:
+        rows = split.rows(p)
+        labels, augmented = meta.labels[rows], meta.is_augmented[rows]
+        summary[p] = {
+            "records": int(len(rows)),
+            "originals": int((~augmented).sum()),
+            "augmented": int(augmented.sum()),
+            "label_0": int((labels == 0).sum()),
+            "label_1": int((labels == 1).sum()),
+            "biopsies": int(len(np.unique(meta.groups[rows]))),
+            "share_of_originals": round(float((~augmented).sum()) / max(1, n_originals), 4),
+        }
+    return summary
+
+
+def read_split(path: Path, n_records: int) -> Split:
+    """The split index, checked against the store it points into."""
+    try:
+        split = Split.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError) as err:
+        raise SplitError(f"{path} is missing or malformed ({err}); rerun `dvc repro split`") from err
+    if any(len(split.rows(p)) and split.rows(p).max() >= n_records for p in PARTITIONS):
+        raise SplitError(f"{path} points past the end of the augmented store ({n_records} records): "
+                         "it was written for other data; rerun `dvc repro split`")
+    return split

@@ -1,0 +1,257 @@
+"""The two training phases, on cached activations where the network below the trained part is fixed.
+
+Frozen phase: the base runs in inference mode with fixed weights and augmentation is offline, so
+its pooled features per record never change: compute them once, then train only the head.
+Fine-tune phase: the blocks below the unfrozen ones are just as fixed: cache the activations
+entering the first unfrozen block once, then train only the top. `runtime.cache_features: false`
+trains the whole graph instead (same result, much slower; kept for comparison).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Protocol
+
+import h5py
+import keras
+import numpy as np
+from sklearn.utils.class_weight import compute_class_weight
+
+from glomeruli.atomic import atomic_path
+from glomeruli.h5store import ImageStore
+from glomeruli.metadata import file_sha256
+from glomeruli.model import adapt_head, compile_model, feature_model, freeze_base, head_of, split_at_block, unfreeze_top_blocks
+from glomeruli.params import FinetuneParams, Params, RuntimeParams, TrainParams, as_dict
+from glomeruli.paths import AUGMENTED, CHECKPOINTS, SPLIT
+from glomeruli.split import Split, read_split
+
+log = logging.getLogger(__name__)
+GB = 1024**3
+
+
+class Rows(Protocol):
+    """Anything that returns float32 model inputs for local indices 0..n-1."""
+
+    def __len__(self) -> int: ...
+    def read(self, indices: np.ndarray) -> np.ndarray: ...
+
+
+class ArrayRows:
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return self.array[indices].astype(np.float32, copy=False)
+
+
+class StoreRows:
+    """Records of an image store at given rows, streamed from HDF5 batch by batch."""
+
+    def __init__(self, store: ImageStore, rows: np.ndarray):
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return self.store.read(self.rows[indices]).astype(np.float32)
+
+
+class H5Rows:
+    """A float array in a temporary HDF5 file (activations too large for the memory budget)."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        order = np.argsort(indices)
+        out = np.empty((len(indices), *self.dataset.shape[1:]), np.float32)
+        out[order] = self.dataset[np.sort(indices)]
+        return out
+
+
+def image_rows(store: ImageStore, rows: np.ndarray, memory_budget_gb: float) -> Rows:
+    """Hold the images in RAM when they fit the budget, else stream them from the store."""
+    nbytes = len(rows) * store.image_size**2 * 3
+    if nbytes <= memory_budget_gb * GB:
+        return ArrayRows(store.read(rows))
+    log.info("streaming %d images (%.1f GB) from %s", len(rows), nbytes / GB, store.path)
+    return StoreRows(store, rows)
+
+
+class Batches(keras.utils.PyDataset):
+    """(x, y, sample_weight) batches, reshuffled every epoch from (seed, epoch) so runs repeat exactly."""
+
+    def __init__(self, x: Rows, y: np.ndarray, batch_size: int, *, weights: np.ndarray | None = None,
+                 seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.x, self.y, self.batch_size, self.seed = x, y.astype(np.float32), batch_size, seed
+        self.weights = weights
+        self.epoch = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        if self.seed is None:
+            return np.arange(len(self.y))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.y))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        x, y = self.x.read(idx), self.y[idx]
+        return (x, y) if self.weights is None else (x, y, self.weights[idx])
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._order = self._permutation()
+
+
+def sample_weights(labels: np.ndarray, rule: str) -> np.ndarray | None:
+    """`balanced`: weight each class by n / (2 * n_class), scikit-learn's rule."""
+    if rule == "none":
+        return None
+    classes = np.array([0, 1])
+    per_class = compute_class_weight("balanced", classes=classes, y=labels)
+    return per_class[labels].astype(np.float32)
+
+
+class LiveLogger(keras.callbacks.Callback):
+    """Logs epoch metrics to dvclive; works on every backend (dvclive.keras imports TensorFlow)."""
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+            self.live.log_metric(name, float(value))
+        self.live.next_step()
+
+
+@dataclass(frozen=True)
+class PhaseData:
+    x_train: Rows
+    y_train: np.ndarray
+    x_val: Rows
+    y_val: np.ndarray
+
+
+def predict_rows(model: keras.Model, rows: Rows, batch_size: int) -> np.ndarray:
+    """Model outputs for every row, in order, batch by batch (memory bounded by the batch)."""
+    outputs = [np.asarray(model.predict_on_batch(rows.read(np.arange(i, min(i + batch_size, len(rows))))))
+               for i in range(0, len(rows), batch_size)]
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list) -> keras.callbacks.History:
+    compile_model(model, params.lr)
+    train = Batches(data.x_train, data.y_train, params.batch_size,
+                    weights=sample_weights(data.y_train.astype(int), params.class_weight), seed=seed)
+    val = Batches(data.x_val, data.y_val, params.batch_size)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+    return model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, *callbacks],
+                     verbose=2 if log.isEnabledFor(logging.INFO) else 0)
+
+
+def load_phase_data(store: ImageStore, split: Split, memory_budget_gb: float) -> PhaseData:
+    labels = store.meta.labels
+    return PhaseData(image_rows(store, split.train, memory_budget_gb), labels[split.train],
+                     image_rows(store, split.val, memory_budget_gb), labels[split.val])
+
+
+def train_frozen(model: keras.Model, data: PhaseData, params: TrainParams, runtime: RuntimeParams, *,
+                 seed: int, callbacks: list) -> keras.callbacks.History:
+    """Train the head with the base frozen (on cached base features unless runtime.cache_features is off)."""
+    freeze_base(model)
+    extractor = feature_model(model)
+    log.info("computing base features of %d train records", len(data.x_train))
+    train_features = predict_rows(extractor, data.x_train, params.batch_size)
+    adapt_head(model, train_features)
+    if not runtime.cache_features:
+        return _fit(model, data, params, seed=seed, callbacks=callbacks)
+    log.info("computing base features of %d val records; the head trains on these cached features", len(data.x_val))
+    cached = PhaseData(ArrayRows(train_features), data.y_train,
+                       ArrayRows(predict_rows(extractor, data.x_val, params.batch_size)), data.y_val)
+    return _fit(head_of(model), cached, params, seed=seed, callbacks=callbacks)
+
+
+def _cache_activations(bottom: keras.Model, rows: Rows, batch_size: int, budget_bytes: float,
+                       spill_dir: Path) -> tuple[Rows, float]:
+    shape = bottom.output.shape[1:]
+    nbytes = len(rows) * int(np.prod(shape)) * 4
+    if nbytes <= budget_bytes:
+        return ArrayRows(predict_rows(bottom, rows, batch_size)), nbytes
+    log.info("activations (%.1f GB) exceed runtime.memory_budget_gb: spilling to %s", nbytes / GB, spill_dir)
+    h5 = h5py.File(spill_dir / f"activations-{id(rows)}.h5", "w")
+    dataset = h5.create_dataset("x", shape=(len(rows), *shape), dtype="f4", chunks=(1, *shape))
+    for i in range(0, len(rows), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(rows)))
+        dataset[i:idx[-1] + 1] = np.asarray(bottom.predict_on_batch(rows.read(idx)))
+    return H5Rows(dataset), 0.0
+
+
+def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtime: RuntimeParams, *,
+             seed: int, callbacks: list) -> keras.callbacks.History:
+    """Unfreeze the top blocks (BatchNormalization stays frozen) and train at a lower rate."""
+    unfrozen = unfreeze_top_blocks(model, params.unfreeze_blocks)
+    log.info("fine-tuning %d layers of the top %d block(s)", len(unfrozen), params.unfreeze_blocks)
+    if not runtime.cache_features:
+        return _fit(model, data, params, seed=seed, callbacks=callbacks)
+    bottom, top = split_at_block(model, params.unfreeze_blocks)
+    spill_dir = Path(tempfile.mkdtemp(prefix="glomeruli-activations-"))
+    try:
+        budget = runtime.memory_budget_gb * GB
+        x_train, used = _cache_activations(bottom, data.x_train, params.batch_size, budget, spill_dir)
+        x_val, _ = _cache_activations(bottom, data.x_val, params.batch_size, budget - used, spill_dir)
+        cached = PhaseData(x_train, data.y_train, x_val, data.y_val)
+        return _fit(top, cached, params, seed=seed, callbacks=callbacks)
+    finally:
+        for rows in (locals().get("x_train"), locals().get("x_val")):
+            if isinstance(rows, H5Rows):
+                rows.dataset.file.close()
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _checkpoint_dir(phase: str, params: Params) -> Path:
+    """Resume state keyed by everything that shapes the run, so a stale one is never picked up."""
+    key = json.dumps([phase, as_dict(params), file_sha256(SPLIT), AUGMENTED.stat().st_size], sort_keys=True)
+    return CHECKPOINTS / f"{phase}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Model], *,
+              out_model: Path, live_dir: Path) -> None:
+    """Stage body shared by train_frozen and finetune: data in, curves and model out, resumable."""
+    from dvclive import Live  # imported late: it is slow to import and only stages need it
+
+    phase_params = params.train_frozen if phase == "train_frozen" else params.finetune
+    train = train_frozen if phase == "train_frozen" else finetune
+    with ImageStore(AUGMENTED) as store:
+        split = read_split(SPLIT, len(store.meta))
+        model = make_model(store.image_size)
+        data = load_phase_data(store, split, params.runtime.memory_budget_gb)
+        checkpoint = _checkpoint_dir(phase, params)
+        # Keras deletes the backup when fit completes; a killed run resumes from its last epoch.
+        resume = keras.callbacks.BackupAndRestore(str(checkpoint), delete_checkpoint=True)
+        with atomic_path(live_dir) as tmp_live, Live(str(tmp_live), dvcyaml=None, save_dvc_exp=False) as live:
+            train(model, data, phase_params, params.runtime, seed=params.seed,
+                  callbacks=[resume, LiveLogger(live)])
+    with atomic_path(out_model) as tmp:
+        model.save(tmp)
+    shutil.rmtree(checkpoint, ignore_errors=True)

@@ -1,0 +1,16 @@
+"""Stage 6: unfreeze the top blocks of the frozen-phase model and train at a lower learning rate."""
+
+from glomeruli.backend import configure
+from glomeruli.model import load_model
+from glomeruli.paths import FROZEN_MODEL, LIVE_FINETUNE, MODEL
+from glomeruli.stagekit import run_stage
+from glomeruli.training import run_phase
+
+
+def main(params):
+    configure(params.seed, params.runtime.mixed_precision)
+    run_phase("finetune", params, lambda image_size: load_model(FROZEN_MODEL), out_model=MODEL, live_dir=LIVE_FINETUNE)
+
+
+if __name__ == "__main__":
+    run_stage("finetune", main)

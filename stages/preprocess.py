@@ -1,0 +1,20 @@
+"""Stage 2: decode, fit into image_size x image_size with aspect ratio kept, pad, store as uint8 HDF5."""
+
+from pathlib import Path
+
+from glomeruli.atomic import atomic_path
+from glomeruli.ingest import read_manifest
+from glomeruli.paths import MANIFEST, PREPROCESSED
+from glomeruli.preprocess import preprocess_images
+from glomeruli.stagekit import run_stage
+
+
+def main(params):
+    with atomic_path(PREPROCESSED) as tmp:
+        preprocess_images(Path(params.data.source), read_manifest(MANIFEST), tmp,
+                          size=params.preprocess.image_size, fill=params.preprocess.fill,
+                          max_pixels=params.ingest.max_pixels, workers=params.runtime.workers)
+
+
+if __name__ == "__main__":
+    run_stage("preprocess", main)

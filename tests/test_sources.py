@@ -1,0 +1,199 @@
+"""Dataset sources: folders and zips list the same files, skip junk and hostile paths, never extract."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import zipfile
+
+import pytest
+
+from badfiles import (KEPT, NEGATIVE, POSITIVE, add_macosx_members, add_members, hostile_zip_members, mark_encrypted, rgba_png,
+                      write_clean_dataset, write_messy_dataset, write_zip)
+from glomeruli import sources
+from glomeruli.sources import Entry, SourceError, close_sources, list_entries, read_bytes
+
+
+@pytest.fixture(autouse=True)
+def _close_zips():
+    yield
+    close_sources()
+
+
+def _reason(skipped, relpath):
+    return next(s.reason for s in skipped if s.relpath == relpath)
+
+
+def test_missing_source_names_the_path_and_the_param(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*data\.source"):
+        list_entries(tmp_path / "nowhere")
+
+
+def test_a_file_that_is_not_a_zip_is_refused(tmp_path):
+    (tmp_path / "data.csv").write_text("x")
+    with pytest.raises(SourceError, match=r"data\.csv.*not a \.zip.*data\.source"):
+        list_entries(tmp_path / "data.csv")
+
+
+def test_messy_folder_listing(tmp_path):
+    root = tmp_path / "data"
+    expected = write_messy_dataset(root, tmp_path / "elsewhere")
+    entries, skipped = list_entries(root)
+    listed = {e.relpath for e in entries}
+    reasons = {s.relpath: s.reason for s in skipped}
+    assert [e.relpath for e in entries] == sorted(listed)
+    assert [s.relpath for s in skipped] == sorted(reasons)
+    assert listed.isdisjoint(reasons)
+    # Every file ingest should decode is listed; every listing-level skip carries its reason.
+    for relpath, outcome in expected.items():
+        listing_skip = any(word in outcome for word in ("hidden", "junk", "__MACOSX", "symlink", "outside the source"))
+        if listing_skip:
+            assert outcome in reasons[relpath], relpath
+        else:
+            assert relpath in listed, relpath
+    assert f"{POSITIVE}/glom 1 é.png" in listed
+    assert reasons[f"{POSITIVE}/loop"].startswith("symlink loop")
+    assert reasons[f"{POSITIVE}/broken.png"].startswith("broken symlink")
+    assert "outside the source" in reasons[f"{POSITIVE}/outside_link.png"]
+    sizes = {e.relpath: e.size for e in entries}
+    assert sizes[f"{POSITIVE}/zero_bytes.png"] == 0
+    assert sizes[f"{POSITIVE}/z_inside_link.png"] > 0  # a link inside the source is read through
+
+
+def test_folder_read_bytes_and_escapes(tmp_path):
+    files = write_clean_dataset(tmp_path / "data")
+    relpath = next(iter(files))
+    assert read_bytes(tmp_path / "data", relpath) == files[relpath]
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    with pytest.raises(FileNotFoundError):
+        read_bytes(tmp_path / "data", "../secret.png")
+
+
+def test_symlink_swapped_in_after_listing_cannot_leak(tmp_path):
+    root = tmp_path / "data"
+    write_clean_dataset(root)
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    os.symlink(tmp_path / "secret.png", root / POSITIVE / "late.png")
+    with pytest.raises(FileNotFoundError, match="outside the source"):
+        read_bytes(root, f"{POSITIVE}/late.png")
+
+
+def test_fifo_is_skipped_not_read(tmp_path):
+    root = tmp_path / "data"
+    write_clean_dataset(root)
+    os.mkfifo(root / POSITIVE / "pipe.png")
+    _, skipped = list_entries(root)
+    assert "not a regular file" in _reason(skipped, f"{POSITIVE}/pipe.png")
+
+
+def test_zip_lists_like_the_folder_and_reads_members(tmp_path):
+    files = write_clean_dataset(tmp_path / "data")
+    folder_entries, folder_skipped = list_entries(tmp_path / "data")
+    for wrapper in (None, "CMIL dataset"):
+        archive = write_zip(tmp_path / f"data_{wrapper}.zip", files, wrapper=wrapper)
+        entries, skipped = list_entries(archive)
+        assert [e.relpath for e in entries] == [e.relpath for e in folder_entries]
+        assert [e.size for e in entries] == [e.size for e in folder_entries]
+        assert skipped == folder_skipped == []
+        for relpath, data in files.items():
+            assert read_bytes(archive, relpath) == data
+
+
+def test_zip_with_a_top_level_file_is_not_unwrapped(tmp_path):
+    archive = write_zip(tmp_path / "d.zip", {"public.csv": b"name,ground truth\n", f"{POSITIVE}/a.png": b"x"})
+    assert [e.relpath for e in list_entries(archive)[0]] == [f"{POSITIVE}/a.png", "public.csv"]
+
+
+def test_hostile_zip_members_are_skipped_and_nothing_is_written(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    files = write_clean_dataset(tmp_path / "data")
+    archive = write_zip(tmp_path / "evil.zip", files, wrapper="CMIL")
+    hostile = hostile_zip_members()
+    add_members(archive, {name: rgba_png(8, 8, seed=1) for name in hostile})
+    macosx = add_macosx_members(archive, [f"CMIL/{r}" for r in files])
+    assert set(hostile) <= set(zipfile.ZipFile(archive).namelist())  # names really stored as given
+    before = sorted(p for p in tmp_path.rglob("*"))
+    abs_existed = os.path.exists("/abs.png")
+
+    entries, skipped = list_entries(archive)
+    for relpath in [e.relpath for e in entries]:
+        read_bytes(archive, relpath)
+
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert os.path.exists("/abs.png") == abs_existed
+    assert {e.relpath for e in entries} == set(files)  # hostile names neither stripped nor unwrapped
+    reasons = {s.relpath: s.reason for s in skipped}
+    for name, reason in hostile.items():
+        assert reason in reasons[name], name
+    for name in macosx:
+        assert "__MACOSX" in reasons[name]
+    with pytest.raises(FileNotFoundError):
+        read_bytes(archive, "../escape.png")
+
+
+def test_zip_symlink_duplicate_and_encrypted_members_are_skipped(tmp_path):
+    archive = tmp_path / "odd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        link = zipfile.ZipInfo(f"{POSITIVE}/link.png")
+        link.external_attr = 0o120777 << 16  # a stored symlink
+        zf.writestr(link, "/etc/passwd")
+        locked = zipfile.ZipInfo(f"{POSITIVE}/locked.png")
+        locked.flag_bits |= 0x1
+        zf.writestr(locked, b"x")
+        zf.writestr(f"{POSITIVE}/a.png", b"first")
+        zf.writestr(f"{POSITIVE}\\a.png", b"second, same path with a backslash")
+        zf.writestr(f"{POSITIVE}/.DS_Store", b"junk")
+    mark_encrypted(archive, f"{POSITIVE}/locked.png")
+    entries, skipped = list_entries(archive)
+    assert entries == [Entry(f"{POSITIVE}/a.png", 5)]
+    reasons = {s.relpath: s.reason for s in skipped}
+    assert "symlink" in reasons[f"{POSITIVE}/link.png"]
+    assert "encrypted" in reasons[f"{POSITIVE}/locked.png"]
+    assert "duplicate member name" in reasons[f"{POSITIVE}\\a.png"]
+    assert "hidden" in reasons[f"{POSITIVE}/.DS_Store"]
+    assert read_bytes(archive, f"{POSITIVE}/a.png") == b"first"
+
+
+def test_non_ascii_and_space_names_in_zip(tmp_path):
+    name = f"{NEGATIVE}/glom 1 é.png"
+    archive = write_zip(tmp_path / "d.zip", {name: b"bytes"})
+    assert list_entries(archive)[0] == [Entry(name, 5)]
+    assert read_bytes(archive, name) == b"bytes"
+
+
+def test_corrupt_zip_is_a_source_error(tmp_path):
+    archive = write_zip(tmp_path / "d.zip", {f"{POSITIVE}/a.png": b"x" * 1000})
+    data = bytearray(archive.read_bytes())
+    data[:4] = b"XXXX"  # the central directory still parses, the member header does not
+    archive.write_bytes(bytes(data))
+    close_sources()
+    with pytest.raises(SourceError, match="a.png"):
+        read_bytes(archive, f"{POSITIVE}/a.png")
+
+
+def test_one_open_zip_per_process_and_reopened_when_replaced(tmp_path):
+    archive = write_zip(tmp_path / "d.zip", {f"{POSITIVE}/a.png": b"old"})
+    assert read_bytes(archive, f"{POSITIVE}/a.png") == b"old"
+    handle = sources._open_zips[(os.getpid(), str(archive.resolve()))].archive
+    read_bytes(archive, f"{POSITIVE}/a.png")
+    assert sources._open_zips[(os.getpid(), str(archive.resolve()))].archive is handle
+    write_zip(tmp_path / "new.zip", {f"{POSITIVE}/a.png": b"newer"}).replace(archive)
+    assert read_bytes(archive, f"{POSITIVE}/a.png") == b"newer"
+
+
+def _read_in_child(args):
+    archive, relpath = args
+    return os.getpid(), read_bytes(archive, relpath)
+
+
+def test_forked_workers_open_their_own_zip(tmp_path):
+    files = write_clean_dataset(tmp_path / "data", per_class=6)
+    archive = write_zip(tmp_path / "d.zip", files)
+    read_bytes(archive, next(iter(files)))  # the parent holds an open handle before forking
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_read_in_child, [(archive, r) for r in files], chunksize=1)
+    assert [data for _, data in results] == list(files.values())
+    assert os.getpid() not in {pid for pid, _ in results}
+    assert read_bytes(archive, next(iter(files))) == next(iter(files.values()))  # parent offset intact
