@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from badfiles import (KEPT, NEGATIVE, POSITIVE, add_macosx_members, add_members, hostile_zip_members, mark_encrypted, rgba_png,
-                      write_clean_dataset, write_messy_dataset, write_zip)
+from badfiles import (NEGATIVE, POSITIVE, add_macosx_members, add_members, hostile_zip_members, mark_encrypted,
+                      rgba_png, write_clean_dataset, write_messy_dataset, write_zip)
 from glomeruli import sources
 from glomeruli.sources import Entry, SourceError, close_sources, list_entries, read_bytes
 

@@ -25,18 +25,37 @@ log = logging.getLogger(__name__)
 
 
 def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str, fixed: float = 0.5) -> float:
-    """Decision threshold from VALIDATION data only (choosing it on test would inflate the results)."""
+    """Decision threshold from VALIDATION data only (choosing it on test would inflate the results).
+
+    max_f1 / youden: of the thresholds that maximise the score, the one centred (in logit space) in the gap of
+    validation scores around them, so a small, well-separated validation set does not push the
+    threshold right against its lowest positive score.
+    """
     if rule == "fixed":
         return float(fixed)
+    if rule not in ("max_f1", "youden"):
+        raise ValueError(f"unknown threshold rule {rule!r} (evaluate.threshold_rule): use max_f1, youden or fixed")
+    fpr, tpr, thresholds = skm.roc_curve(y_true, prob, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # the first threshold is +inf: predicts nothing
     if rule == "youden":
-        fpr, tpr, thresholds = skm.roc_curve(y_true, prob)
-        best = int(np.argmax(tpr - fpr))
-        return float(min(thresholds[best], 1.0))
-    if rule == "max_f1":
-        precision, recall, thresholds = skm.precision_recall_curve(y_true, prob)
-        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-        return float(thresholds[int(np.argmax(f1))])
-    raise ValueError(f"unknown threshold rule {rule!r} (evaluate.threshold_rule): use max_f1, youden or fixed")
+        score = tpr - fpr
+    else:
+        n_pos, n_neg = int(np.sum(y_true == 1)), int(np.sum(y_true == 0))
+        tp, fp = tpr * n_pos, fpr * n_neg
+        score = 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1e-12)
+    best = np.flatnonzero(score >= score.max() - 1e-12)
+    # thresholds descend: the optimal run that reaches the lowest optimal threshold, and the score below it
+    lowest = best[-1]
+    run_top = lowest
+    while run_top - 1 >= 0 and score[run_top - 1] >= score.max() - 1e-12:
+        run_top -= 1
+    below = prob[prob < thresholds[lowest]]
+    if not len(below):
+        return float(thresholds[lowest])
+    # centre in logit space: saturated probabilities (0.999 vs 0.99999) are far apart there
+    edges = np.clip([float(below.max()), min(float(thresholds[run_top]), 1.0)], 1e-7, 1 - 1e-7)
+    centre = float(np.mean(np.log(edges / (1 - edges))))
+    return float(1 / (1 + np.exp(-centre)))
 
 
 def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict:

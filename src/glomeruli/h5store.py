@@ -54,10 +54,10 @@ class StoreWriter:
         self._cursor = end
 
     def close(self) -> None:
-        if self._cursor != self._images.shape[0]:
-            self._file.close()
-            raise RuntimeError(f"store incomplete: {self._cursor} of {self._images.shape[0]} images written")
+        expected = self._images.shape[0]
         self._file.close()
+        if self._cursor != expected:
+            raise RuntimeError(f"store incomplete: {self._cursor} of {expected} images written")
 
     def __enter__(self) -> "StoreWriter":
         return self

@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from glomeruli.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Our own `max_pixels` (ingest.max_pixels) is the limit that applies, checked in probe_image before
@@ -29,7 +31,7 @@ _PNG_IEND_CHUNK = b"IEND\xaeB`\x82"  # chunk type + its fixed CRC
 _UINT16_MAX = 65535
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A user-caused bad image (empty, corrupt, truncated, too large...): the message names the file."""
 
 
@@ -124,16 +126,19 @@ def _to_rgb(image: np.ndarray, name: str, background: tuple[int, int, int]) -> n
     if channels == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if channels == 4:
-        colour = cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
+        colour = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)  # on the whole array: 5x faster than on a strided view
         return _composite(colour, image[:, :, 3], background)
     raise ImageError(f"{name}: {channels} colour channels are not supported; convert it to an RGB(A) PNG")
 
 
 def _composite(rgb: np.ndarray, alpha: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
     """Alpha-blend over a flat colour in integer arithmetic, so alpha 255 returns the pixels exactly."""
-    a = alpha.astype(np.uint32)[:, :, None]
-    bg = np.asarray(background, dtype=np.uint32).reshape(1, 1, 3)
-    blended = (rgb.astype(np.uint32) * a + bg * (255 - a) + 127) // 255
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)  # fully opaque, as the CMIL images are: nothing to blend
+    a = alpha.astype(np.uint16)[:, :, None]
+    bg = np.asarray(background, dtype=np.uint16).reshape(1, 1, 3)
+    # At most 255 * 255 + 127, so uint16 cannot overflow.
+    blended = (rgb.astype(np.uint16) * a + bg * (255 - a) + 127) // 255
     return np.ascontiguousarray(blended.astype(np.uint8))
 
 

@@ -12,19 +12,22 @@ import csv
 import io
 import logging
 import multiprocessing
-import os
 import re
 import unicodedata
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import cv2
 
+from glomeruli.errors import UserError
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
 from glomeruli.logs import progress
-from glomeruli.sources import SourceError, list_entries, read_bytes
+from glomeruli.parallel import resolve_workers
+from glomeruli.sources import Entry, SourceError, list_entries, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ _METADATA_SLACK_BYTES = 16 << 20
 _FIRST_BAD_FILES_SHOWN = 5
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """The dataset cannot be used as it is: the message names the file or setting and the fix."""
 
 
@@ -98,6 +101,8 @@ class _Inspected:
 
 @dataclass(frozen=True)
 class LabelsCsv:
+    """A parsed labels csv: usable labels, names to exclude, and what was wrong with it."""
+
     labels: dict[str, int]       # NFC file name -> label, for names with one consistent valid label
     excluded: dict[str, str]     # NFC file name -> why its image is excluded (bad or conflicting labels)
     rows_by_name: dict[str, list[dict]]  # NFC file name -> its csv rows, to report extra rows
@@ -152,9 +157,12 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
     kept, duplicates = _drop_duplicates(decoded, skips)
     rows, ungrouped = _manifest_rows(kept, group_pattern)
 
-    report = _build_report(source, config, entries, listing_skipped, candidates, rows, unreadable, skips,
-                           outside, duplicates, label_conflicts, in_both, csv_labels, csv_missing,
-                           ungrouped, warnings)
+    csv_extra = _csv_extra_rows(candidates, csv_labels, warnings)
+    report = _build_report(
+        source, config, n_listed=len(entries) + len(listing_skipped), candidates=candidates, rows=rows,
+        unreadable=unreadable, skips=skips, outside=outside, duplicates=duplicates, label_conflicts=label_conflicts,
+        in_both=in_both, csv_labels=csv_labels, csv_extra=csv_extra, csv_missing=csv_missing, ungrouped=ungrouped,
+        folders_found=sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}), warnings=warnings)
     log.info("ingest: %d images kept of %d found in the class folders; %d unreadable, %d files skipped in all",
              len(rows), len(candidates), len(unreadable), len(report["skipped"]))
     return IngestResult(rows=rows, report=report)
@@ -171,7 +179,7 @@ def _compile_group_regex(pattern: str) -> re.Pattern[str]:
     return compiled
 
 
-def _classify_entries(entries, config: IngestConfig) -> tuple[list[_Candidate], list[str], Any]:
+def _classify_entries(entries: list[Entry], config: IngestConfig) -> tuple[list[_Candidate], list[str], Entry | None]:
     candidates, outside, csv_entry = [], [], None
     for entry in entries:
         parts = entry.relpath.split("/")
@@ -278,8 +286,14 @@ def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestR
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _resolve_workers(workers: int) -> int:
-    return workers if workers > 0 else (os.cpu_count() or 1)
+def _process_context() -> multiprocessing.context.BaseContext:
+    # Not fork: a forked child whose parent had already run OpenCV's thread pool deadlocks in
+    # cv2.setNumThreads (seen with OpenCV 4.14). A fork server forks from a clean process instead.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["glomeruli.ingest"])  # import OpenCV once, not in every worker
+    return context
 
 
 def _init_worker() -> None:
@@ -306,18 +320,26 @@ def _inspect(task: tuple[str, str, int]) -> _Inspected:
 def _inspect_all(source: Path, relpaths: list[str], max_pixels: int, workers: int) -> list[_Inspected]:
     """Inspect files in sorted order; results come back in the same order whatever the worker count."""
     tasks = [(str(source), relpath, max_pixels) for relpath in relpaths]
-    n_workers = min(_resolve_workers(workers), len(tasks))
+    n_workers = min(resolve_workers(workers), len(tasks))
     if n_workers <= 1:
         return list(progress(map(_inspect, tasks), len(tasks), "ingest"))
     chunksize = max(1, min(64, len(tasks) // (n_workers * 8)))
     log.info("ingest: reading %d images with %d worker processes", len(tasks), n_workers)
-    with multiprocessing.get_context().Pool(n_workers, initializer=_init_worker) as pool:
-        return list(progress(pool.imap(_inspect, tasks, chunksize=chunksize), len(tasks), "ingest"))
+    # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
+    # instead of being respawned for ever.
+    try:
+        with ProcessPoolExecutor(n_workers, mp_context=_process_context(), initializer=_init_worker) as pool:
+            return list(progress(pool.map(_inspect, tasks, chunksize=chunksize), len(tasks), "ingest"))
+    except BrokenProcessPool as err:
+        raise IngestError(f"an ingest worker process died ({err}): out of memory, or the calling script cannot be "
+                          "re-imported by a new process (e.g. code piped to stdin); lower runtime.workers, or set "
+                          "it to 1 to read every image in this process") from err
 
 
 # ---------------------------------------------------------------------------------------- labels csv
 
-def _load_labels_csv(source: Path, config: IngestConfig, csv_entry, warnings: list[str]) -> LabelsCsv | None:
+def _load_labels_csv(source: Path, config: IngestConfig, csv_entry: Entry | None,
+                     warnings: list[str]) -> LabelsCsv | None:
     if config.labels_csv is None:
         return None
     if csv_entry is None:
@@ -388,36 +410,47 @@ def _config_report(config: IngestConfig) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(config) if f.name != "workers"}
 
 
-def _build_report(source, config, entries, listing_skipped, candidates, rows, unreadable, skips, outside,
-                  duplicates, label_conflicts, in_both, csv_labels, csv_missing, ungrouped, warnings) -> dict:
+def _csv_extra_rows(candidates: list[_Candidate], csv_labels: LabelsCsv | None, warnings: list[str]) -> list[dict]:
+    """Csv rows naming no image in the class folders (and a warning when no row matches at all)."""
+    if csv_labels is None:
+        return []
+    image_names = {c.match_name for c in candidates}
+    extra = [r for name, name_rows in csv_labels.rows_by_name.items() if name not in image_names for r in name_rows]
+    if csv_labels.rows_by_name and image_names and image_names.isdisjoint(csv_labels.rows_by_name):
+        message = (f"none of the {len(csv_labels.rows_by_name)} names in {csv_labels.report['file']} matches an "
+                   "image file name; write bare file names with their extension, e.g. x_PAS_1of2_<hex>.png")
+        log.warning(message)
+        warnings.append(message)
+    return sorted(extra, key=lambda r: r["line"])
+
+
+def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidates: list[_Candidate],
+                  rows: list[ManifestRow], unreadable: list[dict], skips: _Skips, outside: list[str],
+                  duplicates: list[dict], label_conflicts: list[dict], in_both: dict[str, list[str]],
+                  csv_labels: LabelsCsv | None, csv_extra: list[dict], csv_missing: list[str],
+                  ungrouped: list[str], folders_found: list[str], warnings: list[str]) -> dict:
     counts = {}
     for folder in sorted(config.class_dirs):
-        label = config.class_dirs[folder]
-        counts[folder] = {"label": label,
+        counts[folder] = {"label": config.class_dirs[folder],
                           "found": sum(c.folder == folder for c in candidates),
                           "kept": sum(r.path.split("/")[0] == folder for r in rows)}
-    candidate_names = {c.match_name for c in candidates}
-    csv_extra = [] if csv_labels is None else sorted(
-        (r for name, name_rows in csv_labels.rows_by_name.items() if name not in candidate_names
-         for r in name_rows), key=lambda r: r["line"])
-    csv_report = csv_labels.report if csv_labels else {"file": config.labels_csv, "present": False}
     return {
         "source": str(source),
         "config": _config_report(config),
-        "n_listed": len(entries) + len(listing_skipped),
+        "n_listed": n_listed,
         "n_found": len(candidates),
         "n_kept": len(rows),
         "n_unreadable": len(unreadable),
         "n_groups": len({r.group for r in rows}),
         "counts": counts,
-        "folders_found": sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}),
+        "folders_found": folders_found,
         "skipped": skips.sorted(),
         "unreadable": unreadable,
         "outside_class_folders": sorted(outside),
         "duplicates": duplicates,
         "label_conflicts": label_conflicts,
         "name_in_both_classes": [{"name": name, "files": files} for name, files in in_both.items()],
-        "csv": csv_report,
+        "csv": csv_labels.report if csv_labels else {"file": config.labels_csv, "present": False},
         "csv_extra_rows": csv_extra,
         "csv_missing_rows": sorted(csv_missing),
         "ungrouped": sorted(ungrouped),
@@ -429,13 +462,18 @@ def check_ingest(result: IngestResult, config: IngestConfig) -> None:
     """Refuse a dataset with an empty class or too many unreadable images."""
     report = result.report
     for folder in sorted(config.class_dirs):
-        counts = report["counts"][folder]
+        counts = report["counts"].get(folder)
+        if counts is None:
+            raise IngestError(f"the ingest report has no class folder '{folder}': it was made with other "
+                              "ingest.class_dirs; run ingest again")
         if counts["kept"] == 0:
+            folder_skipped = [s["reason"] for s in report["skipped"] if s["file"] == folder]
+            why = f" The folder itself was skipped: {folder_skipped[0]}." if folder_skipped else ""
             raise IngestError(
                 f"class folder '{folder}' (label {counts['label']}) has no usable images in {report['source']} "
-                f"({counts['found']} files found there); folders found: {report['folders_found'] or 'none'}. "
+                f"({counts['found']} files found there); folders found: {report['folders_found'] or 'none'}.{why} "
                 f"Put the images in {report['source']}/{folder}/, or fix ingest.class_dirs / data.source "
-                "(see report['skipped'] for why files were left out)")
+                "(the ingest report's `skipped` list says why each file was left out)")
     n_unreadable, n_kept = report["n_unreadable"], report["n_kept"]
     fraction = n_unreadable / (n_unreadable + n_kept) if n_unreadable + n_kept else 0.0
     if fraction > config.max_unreadable_fraction:

@@ -15,7 +15,7 @@ from glomeruli.params import N_EFFICIENTNET_BLOCKS
 
 log = logging.getLogger(__name__)
 
-BASE_NAME = "efficientnetb3"
+BACKBONE_NAME = "backbone"
 POOL_NAME = "avg_pool"
 HEAD_NAME = "head"
 IMAGENET_FILE = "efficientnetb3_notop.h5"
@@ -45,13 +45,41 @@ def _base(image_size: int, weights: str) -> keras.Model:
             "(e.g. `dvc exp run -S model.weights=none`).") from err
 
 
+@keras.saving.register_keras_serializable(package="glomeruli")
+class InferenceMode(keras.layers.Layer):
+    """Runs the wrapped model with training=False in every phase.
+
+    BatchNormalization keeps its moving statistics and drop-connect stays off, so frozen layers give
+    fixed outputs (which makes caching exact) while unfrozen ones still receive gradients. Keras 3
+    functional models override a `training=False` given at graph-building time with fit's
+    training=True, hence this wrapper (its call takes no `training` argument to override).
+    """
+
+    def __init__(self, inner: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = inner
+
+    def call(self, inputs):
+        return self.inner(inputs, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return self.inner.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "inner": keras.saving.serialize_keras_object(self.inner)}
+
+    @classmethod
+    def from_config(cls, config):
+        config["inner"] = keras.saving.deserialize_keras_object(config["inner"])
+        return cls(**config)
+
+
 def build_model(image_size: int, weights: str, dropout: float) -> keras.Model:
     """uint8-range RGB (0-255, as float) -> P(globally sclerotic). The base normalises internally."""
     base = _base(image_size, weights)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    # training=False keeps the base's BatchNormalization and drop-connect in inference mode in every
-    # phase, so with frozen layers its activations are fixed and can be cached (see training.py).
-    features = keras.layers.GlobalAveragePooling2D(name=POOL_NAME)(base(inputs, training=False))
+    backbone = InferenceMode(base, name=BACKBONE_NAME)
+    features = keras.layers.GlobalAveragePooling2D(name=POOL_NAME)(backbone(inputs))
     head = keras.Sequential([
         keras.Input(features.shape[1:]),
         # Standardises features with train-set statistics (adapt_head): their scale differs by orders
@@ -64,7 +92,8 @@ def build_model(image_size: int, weights: str, dropout: float) -> keras.Model:
 
 
 def base_of(model: keras.Model) -> keras.Model:
-    return model.get_layer(BASE_NAME)
+    """The EfficientNetB3 inside the model's InferenceMode wrapper."""
+    return model.get_layer(BACKBONE_NAME).inner
 
 
 def freeze_base(model: keras.Model) -> None:
@@ -121,12 +150,12 @@ def split_at_block(model: keras.Model, n_blocks: int) -> tuple[keras.Model, kera
     first = first_unfrozen_block(n_blocks)
     boundary_layer = next(l for l in base.layers if _block_number(l.name) == first)
     boundary = boundary_layer.input
-    bottom_base = keras.Model(base.inputs, boundary, name="bottom_base")
-    top_base = keras.Model(boundary, base.output, name="top_base")
+    bottom_base = InferenceMode(keras.Model(base.inputs, boundary), name="bottom_base")
+    top_base = InferenceMode(keras.Model(boundary, base.output), name="top_base")
     image = keras.Input(model.inputs[0].shape[1:], name="image")
-    bottom = keras.Model(image, bottom_base(image, training=False), name="bottom")
+    bottom = keras.Model(image, bottom_base(image), name="bottom")
     activations = keras.Input(boundary.shape[1:], name="activations")
-    pooled = model.get_layer(POOL_NAME)(top_base(activations, training=False))
+    pooled = model.get_layer(POOL_NAME)(top_base(activations))
     top = keras.Model(activations, head_of(model)(pooled), name="top")
     return bottom, top
 

@@ -219,8 +219,8 @@ def parse_params(raw: dict) -> Params:
     val_fraction = _number("split.val_fraction", _get(spl, "split", "val_fraction"), float, 0, 1, lo_open=True)
     test_fraction = _number("split.test_fraction", _get(spl, "split", "test_fraction"), float, 0, 1, lo_open=True)
     if val_fraction + test_fraction >= 1:
-        _fail("split.val_fraction + split.test_fraction", val_fraction + test_fraction,
-              "must be below 1 so the train partition is not empty")
+        _fail("split.val_fraction + split.test_fraction", f"{val_fraction} + {test_fraction}",
+              "the sum must be below 1 so the train partition is not empty")
 
     weights = _get(mdl, "model", "weights")
     if weights is None:

@@ -13,6 +13,8 @@ Beer-Lambert law, which makes per-biopsy stain variation a matter of jittering t
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -21,6 +23,8 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -39,7 +43,8 @@ NON_SCLEROTIC_DIR = "non_globally_sclerotic_glomeruli"  # label 0
 LABELS_CSV = "public.csv"
 CSV_HEADER = "name,ground truth"
 MARKER_FILE = "SYNTHETIC_DATA.txt"
-MARKER_SIGNATURE = "SYNTHETIC glomeruli sample data"  # first line of the marker; proves we wrote the folder
+# First line of the marker file: proves a folder is ours to replace.
+MARKER_SIGNATURE = "SYNTHETIC glomeruli sample data"
 PNG_TEXT_KEY = "Comment"
 PNG_TEXT_PREFIX = "synthetic glomeruli sample"
 BIOPSY_PREFIX = "SYNTH-"
@@ -60,6 +65,7 @@ HEMATOXYLIN_OD_RGB = (0.644, 0.717, 0.267)
 PAS_OD_RGB = (0.175, 0.972, 0.155)
 LN10 = float(np.log(10.0))
 NUCLEUS_DENSITY = 1.0  # hematoxylin density of a nucleus core
+HEMA_MAX, PAS_MAX = 2.2, 1.6  # densities map onto 0..255 for the colour look-up tables
 
 # Class features as (non-sclerotic, sclerotic) values; `difficulty` blends each toward the other
 # class. Units: densities are stain amounts, widths/gaps are fractions of the capsule radius.
@@ -95,11 +101,16 @@ CAPSULE_THICKNESS = 0.018
 FILL_RANGE = (0.80, 0.97)  # glomerulus extent / crop extent (crops are loose bounding boxes)
 MAX_ASPECT = 1.45  # glomeruli are cut obliquely at most this elongated
 GLASS_PROBABILITY = 0.15  # crops that reach the edge of the tissue section
+RENDER_STEP = 2  # draw at 1/RENDER_STEP of the crop size, then upsample
+RENDER_STEP_MIN_SIDE = 200  # smaller crops are drawn at full size to keep their detail
 THETA_BINS = 512  # angular resolution of the outline look-up tables
 NOISE_STD = 0.86  # std of unit Gaussian noise after bicubic upsampling (measured)
 
-# PNG encoding: SUB filter + Huffman-only deflate is ~3x faster than Pillow's adaptive filtering
-# for these noisy textures at ~20 % larger files, which matters when making 20k images.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameter ids
+
+# PNG encoding: OpenCV with the SUB filter and Huffman-only deflate takes ~17 ms for a 600x600
+# crop where Pillow (adaptive filters, zlib level 1) takes ~43 ms, for ~6 % larger files; that
+# matters when making 20k images. The tEXt chunk is spliced in by hand (see _encode_png).
 PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION, 1,
     cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
@@ -124,7 +135,7 @@ class _Stain:
     hema_od: tuple[float, float, float]  # B, G, R, already scaled by concentration and ln 10
     pas_od: tuple[float, float, float]
     white: tuple[float, float, float]  # B, G, R of empty glass
-    blur: float  # Gaussian blur sigma at R = 150 px
+    blur: float  # scanner blur sigma in px, for glomeruli drawn with a radius >= 150 px
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,7 @@ def generate_sample_dataset(
     stain/blur variation and adds ambiguous obsolescent-like glomeruli. Refuses (FileExistsError)
     a non-empty ``out_dir`` that is not a previous synthetic dataset; replaces one that is.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().resolve()  # "x/.." must still name a sibling for the temp
     _validate(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies, workers)
     _check_target(out)
     jobs, n_bio = _plan(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies)
@@ -174,8 +185,8 @@ def generate_sample_dataset(
     try:
         for sub in (SCLEROTIC_DIR, NON_SCLEROTIC_DIR):
             (tmp / sub).mkdir(parents=True)
-        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies, difficulty %.2f) in %s",
-                 n_images, n_scl, n_bio, difficulty, out)
+        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies, difficulty %.2f) "
+                 "in %s", n_images, n_scl, n_bio, difficulty, out)
         _run_jobs(jobs, tmp, workers, progress)
         _write_csv(tmp / LABELS_CSV, jobs)
         _write_marker(tmp / MARKER_FILE, n_images, n_scl, n_bio, sclerotic_fraction, difficulty,
@@ -203,10 +214,12 @@ def _validate(n_images, fraction, difficulty, seed, size_range, n_biopsies, work
     try:
         lo, hi = (int(v) for v in size_range)
     except (TypeError, ValueError):
-        raise ValueError(f"size_range must be a (min, max) pair of ints, got {size_range!r}") from None
+        msg = f"size_range must be a (min, max) pair of ints, got {size_range!r}"
+        raise ValueError(msg) from None
     if lo < MIN_SIDE or lo > hi:
         raise ValueError(f"size_range must satisfy {MIN_SIDE} <= min <= max, got {size_range!r}")
-    if n_biopsies is not None and not 1 <= n_biopsies <= n_images:
+    if n_biopsies is not None and (not isinstance(n_biopsies, (int, np.integer))
+                                   or not 1 <= n_biopsies <= n_images):
         raise ValueError(f"n_biopsies must be in [1, n_images], got {n_biopsies!r}")
     if not isinstance(workers, (int, np.integer)) or workers < 0:
         raise ValueError(f"workers must be an integer >= 0 (0 = all cores), got {workers!r}")
@@ -225,6 +238,10 @@ def _check_target(out: Path) -> None:
     """Never let synthetic images mix with a user's real data."""
     if not out.exists():
         return
+    cwd = Path.cwd()
+    if cwd == out or out in cwd.parents:
+        # The folder is replaced by a rename, which would leave this process in a deleted cwd.
+        raise ValueError(f"out_dir must not be the current directory or contain it, got {out}")
     if not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     entries = sorted(p.name for p in out.iterdir())
@@ -232,8 +249,9 @@ def _check_target(out: Path) -> None:
         return
     if not _is_synthetic_root(out):
         raise FileExistsError(
-            f"{out} is not empty and holds no {MARKER_FILE} from a previous synthetic run; refusing "
-            "to write synthetic images into what may be a real dataset. Choose an empty folder.")
+            f"{out} is not empty and holds no {MARKER_FILE} from a previous synthetic run; "
+            "refusing to write synthetic images into what may be a real dataset. Choose an empty "
+            "folder.")
     ours = {SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV, MARKER_FILE}
     foreign = [e for e in entries if e not in ours]
     if foreign:
@@ -354,50 +372,81 @@ def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed
 
 
 def _run_jobs(jobs: list[_Job], folder: Path, workers: int, progress: bool) -> None:
-    n_workers = min(os.cpu_count() or 1 if workers == 0 else workers, len(jobs))
+    n_workers = min((os.cpu_count() or 1) if workers == 0 else workers, len(jobs))
     use_bar = progress and sys.stderr.isatty()
     done = _iter_done(jobs, folder, n_workers)
     if use_bar:
         from tqdm import tqdm
 
-        for _ in tqdm(done, total=len(jobs), desc="synthetic glomeruli", unit="img"):
-            pass
+        with tqdm(total=len(jobs), desc="synthetic glomeruli", unit="img") as bar:
+            for finished in done:
+                bar.update(finished)
         return
-    step = max(1, len(jobs) // 10)
-    for count, _ in enumerate(done, start=1):
-        if progress and (count % step == 0 or count == len(jobs)):
+    step = max(1, -(-len(jobs) // 10))  # ~10 log lines
+    count = 0
+    for finished in done:
+        before, count = count, count + finished
+        if progress and (count // step > before // step or count == len(jobs)):
             log.info("synthetic images: %d/%d", count, len(jobs))
 
 
 def _iter_done(jobs: list[_Job], folder: Path, n_workers: int) -> Iterator[int]:
-    tasks = [(job, str(folder)) for job in jobs]
+    """Draw and write every job; yields the number of images finished by each step."""
     if n_workers <= 1:
-        for task in tasks:
-            yield _write_one(task)
+        for job in jobs:
+            _write_one(job, folder)
+            yield 1
         return
-    # spawn, not fork: the caller may already hold TensorFlow/OpenCV threads that fork would break.
+    # spawn, not fork: the caller may hold TensorFlow/OpenCV threads that fork would break. A
+    # worker that dies (e.g. an unguarded __main__ re-imported by spawn) raises
+    # BrokenProcessPool here instead of hanging the way multiprocessing.Pool does.
+    size = max(1, min(16, len(jobs) // (n_workers * 8)))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     ctx = multiprocessing.get_context("spawn")
-    chunk = max(1, min(32, len(tasks) // (n_workers * 8)))
-    with ctx.Pool(n_workers, initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_write_one, tasks, chunksize=chunk)
+    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = [pool.submit(_write_chunk, chunk, folder) for chunk in chunks]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BrokenProcessPool as exc:
+            raise BrokenProcessPool(
+                "a sample-data worker died. If you called generate_sample_dataset(workers != 1) "
+                "from a script, put the call under `if __name__ == '__main__':` (spawned workers "
+                "re-import the main module), or use workers=1.") from exc
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _write_chunk(jobs: list[_Job], folder: Path) -> int:
+    for job in jobs:
+        _write_one(job, folder)
+    return len(jobs)
 
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already; nested threads only contend
+    # Drawing churns through many short-lived arrays of a few hundred KiB; glibc serves those
+    # with fresh mmaps by default and page faults then cost ~40 % of the time. The worker is
+    # our own process, so raising the thresholds there affects nobody else.
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: only slower
 
 
-def _write_one(task: tuple[_Job, str]) -> int:
-    job, folder = task
+def _write_one(job: _Job, folder: Path) -> None:
     data = _encode_png(_render(job), _png_comment(job))
     sub = SCLEROTIC_DIR if job.label == 1 else NON_SCLEROTIC_DIR
-    with open(os.path.join(folder, sub, job.name), "wb") as fh:
-        fh.write(data)
-    return job.index
+    (folder / sub / job.name).write_bytes(data)
 
 
 def _png_comment(job: _Job) -> str:
+    # No label in the metadata: a loader must not be able to read the answer from the file.
     return (f"{PNG_TEXT_PREFIX}; NOT real tissue; generator glomeruli.sample_data {__version__}; "
-            f"seed {job.seed}; index {job.index}; label {job.label}; difficulty {job.difficulty:g}")
+            f"seed {job.seed}; index {job.index}; difficulty {job.difficulty:g}")
 
 
 def _encode_png(bgra: np.ndarray, comment: str) -> bytes:
@@ -455,11 +504,48 @@ def _soft(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(x * scale + 0.5, 0.0, 1.0)
 
 
+def _polar_maps(h, w, cx, cy, ax, ay, radii: list[np.ndarray], angular: np.ndarray):
+    """rho / r(theta) for each outline LUT, and angular(theta), as full-size float32 maps.
+
+    Computed on a coarse grid and bilinearly upsampled: these maps are smooth, and full-size
+    arctan2 costs more than all the rest of the drawing together.
+    """
+    step = 4 if min(h, w) >= 128 else 1
+    hs, ws = -(-h // step), -(-w // step)
+    # Sample where cv2.resize's pixel-centre convention puts the coarse pixels, so that
+    # upsampling interpolates exactly between true values.
+    ys = ((np.arange(hs) + 0.5) * (h / hs) - 0.5 - cy) / ay
+    xs = ((np.arange(ws) + 0.5) * (w / ws) - 0.5 - cx) / ax
+    yy, xx = ys[:, None], xs[None, :]
+    rho = np.hypot(xx, yy)
+    t = ((np.arctan2(yy, xx) + np.pi) * (THETA_BINS / (2 * np.pi))).astype(np.intp) % THETA_BINS
+    coarse = [(rho / r[t]).astype(np.float32) for r in radii] + [angular[t].astype(np.float32)]
+    if step == 1:
+        return coarse
+    return [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in coarse]
+
+
+_COS_BINS = 1024
+_COS_LUT = np.cos(np.arange(_COS_BINS) * (2 * np.pi / _COS_BINS)).astype(np.float32)
+
+
+def _fast_cos(phase: np.ndarray) -> np.ndarray:
+    """cos via a table: numpy's cos is unvectorised on some builds (~10x slower)."""
+    idx = (phase * (_COS_BINS / (2 * np.pi))).astype(np.int32)
+    idx &= _COS_BINS - 1  # two's complement makes this a true modulo for negatives too
+    return _COS_LUT[idx]
+
+
 def _render(job: _Job) -> np.ndarray:
     """Draw one crop as an (h, w, 4) uint8 BGRA array."""
-    rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(_IMAGE_STREAM, job.index)))
-    h, w, d = job.height, job.width, job.difficulty
+    seq = np.random.SeedSequence(job.seed, spawn_key=(_IMAGE_STREAM, job.index))
+    rng = np.random.default_rng(seq)
+    d = job.difficulty
     f = _features(job.label, d, rng)
+    # Draw at reduced resolution and upsample: real 20x scans are soft at the pixel level anyway,
+    # and this makes drawing ~4x cheaper (and the PNGs faster to encode).
+    step = RENDER_STEP if min(job.width, job.height) >= RENDER_STEP_MIN_SIDE else 1
+    h, w = -(-job.height // step), -(-job.width // step)
 
     # Geometry: an ellipse fitted to the crop (a loose bounding box), capped in elongation. A
     # shrunken glomerulus keeps the tissue scale (nuclei, tubules) of a normal one.
@@ -476,21 +562,17 @@ def _render(job: _Job) -> np.ndarray:
     cx = w / 2.0 + rng.uniform(-1, 1) * max(0.0, w / 2.0 - ax * extent) * 0.6
     cy = h / 2.0 + rng.uniform(-1, 1) * max(0.0, h / 2.0 - ay * extent) * 0.6
 
-    yy = ((np.arange(h, dtype=np.float32) - cy) / ay)[:, None]
-    xx = ((np.arange(w, dtype=np.float32) - cx) / ax)[None, :]
-    rho = np.sqrt(xx * xx + yy * yy)
-    ti = ((np.arctan2(yy, xx) + np.pi) * (THETA_BINS / (2 * np.pi))).astype(np.int32)
-    ti %= THETA_BINS
-
     # Outlines: near-round capsule, lobulated tuft shrunk by a crescent-shaped Bowman's space.
     theta = np.linspace(-np.pi, np.pi, THETA_BINS, endpoint=False, dtype=np.float32)
     r_caps = 1.0 + _periodic(rng, range(2, 5), 0.035) + _periodic(rng, range(14, 30), f["wrinkle"])
     crescent = 0.3 + 0.7 * np.maximum(0.0, np.cos(theta - rng.uniform(-np.pi, np.pi))) ** 2
-    r_tuft = r_caps * (1.0 - f["bowman_gap"] * crescent) * (
-        1.0 + _periodic(rng, range(4, 9), f["lobulation"]) + _periodic(rng, range(18, 40), f["wrinkle"]))
+    lobes = _periodic(rng, range(4, 9), f["lobulation"])
+    lobes = lobes + _periodic(rng, range(18, 40), f["wrinkle"])
+    r_tuft = r_caps * (1.0 - f["bowman_gap"] * crescent) * (1.0 + lobes)
     r_tuft = np.minimum(r_tuft, r_caps)
-    c = rho / r_caps[ti]  # 1 on the capsule
-    q = rho / r_tuft[ti]  # 1 on the tuft outline
+    wobble = _periodic(rng, range(6, 24), 2.5)  # angular irregularity of the fibrous lamellae
+    # c: 1 on the capsule; q: 1 on the tuft outline; both in capsule-normalised radial units.
+    c, q, wob = _polar_maps(h, w, cx, cy, ax, ay, [r_caps, r_tuft], wobble)
 
     grain = rng.random((h, w), dtype=np.float32) - 0.5  # pixel-scale stain granularity
     low = _smooth_noise(rng, h, w, 0.45 * scale)  # slow density changes
@@ -521,10 +603,10 @@ def _render(job: _Job) -> np.ndarray:
     # Concentric, wrinkled fibrous lamellae wrap the (sclerotic) tuft.
     if f["fibrous_width"] > 0.03:
         n_layers = 1.5 + 12.0 * f["fibrous_width"]
-        wobble = _periodic(rng, range(6, 24), 2.5)
         crinkle = _smooth_noise(rng, h, w, 0.12 * scale)
-        phase = (c - 1.0 + fib_in) * (2 * np.pi * n_layers / (fib_in + fib_out)) + wobble[ti] + 2.0 * crinkle
-        layers = f["fibrous_pas"] * (0.62 + 0.38 * np.cos(phase)) * (1.0 + 0.5 * grain)
+        freq = 2 * np.pi * n_layers / (fib_in + fib_out)
+        phase = (c - 1.0 + fib_in) * freq + wob + 2.0 * crinkle
+        layers = f["fibrous_pas"] * (0.62 + 0.38 * _fast_cos(phase)) * (1.0 + 0.5 * grain)
         zone = _soft(c - (1.0 - fib_in), radius) * _soft(1.0 + fib_out - c, radius)
         pas_g += (0.9 * zone) * (layers - pas_g)
         hema_g *= 1.0 - 0.7 * zone
@@ -536,7 +618,7 @@ def _render(job: _Job) -> np.ndarray:
     pas = pas_bg + a_glom * (pas_g - pas_bg)
     hema = hema_bg + a_glom * (hema_g - hema_bg)
 
-    # Glomerular nuclei inside the tuft (and a few flat ones among the lamellae).
+    # Glomerular nuclei inside the tuft (and a few fibroblasts among the lamellae).
     r_nuc = max(0.8, NUCLEUS_RADIUS * scale)
     n_try = int(f["nucleus_density"] * 4.0 * ax * ay / (NUCLEUS_SPACING * r_nuc) ** 2)
     gx = np.rint(cx + rng.uniform(-1, 1, n_try) * ax).clip(0, w - 1).astype(np.intp)
@@ -548,17 +630,24 @@ def _render(job: _Job) -> np.ndarray:
     seeds[gy[keep], gx[keep]] = rng.integers(150, 256, size=int(keep.sum()), dtype=np.uint8)
     hema += _nuclei(seeds, r_nuc, rng) * (1.0 + 0.5 * grain - 0.7 * (lumen * a_tuft))
 
-    np.maximum(pas, 0.0, out=pas)
-    return _colourise(pas, hema, job.stain, scale, d, rng)
+    bgr = _colourise(pas, hema, job.stain, scale, d, rng)
+    if step > 1:
+        bgr = cv2.resize(bgr, (job.width, job.height), interpolation=cv2.INTER_CUBIC)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)  # alpha 255 everywhere, like the real crops
 
 
 def _nuclei(seeds: np.ndarray, r_nuc: float, rng: np.random.Generator) -> np.ndarray:
-    """Grow seed pixels into soft oval nuclei; seed value sets the nucleus' darkness."""
-    k = 2 * int(round(r_nuc)) + 1
-    kh = max(1, k - 2 * int(rng.integers(0, 2)) * (k > 3))
-    nuc = cv2.dilate(seeds, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, kh)))
-    nuc = cv2.GaussianBlur(nuc, (0, 0), max(0.4, 0.35 * r_nuc))
-    return nuc.astype(np.float32) * (NUCLEUS_DENSITY / 255.0)
+    """Grow seed pixels into soft round-to-oval nuclei; a seed's value sets its size and darkness.
+
+    A Gaussian blur of the impulses, amplified and clipped, gives flat-topped discs with soft
+    edges at any size (dilation with a tiny elliptical kernel gives crosses).
+    """
+    sx = 0.6 * r_nuc * rng.uniform(0.8, 1.2)  # visible radius ~1.6 sigma
+    sy = 0.6 * r_nuc * rng.uniform(0.8, 1.2)
+    blob = cv2.GaussianBlur(seeds.astype(np.float32), (0, 0), sx, sigmaY=sy)
+    blob *= 2 * np.pi * sx * sy * 1.8 / 255.0  # a full seed reaches 1.8 at the centre
+    np.minimum(blob, 1.0, out=blob)
+    return blob * NUCLEUS_DENSITY
 
 
 def _draw_background(rng, h, w, scale, grain, low, glom):
@@ -601,7 +690,7 @@ def _draw_background(rng, h, w, scale, grain, low, glom):
     rot = np.deg2rad(angle[idx])
     px = centres[idx, 0] + lx * np.cos(rot) - ly * np.sin(rot)
     py = centres[idx, 1] + lx * np.sin(rot) + ly * np.cos(rot)
-    n_int = int(w * h / (0.25 * scale) ** 2)  # sparse interstitial cells
+    n_int = int(w * h / (0.35 * scale) ** 2)  # sparse interstitial cells
     px = np.concatenate([px, rng.uniform(0, w, n_int)])
     py = np.concatenate([py, rng.uniform(0, h, n_int)])
     ok = (px >= 0) & (px < w) & (py >= 0) & (py < h)
@@ -632,16 +721,25 @@ def _outside(px: np.ndarray, py: np.ndarray, glom, margin: float) -> np.ndarray:
     return np.hypot(ex, ey) / r_caps[t] > reach + margin
 
 
-def _colourise(pas, hema, stain: _Stain, radius: float, difficulty: float, rng) -> np.ndarray:
-    """Beer-Lambert: transmitted light = white * exp(-sum of stain densities * their ODs)."""
-    # Small per-image drift on top of the per-biopsy stain (section thickness, focus).
+def _colourise(pas, hema, stain: _Stain, scale: float, difficulty: float, rng) -> np.ndarray:
+    """Beer-Lambert: transmitted light = white * exp(-hema * OD_h) * exp(-pas * OD_p).
+
+    The product is separable, so each factor is an 8-bit table look-up of the quantised density:
+    several times faster than exp over (h, w, 3) floats, and the stain grain hides the steps.
+    """
+    # Small per-image drift on top of the per-biopsy stain (section thickness).
     thick = float(np.exp(0.06 * (0.5 + difficulty) * rng.standard_normal()))
-    od = hema[..., None] * (np.asarray(stain.hema_od, np.float32) * thick)
-    od += pas[..., None] * (np.asarray(stain.pas_od, np.float32) * thick)
-    np.exp(-od, out=od)
-    od *= np.asarray(stain.white, np.float32)
-    bgr = od.astype(np.uint8)
-    sigma = stain.blur * (1.0 + 0.3 * rng.random()) * min(1.0, radius / 150.0)
+    levels = np.arange(256)[:, None]
+    hema_od = np.asarray(stain.hema_od) * (HEMA_MAX / 255 * thick)
+    pas_od = np.asarray(stain.pas_od) * (PAS_MAX / 255 * thick)
+    lut_h = np.asarray(stain.white) * np.exp(-levels * hema_od)
+    lut_p = 255.0 * np.exp(-levels * pas_od)
+    hq = cv2.convertScaleAbs(hema, alpha=255 / HEMA_MAX)  # rounds and saturates
+    pq = cv2.convertScaleAbs(pas, alpha=255 / PAS_MAX)
+    t_h = cv2.LUT(cv2.merge([hq, hq, hq]), np.rint(lut_h).astype(np.uint8).reshape(1, 256, 3))
+    t_p = cv2.LUT(cv2.merge([pq, pq, pq]), np.rint(lut_p).astype(np.uint8).reshape(1, 256, 3))
+    bgr = cv2.multiply(t_h, t_p, scale=1.0 / 255)
+    sigma = stain.blur * (1.0 + 0.3 * rng.random()) * min(1.0, scale / 150.0)
     if sigma > 0.3:
         bgr = cv2.GaussianBlur(bgr, (0, 0), sigma)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)
+    return bgr

@@ -16,6 +16,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from glomeruli.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PARAM_KEY = "data.source"
@@ -25,7 +27,7 @@ _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 _MAX_OPEN_ZIPS = 8
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The dataset source exists but cannot be used (not a folder or zip, corrupt zip, bad member)."""
 
 
@@ -118,7 +120,8 @@ def _list_folder(source: Path) -> tuple[list[Entry], list[Skipped]]:
     skipped: list[Skipped] = []
 
     def on_walk_error(err: OSError) -> None:
-        skipped.append(Skipped(_relative(root, Path(err.filename)), f"cannot list folder: {err.strerror}"))
+        where = _relative(root, Path(err.filename)) if err.filename else "."
+        skipped.append(Skipped(where, f"cannot list folder: {err.strerror}; check its permissions"))
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=on_walk_error):
         folder = Path(dirpath)

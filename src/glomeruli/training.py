@@ -26,6 +26,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
 from glomeruli.atomic import atomic_path
+from glomeruli.errors import UserError
 from glomeruli.h5store import ImageStore
 from glomeruli.metadata import file_sha256
 from glomeruli.model import adapt_head, compile_model, feature_model, freeze_base, head_of, split_at_block, unfreeze_top_blocks
@@ -235,11 +236,21 @@ def _checkpoint_dir(phase: str, params: Params) -> Path:
     return CHECKPOINTS / f"{phase}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def _live(folder: Path):
+    """A dvclive logger that edits neither dvc.yaml nor git (dvc.yaml declares its files)."""
+    from dvclive import Live  # imported late: it is slow to import and only stages need it
+    from scmrepo.exceptions import SCMError
+
+    try:
+        return Live(str(folder), dvcyaml=None, save_dvc_exp=False)
+    except SCMError as err:  # dvclive reads the current commit and fails in a repository without one
+        raise UserError(f"dvclive needs a git repository with at least one commit ({err}): run "
+                        "`git add -A && git commit -m 'initial'`, then `dvc repro` again") from err
+
+
 def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Model], *,
               out_model: Path, live_dir: Path) -> None:
     """Stage body shared by train_frozen and finetune: data in, curves and model out, resumable."""
-    from dvclive import Live  # imported late: it is slow to import and only stages need it
-
     phase_params = params.train_frozen if phase == "train_frozen" else params.finetune
     train = train_frozen if phase == "train_frozen" else finetune
     with ImageStore(AUGMENTED) as store:
@@ -249,7 +260,7 @@ def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Mode
         checkpoint = _checkpoint_dir(phase, params)
         # Keras deletes the backup when fit completes; a killed run resumes from its last epoch.
         resume = keras.callbacks.BackupAndRestore(str(checkpoint), delete_checkpoint=True)
-        with atomic_path(live_dir) as tmp_live, Live(str(tmp_live), dvcyaml=None, save_dvc_exp=False) as live:
+        with atomic_path(live_dir) as tmp_live, _live(tmp_live) as live:
             train(model, data, phase_params, params.runtime, seed=params.seed,
                   callbacks=[resume, LiveLogger(live)])
     with atomic_path(out_model) as tmp:

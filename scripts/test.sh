@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (about 10 minutes on 2 cores): unit tests, both Keras backends, and a real `dvc repro`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/pytest ] || bash scripts/setup.sh requirements-dev.txt
+export DVC_NO_ANALYTICS=1 TF_CPP_MIN_LOG_LEVEL=2
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny synthetic datasets and the stores built from them by the real package code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from glomeruli.augment import augment_store  # noqa: E402
+from glomeruli.h5store import ImageStore  # noqa: E402
+from glomeruli.ingest import IngestConfig, ingest_dataset  # noqa: E402
+from glomeruli.params import Params, load_params, parse_params, read_yaml  # noqa: E402
+from glomeruli.preprocess import preprocess_images  # noqa: E402
+from glomeruli.sample_data import generate_sample_dataset  # noqa: E402
+from glomeruli.split import Split, split_records  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_params(**overrides) -> Params:
+    """The shipped params.yaml with CPU-test sizes (64 px, no pretrained weights, few epochs)."""
+    raw = read_yaml(ROOT / "params.yaml")
+    raw["preprocess"]["image_size"] = 64
+    raw["model"]["weights"] = "none"
+    raw["runtime"]["workers"] = 1
+    for section in ("train_frozen", "finetune"):
+        raw[section].update(epochs=2, batch_size=16)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return parse_params(raw)
+
+
+@dataclass(frozen=True)
+class TinyData:
+    raw: Path
+    preprocessed: Path
+    augmented: Path
+    split: Split
+    params: Params
+
+    def store(self) -> ImageStore:
+        return ImageStore(self.augmented)
+
+
+def build_tiny_data(folder: Path, *, n_images: int, size: int, seed: int = 0, difficulty: float = 0.3,
+                    group_by: str = "image", **param_overrides) -> TinyData:
+    """Sample data -> ingest -> preprocess -> augment -> split, with the package's own functions."""
+    raw = folder / "raw"
+    generate_sample_dataset(raw, n_images, seed=seed, difficulty=difficulty, size_range=(48, 128), progress=False)
+    params = small_params(**{"preprocess.image_size": size, "split.group_by": group_by, **param_overrides})
+    config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=params.ingest.labels_csv,
+                          group_regex=params.ingest.group_regex, max_pixels=params.ingest.max_pixels,
+                          max_unreadable_fraction=params.ingest.max_unreadable_fraction, workers=1)
+    rows = ingest_dataset(raw, config).rows
+    preprocessed, augmented = folder / "preprocessed.h5", folder / "augmented.h5"
+    preprocess_images(raw, rows, preprocessed, size=size, fill=params.preprocess.fill,
+                      max_pixels=params.ingest.max_pixels, workers=1)
+    meta = augment_store(preprocessed, augmented, params.augment, seed=params.seed, workers=1)
+    return TinyData(raw, preprocessed, augmented, split_records(meta, params.split, params.seed), params)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> TinyData:
+    """60 images at 32 px: enough for every stage's mechanics, not for learning."""
+    return build_tiny_data(tmp_path_factory.mktemp("tiny"), n_images=60, size=32)

@@ -1,0 +1,336 @@
+"""Ingest: every file ends up in the manifest or in the report with a reason; bad datasets are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from badfiles import (CLASS_DIRS, GROUP_REGEX, KEPT, NEGATIVE, POSITIVE, add_macosx_members, add_members,
+                      cmil_name, hostile_zip_members, labels_csv, rgba_png, write_clean_dataset,
+                      write_messy_dataset, write_zip)
+from glomeruli.ingest import (MANIFEST_COLUMNS, IngestConfig, IngestError, ManifestRow, check_ingest,
+                              ingest_dataset, read_manifest, write_manifest)
+from glomeruli.sources import close_sources
+
+CONFIG = IngestConfig(class_dirs=CLASS_DIRS, labels_csv="public.csv", group_regex=GROUP_REGEX,
+                      max_pixels=40_000_000, max_unreadable_fraction=0.02, workers=1)
+
+
+@pytest.fixture(autouse=True)
+def _close_zips():
+    yield
+    close_sources()
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """The messy corpus, ingested once with one worker and once with two."""
+    base = tmp_path_factory.mktemp("messy")
+    expected = write_messy_dataset(base / "data", base / "elsewhere")
+    serial = ingest_dataset(base / "data", CONFIG)
+    parallel = ingest_dataset(base / "data", dataclasses.replace(CONFIG, workers=2))
+    return expected, serial, parallel
+
+
+def _skip_reasons(result) -> dict[str, str]:
+    return {s["file"]: s["reason"] for s in result.report["skipped"]}
+
+
+# ---------------------------------------------------------------------------------------- the messy corpus
+
+def test_every_corpus_file_has_its_expected_outcome(messy):
+    expected, result, _ = messy
+    kept = {row.id for row in result.rows}
+    reasons = _skip_reasons(result)
+    for relpath, outcome in expected.items():
+        if outcome == KEPT:
+            assert relpath in kept, (relpath, reasons.get(relpath))
+        else:
+            assert relpath not in kept, relpath
+            assert outcome in reasons[relpath], (relpath, reasons[relpath])
+    assert kept | set(reasons) == set(expected)  # nothing unexpected, nothing lost
+
+
+def test_each_file_is_reported_once(messy):
+    _, result, _ = messy
+    files = [s["file"] for s in result.report["skipped"]]
+    assert len(files) == len(set(files))
+    assert set(files).isdisjoint(row.id for row in result.rows)
+
+
+def test_workers_do_not_change_the_output(messy):
+    _, serial, parallel = messy
+    assert serial.rows == parallel.rows
+    assert json.dumps(serial.report) == json.dumps(parallel.report)
+
+
+def test_report_counts_and_lists(messy):
+    _, result, _ = messy
+    report = result.report
+    json.dumps(report)  # JSON-serialisable
+    assert report["n_kept"] == len(result.rows)
+    assert report["n_unreadable"] == 4  # text, zero bytes, truncated, bomb
+    assert {u["file"].split("/")[1] for u in report["unreadable"]} == {
+        "text_file.png", "zero_bytes.png", "truncated.png", "bomb_30000x30000.png"}
+    assert report["counts"][POSITIVE]["kept"] + report["counts"][NEGATIVE]["kept"] == report["n_kept"]
+    assert report["counts"][NEGATIVE] == {"label": 0, "found": 8, "kept": 6}  # 6 good, same_name, clash_neg
+    assert report["config"] == {"class_dirs": CLASS_DIRS, "labels_csv": "public.csv", "group_regex": GROUP_REGEX,
+                                "max_pixels": 40_000_000, "max_unreadable_fraction": 0.02}
+    assert report["name_in_both_classes"] == [
+        {"name": "same_name.png", "files": [f"{POSITIVE}/same_name.png", f"{NEGATIVE}/same_name.png"]}]
+    by_kept = {d["kept"]: d for d in report["duplicates"]}
+    assert by_kept[f"{POSITIVE}/a_original.png"]["files"] == [f"{POSITIVE}/a_original.png", f"{POSITIVE}/b_copy.png"]
+    assert by_kept[None]["labels"] == [0, 1]
+    assert report["outside_class_folders"] == [f"{POSITIVE}/nested/deeper.png", "notes/readme.txt"]
+    assert report["warnings"] and "public.csv" in report["warnings"][0]  # configured, absent: a warning
+    assert report["csv"] == {"file": "public.csv", "present": False}
+    assert f"{POSITIVE}/{cmil_name('P0', 1, 6, seed=100)}" not in report["ungrouped"]
+    assert f"{POSITIVE}/photo.jpg" in report["ungrouped"]
+
+
+def test_manifest_rows_carry_label_group_hash_and_size(messy):
+    _, result, _ = messy
+    rows = {row.id: row for row in result.rows}
+    good = rows[f"{POSITIVE}/{cmil_name('P1', 2, 6, seed=101)}"]
+    assert (good.label, good.group, good.width, good.height, good.channels) == (1, "P1", 30, 24, 4)
+    assert good.path == good.id and good.name == cmil_name("P1", 2, 6, seed=101)
+    assert len(good.sha256) == 64
+    odd = rows[f"{POSITIVE}/glom 1 é.png"]
+    assert odd.group == "glom 1 é.png"  # no biopsy id: its own group
+    assert rows[f"{POSITIVE}/grey.png"].channels == 1
+    assert [r.id for r in result.rows] == sorted(rows)
+
+
+def test_too_many_unreadable_files_is_an_error_naming_the_limit(messy):
+    _, result, _ = messy
+    with pytest.raises(IngestError) as err:
+        check_ingest(result, CONFIG)
+    message = str(err.value)
+    assert "ingest.max_unreadable_fraction = 0.02" in message
+    assert f"4 of {result.report['n_kept'] + 4}" in message
+    assert "truncated.png" in message and "%" in message
+    check_ingest(result, dataclasses.replace(CONFIG, max_unreadable_fraction=0.5))
+
+
+# ---------------------------------------------------------------------------------------- zips
+
+def test_malicious_zip_ingests_without_writing_anything(tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    files = write_clean_dataset(tmp_path / "data")
+    archive = write_zip(tmp_path / "evil.zip", files, wrapper="CMIL")
+    add_members(archive, {name: rgba_png(8, 8, seed=9) for name in hostile_zip_members()})
+    add_macosx_members(archive, [f"CMIL/{r}" for r in files])
+    before = sorted(tmp_path.rglob("*"))
+    abs_existed = os.path.exists("/abs.png")
+
+    result = ingest_dataset(archive, dataclasses.replace(CONFIG, workers=2))
+
+    assert sorted(tmp_path.rglob("*")) == before
+    assert os.path.exists("/abs.png") == abs_existed
+    assert [row.id for row in result.rows] == sorted(files)
+    reasons = _skip_reasons(result)
+    for name, reason in hostile_zip_members().items():
+        assert reason in reasons[name]
+    check_ingest(result, CONFIG)
+
+
+def test_zip_and_folder_give_the_same_manifest(tmp_path):
+    files = write_clean_dataset(tmp_path / "data")
+    files["public.csv"] = labels_csv([(r.split("/")[1], str(CLASS_DIRS[r.split("/")[0]])) for r in files])
+    (tmp_path / "data" / "public.csv").write_bytes(files["public.csv"])
+    archive = write_zip(tmp_path / "d.zip", files, wrapper="CMIL")
+    from_folder = ingest_dataset(tmp_path / "data", CONFIG)
+    from_zip = ingest_dataset(archive, CONFIG)
+    assert from_folder.rows == from_zip.rows
+    assert from_folder.report["skipped"] == from_zip.report["skipped"] == []
+    assert from_zip.report["csv_missing_rows"] == [] and from_zip.report["csv_extra_rows"] == []
+
+
+# ---------------------------------------------------------------------------------------- labels csv
+
+def _with_csv(tmp_path, csv_bytes: bytes) -> tuple:
+    root = tmp_path / "data"
+    files = write_clean_dataset(root)
+    (root / "public.csv").write_bytes(csv_bytes)
+    names = {relpath.split("/")[1]: CLASS_DIRS[relpath.split("/")[0]] for relpath in files}
+    return root, names
+
+
+def test_csv_with_bom_and_crlf_is_accepted(tmp_path):
+    root, names = _with_csv(tmp_path, b"")
+    (root / "public.csv").write_bytes(labels_csv([(n, str(label)) for n, label in names.items()], bom=True, crlf=True))
+    result = ingest_dataset(root, CONFIG)
+    csv_report = result.report["csv"]
+    assert csv_report["bom"] and csv_report["crlf"] and csv_report["n_rows"] == len(names)
+    assert result.report["n_kept"] == len(names) and result.report["skipped"] == []
+
+
+def test_csv_missing_extra_bad_label_and_conflict_rows(tmp_path):
+    root = tmp_path / "data"
+    files = write_clean_dataset(root)
+    names = sorted(relpath.split("/")[1] for relpath in files)
+    label_of = {relpath.split("/")[1]: CLASS_DIRS[relpath.split("/")[0]] for relpath in files}
+    missing, bad, conflict = names[0], names[1], names[2]
+    rows = [(n, str(label_of[n])) for n in names[3:]]
+    rows += [(bad, "2"), (conflict, str(1 - label_of[conflict])), ("ghost.png", "1")]
+    (root / "public.csv").write_bytes(labels_csv(rows))
+    result = ingest_dataset(root, CONFIG)
+    report, reasons = result.report, _skip_reasons(result)
+    path_of = {relpath.split("/")[1]: relpath for relpath in files}
+    assert report["csv_missing_rows"] == [path_of[missing]]
+    assert path_of[missing] in {row.id for row in result.rows}  # kept with its folder label
+    assert [r["name"] for r in report["csv_extra_rows"]] == ["ghost.png"]
+    assert report["csv"]["bad_labels"] == [{"line": len(rows) - 1, "name": bad, "label": "2"}]
+    assert "label '2' is not 0 or 1" in reasons[path_of[bad]]
+    assert report["label_conflicts"] == [{"file": path_of[conflict], "folder_label": label_of[conflict],
+                                          "csv_label": 1 - label_of[conflict]}]
+    assert "label conflict" in reasons[path_of[conflict]]
+    assert report["n_kept"] == len(files) - 2
+
+
+def test_csv_wrong_header_is_an_error_naming_both_headers(tmp_path):
+    root, names = _with_csv(tmp_path, labels_csv([], header="filename,label"))
+    with pytest.raises(IngestError, match=r"public\.csv: header is 'filename,label', expected 'name,ground truth'"):
+        ingest_dataset(root, CONFIG)
+
+
+def test_csv_not_utf8_is_an_error(tmp_path):
+    root, _ = _with_csv(tmp_path, "name,ground truth\nglom é.png,1\n".encode("latin-1"))
+    with pytest.raises(IngestError, match=r"public\.csv: not UTF-8"):
+        ingest_dataset(root, CONFIG)
+
+
+def test_csv_names_match_across_unicode_normalisation(tmp_path):
+    root = tmp_path / "data"
+    write_clean_dataset(root)
+    decomposed = "glom 1 e\u0301.png"  # how macOS stores 'é'
+    (root / POSITIVE / decomposed).write_bytes(rgba_png(9, 9, seed=77))
+    (root / "public.csv").write_bytes(labels_csv([("glom 1 \u00e9.png", "1")]))
+    result = ingest_dataset(root, CONFIG)
+    assert f"{POSITIVE}/{decomposed}" not in result.report["csv_missing_rows"]
+    assert result.report["csv_extra_rows"] == []
+
+
+def test_labels_csv_none_ignores_a_present_csv(tmp_path):
+    root, _ = _with_csv(tmp_path, labels_csv([], header="anything"))
+    result = ingest_dataset(root, dataclasses.replace(CONFIG, labels_csv=None))
+    assert result.report["csv"] == {"file": None, "present": False}
+    assert "outside the class folders" in _skip_reasons(result)["public.csv"]
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+def test_empty_class_is_an_error_naming_folder_and_source(tmp_path):
+    root = tmp_path / "data"
+    write_clean_dataset(root)
+    (root / NEGATIVE).rename(root / "Non_Globally_Sclerotic")
+    result = ingest_dataset(root, CONFIG)
+    with pytest.raises(IngestError, match=rf"class folder '{NEGATIVE}' \(label 0\) has no usable images in {root}") \
+            as err:
+        check_ingest(result, CONFIG)
+    assert "Non_Globally_Sclerotic" in str(err.value)  # the folders found point at the fix
+
+
+def test_bad_group_regex_is_refused(tmp_path):
+    write_clean_dataset(tmp_path / "data")
+    with pytest.raises(IngestError, match="named group"):
+        ingest_dataset(tmp_path / "data", dataclasses.replace(CONFIG, group_regex="^(.+?)_PAS_"))
+
+
+def test_progress_is_logged_when_not_a_terminal(tmp_path, caplog):
+    write_clean_dataset(tmp_path / "data", per_class=10)
+    with caplog.at_level(logging.INFO):
+        ingest_dataset(tmp_path / "data", CONFIG)
+    assert any("ingest: 20/20" in message for message in caplog.messages)
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+def test_manifest_round_trip(tmp_path):
+    rows = [ManifestRow(id=f"{POSITIVE}/glom 1 é, \"odd\".png", path=f"{POSITIVE}/glom 1 é, \"odd\".png",
+                        name="glom 1 é, \"odd\".png", label=1, group="B1", sha256="ab" * 32, width=3, height=4,
+                        channels=4)]
+    path = tmp_path / "manifest.csv"
+    write_manifest(rows, path)
+    data = path.read_bytes()
+    assert data.startswith(",".join(MANIFEST_COLUMNS).encode() + b"\n") and b"\r\n" not in data
+    assert read_manifest(path) == rows
+
+
+def test_manifest_with_a_wrong_header_or_row_is_refused(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("id,path,label\n", encoding="utf-8")
+    with pytest.raises(IngestError, match="manifest.csv: header"):
+        read_manifest(path)
+    path.write_text(",".join(MANIFEST_COLUMNS) + "\na,a,a,7,g,h,1,1,3\n", encoding="utf-8")
+    with pytest.raises(IngestError, match="line 2: label 7"):
+        read_manifest(path)
+    path.write_text(",".join(MANIFEST_COLUMNS) + "\na,a,a,1,g,h,wide,1,3\n", encoding="utf-8")
+    with pytest.raises(IngestError, match="line 2: width"):
+        read_manifest(path)
+
+
+def test_csv_bad_rows_and_repeated_rows_are_reported(tmp_path):
+    root, names = _with_csv(tmp_path, b"")
+    first = sorted(names)[0]
+    rows = [(n, str(label)) for n, label in names.items()] + [(first, str(names[first]))]
+    text = labels_csv(rows).decode() + "only_one_column\nfolder/x.png,1\n"
+    (root / "public.csv").write_text(text, encoding="utf-8")
+    result = ingest_dataset(root, CONFIG)
+    csv_report = result.report["csv"]
+    assert [r["reason"] for r in csv_report["bad_rows"]] == ["expected 2 columns, found 1",
+                                                            "expected a bare file name (no folder)"]
+    assert [r["name"] for r in csv_report["duplicate_rows"]] == [first]
+    assert result.report["n_kept"] == len(names)
+
+
+def test_csv_that_matches_no_image_gives_a_warning(tmp_path):
+    root, names = _with_csv(tmp_path, b"")
+    (root / "public.csv").write_bytes(labels_csv([(n.removesuffix(".png"), str(v)) for n, v in names.items()]))
+    result = ingest_dataset(root, CONFIG)
+    assert any("none of the 8 names in public.csv" in w for w in result.report["warnings"])
+    assert len(result.report["csv_missing_rows"]) == len(result.report["csv_extra_rows"]) == 8
+
+
+def test_symlinked_class_folder_is_explained(tmp_path):
+    write_clean_dataset(tmp_path / "real")
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "real" / POSITIVE).rename(root / POSITIVE)
+    os.symlink(tmp_path / "real" / NEGATIVE, root / NEGATIVE, target_is_directory=True)
+    result = ingest_dataset(root, CONFIG)
+    with pytest.raises(IngestError, match=r"The folder itself was skipped: symlinked folder points outside"):
+        check_ingest(result, CONFIG)
+
+
+def test_parallel_ingest_after_the_parent_used_opencv_threads(tmp_path):
+    # Forked workers deadlocked when the parent had already run OpenCV's thread pool; run in a
+    # subprocess so a regression fails on the timeout instead of hanging the test session.
+    script = f"""
+import sys, numpy as np, cv2
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from badfiles import write_clean_dataset, CLASS_DIRS, GROUP_REGEX
+from glomeruli.ingest import IngestConfig, ingest_dataset
+big = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (900, 900, 4), dtype=np.uint8), (0, 0), 3)
+for _ in range(20):
+    cv2.imencode(".png", big)
+decoded = cv2.imdecode(cv2.imencode(".png", big)[1], cv2.IMREAD_UNCHANGED)
+for _ in range(50):
+    cv2.cvtColor(decoded[:, :, :3], cv2.COLOR_BGR2RGB)
+write_clean_dataset(Path({str(tmp_path / "data")!r}))
+config = IngestConfig(CLASS_DIRS, None, GROUP_REGEX, 40_000_000, 0.02, workers=2)
+print(ingest_dataset(Path({str(tmp_path / "data")!r}), config).report["n_kept"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "8"

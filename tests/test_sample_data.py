@@ -1,0 +1,250 @@
+"""Tests of the synthetic CMIL-layout sample generator (tiny images, so they run in seconds)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from glomeruli import sample_data
+from glomeruli.sample_data import SampleSummary, generate_sample_dataset
+
+TINY = (48, 96)
+NAME_RE = re.compile(r"^SYNTH-[^_]+_PAS_\d+of\d+_[0-9a-f]{24}\.png$")
+CLASS_DIRS = {"globally_sclerotic_glomeruli": 1, "non_globally_sclerotic_glomeruli": 0}
+
+
+def _make(out: Path, n: int = 24, **kw) -> SampleSummary:
+    kw.setdefault("size_range", TINY)
+    kw.setdefault("progress", False)
+    return generate_sample_dataset(out, n, **kw)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _pngs(root: Path) -> dict[str, int]:
+    """File name -> label implied by its class folder."""
+    return {p.name: label for sub, label in CLASS_DIRS.items() for p in (root / sub).glob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, SampleSummary]:
+    root = tmp_path_factory.mktemp("synth") / "raw"
+    return root, _make(root, 30, seed=1)
+
+
+def test_layout_and_csv_match_files(dataset):
+    root, summary = dataset
+    assert summary.root == root
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [*CLASS_DIRS, "public.csv", "SYNTHETIC_DATA.txt"])
+    lines = (root / "public.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "name,ground truth"
+    rows = list(csv.DictReader(lines))
+    names = [r["name"] for r in rows]
+    assert names == sorted(names)
+    on_disk = _pngs(root)
+    assert {r["name"]: int(r["ground truth"]) for r in rows} == on_disk
+    assert summary.n_images == len(on_disk) == 30
+    assert summary.n_sclerotic == sum(on_disk.values())
+    assert 2 <= summary.n_sclerotic <= 28
+
+
+def test_marker_file_describes_synthetic_data(dataset):
+    root, _ = dataset
+    text = (root / "SYNTHETIC_DATA.txt").read_text(encoding="utf-8")
+    assert "SYNTHETIC" in text and "seed: 1" in text and "difficulty: 0.3" in text
+
+
+def test_names_and_biopsy_grouping(dataset):
+    root, summary = dataset
+    names = list(_pngs(root))
+    assert all(NAME_RE.match(n) for n in names), [n for n in names if not NAME_RE.match(n)]
+    parsed = [re.match(r"^(.+?)_PAS_(\d+)of(\d+)_", n).groups() for n in names]
+    per_biopsy = Counter(b for b, _, _ in parsed)
+    assert len(per_biopsy) == summary.n_biopsies >= 2
+    for biopsy, count in per_biopsy.items():
+        ks = sorted(int(k) for b, k, _ in parsed if b == biopsy)
+        assert ks == list(range(1, count + 1))
+        assert {int(n) for b, _, n in parsed if b == biopsy} == {count}
+
+
+def test_pngs_are_rgba_opaque_in_size_range_and_tagged(dataset):
+    root, _ = dataset
+    for sub in CLASS_DIRS:
+        for path in (root / sub).glob("*.png"):
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            assert img is not None and img.dtype == np.uint8 and img.ndim == 3
+            assert img.shape[2] == 4
+            assert (img[..., 3] == 255).all()
+            h, w = img.shape[:2]
+            assert TINY[0] <= h <= TINY[1] and TINY[0] <= w <= TINY[1]
+            with Image.open(path) as im:
+                assert im.mode == "RGBA"
+                assert "synthetic glomeruli sample" in im.text.get("Comment", "")
+
+
+def test_sizes_vary_independently(tmp_path):
+    _make(tmp_path / "a", 24, seed=5, size_range=(40, 120))
+    paths = (tmp_path / "a").rglob("*.png")
+    shapes = {cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[:2] for p in paths}
+    assert len({h for h, _ in shapes}) > 5 and len({w for _, w in shapes}) > 5
+    assert any(h != w for h, w in shapes)
+
+
+def test_same_seed_same_bytes_different_seed_differs(tmp_path):
+    _make(tmp_path / "a", seed=7)
+    _make(tmp_path / "b", seed=7)
+    _make(tmp_path / "c", seed=8)
+    a, b, c = (_files(tmp_path / x) for x in "abc")
+    assert a == b
+    assert set(a) != set(c)
+    assert {v for k, v in a.items() if k.endswith(".png")}.isdisjoint(c.values())
+
+
+def test_workers_do_not_change_bytes(tmp_path):
+    _make(tmp_path / "one", 16, seed=3, workers=1)
+    _make(tmp_path / "two", 16, seed=3, workers=2)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def _centre_stats(root: Path) -> dict[int, np.ndarray]:
+    """Per image: mean saturation and bright-white fraction of the central 40 % box."""
+    stats: dict[int, list] = {0: [], 1: []}
+    for name, label in _pngs(root).items():
+        sub = next(s for s, lab in CLASS_DIRS.items() if lab == label)
+        img = cv2.imread(str(root / sub / name), cv2.IMREAD_UNCHANGED)
+        h, w = img.shape[:2]
+        centre = img[3 * h // 10:7 * h // 10, 3 * w // 10:7 * w // 10, :3]
+        hsv = cv2.cvtColor(centre, cv2.COLOR_BGR2HSV)
+        white = (hsv[..., 2] > 200) & (hsv[..., 1] < 50)
+        stats[label].append((hsv[..., 1].mean(), white.mean()))
+    return {k: np.array(v) for k, v in stats.items()}
+
+
+def test_classes_differ_as_described_at_difficulty_zero(tmp_path):
+    _make(tmp_path / "easy", 40, seed=3, difficulty=0.0, sclerotic_fraction=0.5,
+          size_range=(64, 96))
+    s = _centre_stats(tmp_path / "easy")
+    # Dense magenta cellular tuft vs pale pink-lilac matrix: saturation alone separates them.
+    assert s[0][:, 0].min() > s[1][:, 0].max() + 10
+    # Open capillary lumens (bright white) are common in the normal tuft, rare in the scar.
+    assert s[0][:, 1].mean() > 2 * s[1][:, 1].mean()
+
+
+def test_difficulty_blends_the_classes(tmp_path):
+    _make(tmp_path / "easy", 40, seed=3, difficulty=0.0, sclerotic_fraction=0.5)
+    _make(tmp_path / "hard", 40, seed=3, difficulty=1.0, sclerotic_fraction=0.5)
+    gap = {}
+    for name in ("easy", "hard"):
+        s = _centre_stats(tmp_path / name)
+        gap[name] = s[0][:, 0].mean() - s[1][:, 0].mean()
+    assert 0 < gap["hard"] < gap["easy"]
+
+
+def test_refuses_non_empty_real_folder(tmp_path):
+    real = tmp_path / "raw"
+    real.mkdir()
+    (real / "patient.png").write_bytes(b"not synthetic")
+    with pytest.raises(FileExistsError, match="SYNTHETIC_DATA.txt"):
+        _make(real)
+    assert [p.name for p in real.iterdir()] == ["patient.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no temporary left behind
+
+
+def test_refuses_a_file_as_out_dir(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(FileExistsError):
+        _make(target)
+
+
+def test_regenerates_over_previous_synthetic_dataset(tmp_path):
+    out = tmp_path / "raw"
+    out.mkdir()  # an empty folder is fine too
+    _make(out, 12, seed=1)
+    summary = _make(out, 8, seed=2)
+    assert summary.n_images == len(_pngs(out)) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    fresh = tmp_path / "fresh"
+    _make(fresh, 8, seed=2)
+    assert _files(out) == _files(fresh)
+
+
+def test_refuses_synthetic_folder_with_foreign_files(tmp_path):
+    out = tmp_path / "raw"
+    _make(out, 8)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        _make(out, 8)
+    assert (out / "notes.txt").exists()
+
+
+def test_refuses_the_current_directory(tmp_path, monkeypatch):
+    out = tmp_path / "raw"
+    _make(out, 6)
+    monkeypatch.chdir(out)
+    with pytest.raises(ValueError, match="out_dir"):
+        _make(Path("."), 6)
+
+
+def test_progress_is_logged_without_a_tty(tmp_path, caplog):
+    caplog.set_level("INFO", logger="glomeruli.sample_data")
+    generate_sample_dataset(tmp_path / "raw", 20, size_range=TINY, progress=True)
+    messages = [r.getMessage() for r in caplog.records]
+    done = [m for m in messages if m.startswith("synthetic images:")]
+    assert done[-1] == "synthetic images: 20/20" and 5 <= len(done) <= 11
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "arg"),
+    [
+        ({"n_images": 3}, "n_images"),
+        ({"sclerotic_fraction": 0.0}, "sclerotic_fraction"),
+        ({"sclerotic_fraction": 1.0}, "sclerotic_fraction"),
+        ({"difficulty": -0.1}, "difficulty"),
+        ({"difficulty": 1.5}, "difficulty"),
+        ({"size_range": (15, 40)}, "size_range"),
+        ({"size_range": (80, 40)}, "size_range"),
+        ({"n_biopsies": 0}, "n_biopsies"),
+        ({"workers": -1}, "workers"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_validation_names_the_argument(tmp_path, kwargs, arg):
+    kwargs = {"n_images": 8, "size_range": TINY, "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=arg):
+        generate_sample_dataset(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction"), [(4, 0.18), (5, 0.01), (6, 0.99), (200, 0.18), (997, 0.3)])
+def test_plan_keeps_two_of_each_class(n, fraction):
+    jobs, n_bio = sample_data._plan(n, fraction, 0.3, 0, (250, 950), None)
+    labels = [j.label for j in jobs]
+    assert len(jobs) == n and min(labels.count(0), labels.count(1)) >= 2
+    assert 1 <= n_bio <= n and len({j.name for j in jobs}) == n
+
+
+def test_plan_has_biopsies_without_sclerotic_glomeruli():
+    jobs, n_bio = sample_data._plan(600, 0.18, 0.3, 0, (250, 950), None)
+    per_biopsy: dict[str, list[int]] = {}
+    for j in jobs:
+        per_biopsy.setdefault(j.name.split("_PAS_")[0], []).append(j.label)
+    assert len(per_biopsy) == n_biopsies_expected(600) == n_bio
+    assert any(sum(v) == 0 for v in per_biopsy.values())
+    assert len({len(v) for v in per_biopsy.values()}) > 3  # uneven biopsy sizes
+    assert abs(sum(j.label for j in jobs) / 600 - 0.18) < 0.01
+
+
+def n_biopsies_expected(n: int) -> int:
+    return max(2, round(n / sample_data.IMAGES_PER_BIOPSY))
