@@ -334,3 +334,11 @@ print(ingest_dataset(Path({str(tmp_path / "data")!r}), config).report["n_kept"])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "8"
+
+
+def test_user_errors_are_printed_by_the_stage_runner_not_traced():
+    from glomeruli.errors import UserError
+    from glomeruli.images import ImageError
+    from glomeruli.sources import SourceError
+
+    assert all(issubclass(cls, UserError) for cls in (IngestError, ImageError, SourceError))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-import urllib.error
+import socket
 from pathlib import Path
 
 import keras
@@ -19,6 +19,7 @@ BACKBONE_NAME = "backbone"
 POOL_NAME = "avg_pool"
 HEAD_NAME = "head"
 IMAGENET_FILE = "efficientnetb3_notop.h5"
+DOWNLOAD_TIMEOUT_S = 60
 
 
 class WeightsError(UserError, RuntimeError):
@@ -31,10 +32,16 @@ class ModelLoadError(UserError, RuntimeError):
 
 def _base(image_size: int, weights: str) -> keras.Model:
     keras_weights = None if weights == "none" else weights
+    if Path(weights).name == IMAGENET_FILE:
+        log.warning("model.weights points at %s: Keras skips its ImageNet variance rescaling for file paths, so "
+                    "inputs are normalised slightly differently; for the faithful offline route copy the file "
+                    "into ~/.keras/models/ and set model.weights: imagenet", weights)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a firewalled box must fail fast, not hang
     try:
         return keras.applications.EfficientNetB3(include_top=False, weights=keras_weights,
                                                  input_shape=(image_size, image_size, 3))
-    except (urllib.error.URLError, OSError, ValueError, Exception) as err:  # the download error type varies by backend
+    except Exception as err:  # download and h5 errors come in many types (URLError, OSError, ValueError...)
         if weights != "imagenet":
             raise WeightsError(f"cannot load EfficientNetB3 weights from {weights!r} (model.weights): {err}") from err
         raise WeightsError(
@@ -43,6 +50,8 @@ def _base(image_size: int, weights: str) -> keras.Model:
             f"(2) copy {IMAGENET_FILE} into ~/.keras/models/ by hand; "
             "(3) set model.weights to a weights file path, or to none to train from scratch "
             "(e.g. `dvc exp run -S model.weights=none`).") from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 @keras.saving.register_keras_serializable(package="glomeruli")
@@ -176,7 +185,8 @@ def load_model(path: Path | str) -> keras.Model:
         if "safe_mode" in str(err) or "lambda" in str(err).lower():
             raise ModelLoadError(f"{path} asks to run arbitrary code (a Lambda layer) and was refused; "
                                  "only load models you trust, retrained with this pipeline") from err
-        raise ModelLoadError(f"{path} is not a model this pipeline can load: {err}") from err
+        raise ModelLoadError(f"{path} is not a model this pipeline can load ({err}); retrain it with "
+                             "`dvc repro` or pass the model.keras that `dvc repro` wrote") from err
     except Exception as err:  # a corrupt zip or h5 raises many types
         raise ModelLoadError(f"{path} could not be read as a Keras model ({type(err).__name__}: {err}); "
                              "retrain it with `dvc repro`") from err

@@ -133,7 +133,7 @@ def sample_weights(labels: np.ndarray, rule: str) -> np.ndarray | None:
 
 
 class LiveLogger(keras.callbacks.Callback):
-    """Logs epoch metrics to dvclive; works on every backend (dvclive.keras imports TensorFlow)."""
+    """Logs epoch metrics to dvclive on every backend (dvclive's own Keras callback needs TensorFlow)."""
 
     def __init__(self, live):
         super().__init__()
