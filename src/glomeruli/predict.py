@@ -82,8 +82,10 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
             good = [(n, x) for n, x in zip(batch_names, batch) if not isinstance(x, Skip)]
             skipped += [x for x in batch if isinstance(x, Skip)]
             if good:
-                x = np.stack([img for _, img in good]).astype(np.float32)
-                probs = np.asarray(model.predict_on_batch(x)).reshape(-1)
+                # a fixed batch shape: a new shape would trigger a retrace (or an XLA recompile on GPU)
+                x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
+                x[:len(good)] = np.stack([img for _, img in good])
+                probs = np.asarray(model.predict_on_batch(x)).reshape(-1)[:len(good)]
                 predictions += [Prediction(n, int(p >= threshold), float(p)) for (n, _), p in zip(good, probs)]
     for skip in skipped:
         log.warning("skipped %s: %s", skip.name, skip.reason)
