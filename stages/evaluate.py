@@ -1,12 +1,14 @@
 """Stage 7: pick the threshold on validation, report every metric on test, write plots and model metadata."""
 
-from glomeruli.backend import configure
-from glomeruli.evaluation import evaluate_model
-from glomeruli.paths import AUGMENTED, LIVE_FINETUNE, LIVE_FROZEN, METRICS, MODEL, PLOTS, SPLIT
 from glomeruli.stagekit import run_stage
 
 
 def main(params):
+    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
+    from glomeruli.backend import configure
+    from glomeruli.evaluation import evaluate_model
+    from glomeruli.paths import AUGMENTED, LIVE_FINETUNE, LIVE_FROZEN, METRICS, MODEL, PLOTS, SPLIT
+
     configure(params.seed, params.runtime.mixed_precision)
     evaluate_model(MODEL, AUGMENTED, SPLIT, params.evaluate, max_pixels=params.ingest.max_pixels,
                    metrics_path=METRICS, plots_dir=PLOTS,

@@ -1,13 +1,15 @@
 """Stage 6: unfreeze the top blocks of the frozen-phase model and train at a lower learning rate."""
 
-from glomeruli.backend import configure
-from glomeruli.model import load_model
-from glomeruli.paths import FROZEN_MODEL, LIVE_FINETUNE, MODEL
 from glomeruli.stagekit import run_stage
-from glomeruli.training import run_phase
 
 
 def main(params):
+    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
+    from glomeruli.backend import configure
+    from glomeruli.model import load_model
+    from glomeruli.paths import FROZEN_MODEL, LIVE_FINETUNE, MODEL
+    from glomeruli.training import run_phase
+
     configure(params.seed, params.runtime.mixed_precision)
     run_phase("finetune", params, lambda image_size: load_model(FROZEN_MODEL), out_model=MODEL, live_dir=LIVE_FINETUNE)
 

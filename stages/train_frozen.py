@@ -1,13 +1,15 @@
 """Stage 5: EfficientNetB3 base frozen, train the head (on cached base features by default)."""
 
-from glomeruli.backend import configure
-from glomeruli.model import build_model
-from glomeruli.paths import FROZEN_MODEL, LIVE_FROZEN
 from glomeruli.stagekit import run_stage
-from glomeruli.training import run_phase
 
 
 def main(params):
+    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
+    from glomeruli.backend import configure
+    from glomeruli.model import build_model
+    from glomeruli.paths import FROZEN_MODEL, LIVE_FROZEN
+    from glomeruli.training import run_phase
+
     configure(params.seed, params.runtime.mixed_precision)
     run_phase("train_frozen", params, lambda image_size: build_model(image_size, params.model.weights,
                                                                      params.model.dropout),

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,23 @@ from glomeruli.errors import UserError
 
 class OutputWriteError(UserError, OSError):
     """Writing an output failed (e.g. disk full); nothing half-written was left behind."""
+
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Libraries do not always keep the errno (HDF5 reports it inside the message, others re-raise other types).
+_NO_SPACE_TEXT = re.compile("|".join([re.escape(os.strerror(e)) for e in _NO_SPACE_ERRNOS]
+                                    + [rf"errno = {e}\b" for e in _NO_SPACE_ERRNOS]))
+
+
+def is_out_of_space(err: BaseException | None) -> bool:
+    """True when `err`, or an error it was raised from, says the disk (or a quota or file size limit) is full."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in _NO_SPACE_ERRNOS or _NO_SPACE_TEXT.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -39,14 +57,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         _remove(tmp)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OutputWriteError(err.errno, f"no space left while writing {path}: free disk space "
-                                   "(or move the DVC cache) and rerun `dvc repro`; nothing was written") from err
-        raise
-    except BaseException:
-        _remove(tmp)
+        if isinstance(err, Exception) and not isinstance(err, OutputWriteError) and is_out_of_space(err):
+            code = err.errno if getattr(err, "errno", None) in _NO_SPACE_ERRNOS else errno.ENOSPC
+            raise OutputWriteError(code, f"no space left while writing {path} (disk, quota or file size limit "
+                                   "full): free disk space (or move the DVC cache) and rerun `dvc repro`; "
+                                   "nothing was written") from err
         raise
 
 

@@ -82,7 +82,7 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
     log.info("augmenting %d originals into %d records (copies per class: %s)",
              len(meta), len(variants), params.copies_per_class)
     images = ordered_map(_render, variants, workers, block=WRITE_BLOCK, initializer=_init,
-                         initargs=(in_path, params, fill, seed))
+                         initargs=(in_path, params, fill, seed), result_shape=(size, size, 3), result_dtype=np.uint8)
     with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
         for block in batched(progress(images, len(variants), "augment"), WRITE_BLOCK):
             writer.append(np.stack(block))

@@ -7,9 +7,33 @@ runs on JAX machines that have no TensorFlow.
 from __future__ import annotations
 
 import logging
+import os
 
-import keras
+from glomeruli.errors import UserError
 
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
+
+
+class BackendError(UserError, RuntimeError):
+    """Keras cannot start on the requested backend."""
+
+
+def _import_keras():
+    """Import Keras; a bad or missing backend becomes one clear line instead of Keras' traceback."""
+    requested = os.environ.get("KERAS_BACKEND")
+    if requested is not None and requested not in SUPPORTED_BACKENDS:
+        raise BackendError(f"KERAS_BACKEND={requested!r} is not a Keras backend this pipeline runs on: set it to "
+                           f"{', '.join(SUPPORTED_BACKENDS)} (tensorflow is the default), or unset it")
+    try:
+        import keras
+    except (ImportError, ValueError) as err:
+        where = f"KERAS_BACKEND={requested!r}" if requested else "the backend in ~/.keras/keras.json"
+        raise BackendError(f"Keras could not start with {where} ({type(err).__name__}: {err}): install that "
+                           "backend's package, or choose another with KERAS_BACKEND=tensorflow or jax") from err
+    return keras
+
+
+keras = _import_keras()
 log = logging.getLogger(__name__)
 
 

@@ -14,6 +14,7 @@ log = logging.getLogger("glomeruli")
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
     from glomeruli.predict import predict_folder, write_predictions
 
     predictions, skipped = predict_folder(Path(args.model), Path(args.image_dir), batch_size=args.batch_size,

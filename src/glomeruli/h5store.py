@@ -7,6 +7,8 @@ give byte-identical files (DVC compares hashes).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,7 @@ class StoreWriter:
 
     def close(self) -> None:
         expected = self._images.shape[0]
-        self._file.close()
+        close_h5(self._file)
         if self._cursor != expected:
             raise RuntimeError(f"store incomplete: {self._cursor} of {expected} images written")
 
@@ -66,7 +68,31 @@ class StoreWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
+            with contextlib.suppress(Exception):  # the error that got us here is the one to report
+                close_h5(self._file)
+
+
+def close_h5(file: h5py.File) -> None:
+    """Close a file being written, also when the disk is full.
+
+    Flush first: that is where a full disk shows (as OSError or RuntimeError). HDF5 cannot let go of a
+    file it failed to flush: it retries on close and at interpreter exit, where it segfaults. So on a
+    failed flush, point the file's descriptor at /dev/null before closing it; the caller deletes the
+    partial file (atomic_path does) and the error propagates.
+    """
+    try:
+        file.flush()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, file.id.get_vfd_handle())
+            finally:
+                os.close(null)
+        with contextlib.suppress(Exception):
+            file.close()
+        raise
+    file.close()
 
 
 def _strings(ds: h5py.Dataset) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glomeruli.atomic import atomic_path
 from glomeruli.images import ImageError, load_model_input
 from glomeruli.logs import progress
 from glomeruli.metadata import ModelMetadata, read_metadata
@@ -94,7 +95,7 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
 
 def write_predictions(path: Path, predictions: list[Prediction]) -> None:
     """`name,ground truth,probability`: scorable directly against the lab's public.csv."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # never half a file
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["name", "ground truth", "probability"])
         writer.writerows((p.name, p.label, f"{p.probability:.6f}") for p in predictions)

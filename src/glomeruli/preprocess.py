@@ -41,7 +41,8 @@ def preprocess_images(source: Path, rows: list[ManifestRow], out_path: Path, *, 
     """Stream every image of the manifest into an image store at `out_path`."""
     log.info("preprocessing %d images from %s to %dx%d", len(rows), source, size, size)
     images = ordered_map(_load, [r.path for r in rows], workers, block=WRITE_BLOCK,
-                         initializer=_init, initargs=(source, size, fill, max_pixels))
+                         initializer=_init, initargs=(source, size, fill, max_pixels),
+                         result_shape=(size, size, 3), result_dtype=np.uint8)
     attrs = {"stage": "preprocess", "image_size": size, "fill": list(fill), "source": str(source)}
     with StoreWriter(out_path, manifest_meta(rows), size, attrs) as writer:
         for block in batched(progress(images, len(rows), "preprocess"), WRITE_BLOCK):

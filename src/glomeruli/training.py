@@ -9,12 +9,16 @@ trains the whole graph instead (same result, much slower; kept for comparison).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import shutil
 import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -25,13 +29,13 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from glomeruli.atomic import atomic_path
+from glomeruli.atomic import OutputWriteError, atomic_path, is_out_of_space
 from glomeruli.errors import UserError
-from glomeruli.h5store import ImageStore
+from glomeruli.h5store import ImageStore, close_h5
 from glomeruli.metadata import file_sha256
 from glomeruli.model import adapt_head, compile_model, feature_model, freeze_base, head_of, split_at_block, unfreeze_top_blocks
 from glomeruli.params import FinetuneParams, Params, RuntimeParams, TrainParams, as_dict
-from glomeruli.paths import AUGMENTED, CHECKPOINTS, SPLIT
+from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, SPLIT
 from glomeruli.split import Split, read_split
 
 log = logging.getLogger(__name__)
@@ -98,11 +102,11 @@ class Batches(keras.utils.PyDataset):
     """(x, y, sample_weight) batches, reshuffled every epoch from (seed, epoch) so runs repeat exactly."""
 
     def __init__(self, x: Rows, y: np.ndarray, batch_size: int, *, weights: np.ndarray | None = None,
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, epoch: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.x, self.y, self.batch_size, self.seed = x, y.astype(np.float32), batch_size, seed
         self.weights = weights
-        self.epoch = 0
+        self.epoch = epoch  # the first epoch's order; a resumed run starts at its first epoch left
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
@@ -146,6 +150,91 @@ class LiveLogger(keras.callbacks.Callback):
         self.live.next_step()
 
 
+class Resume(keras.callbacks.Callback):
+    """Resume state saved after every epoch, so a killed run continues exactly where it stopped.
+
+    A snapshot `epoch-NNNN/` holds every variable of the model being fitted (dropout seed states included,
+    which Keras' BackupAndRestore leaves out) and of its optimizer, the early-stopping state, and a copy of
+    the dvclive folder. It appears by a rename (atomic_path), so a kill leaves the previous snapshot or this
+    one, never half of one, and weights, epoch count and curves always agree.
+    """
+
+    def __init__(self, folder: Path, live_dir: Path | None = None):
+        super().__init__()
+        self.folder, self.live_dir = Path(folder), live_dir
+        snapshots = sorted(self.folder.glob("epoch-[0-9][0-9][0-9][0-9]"))
+        self.latest: Path | None = snapshots[-1] if snapshots else None
+        self.state: dict = {}
+        if self.latest is not None:
+            try:
+                self.state = json.loads((self.latest / "state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                log.warning("ignoring unreadable resume state %s (%s): training from the first epoch", self.latest, err)
+                self.latest = None
+        self.completed = int(self.state.get("epoch", 0))
+        self.early_stopping: keras.callbacks.EarlyStopping | None = None
+
+    @property
+    def live_snapshot(self) -> Path | None:
+        return self.latest / "live" if self.latest is not None and (self.latest / "live").is_dir() else None
+
+    def _variables(self, model: keras.Model) -> list:
+        return list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+
+    def restore(self, model: keras.Model, stop: keras.callbacks.EarlyStopping, epochs: int) -> int:
+        """Load the latest snapshot into the compiled `model`; returns the first epoch left to train."""
+        self.early_stopping = stop
+        if self.latest is None:
+            return 0
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        targets = self._variables(model)
+        try:
+            with np.load(self.latest / "variables.npz") as saved:
+                arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            if [tuple(a.shape) for a in arrays] != [tuple(v.shape) for v in targets]:
+                raise ValueError("its variables do not match this model")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise UserError(f"the resume state in {self.latest} is unusable ({err}); it was removed: rerun "
+                            "`dvc repro` to train this phase from its first epoch") from err
+        for variable, value in zip(targets, arrays):
+            variable.assign(value)
+        log.info("resuming after epoch %d of %d from %s", self.completed, epochs, self.latest)
+        return epochs if self.state.get("stopped") else min(self.completed, epochs)
+
+    def on_train_begin(self, logs=None):
+        # After EarlyStopping's own on_train_begin, which resets it.
+        stop, saved = self.early_stopping, self.state.get("early_stopping")
+        if stop is None or not saved:
+            return
+        for key, value in saved.items():
+            setattr(stop, key, value)
+        if (self.latest / "best_weights.npz").is_file():
+            with np.load(self.latest / "best_weights.npz") as best:
+                stop.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+        stop = self.early_stopping
+        target = self.folder / f"epoch-{epoch + 1:04d}"
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            np.savez(tmp / "variables.npz", *[keras.ops.convert_to_numpy(v) for v in self._variables(self.model)])
+            state: dict = {"epoch": epoch + 1, "stopped": bool(self.model.stop_training)}
+            if stop is not None:
+                best = None if stop.best is None else float(stop.best)
+                state["early_stopping"] = {"wait": int(stop.wait), "best": best, "best_epoch": int(stop.best_epoch),
+                                           "stopped_epoch": int(stop.stopped_epoch)}
+                if stop.best_weights is not None:
+                    np.savez(tmp / "best_weights.npz", *stop.best_weights)
+            if self.live_dir is not None and Path(self.live_dir).is_dir():
+                shutil.copytree(self.live_dir, tmp / "live")
+            (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        for older in self.folder.glob("epoch-*"):
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class PhaseData:
     x_train: Rows
@@ -154,21 +243,48 @@ class PhaseData:
     y_val: np.ndarray
 
 
+def _predict_batch(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """One batch of outputs; a short last batch is padded to `batch_size`, so each model runs at one
+    batch shape only (JAX/XLA compiles, and TensorFlow retraces, for every new shape)."""
+    n = len(x)
+    if n < batch_size:
+        x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+    return np.asarray(model.predict_on_batch(x))[:n]
+
+
 def predict_rows(model: keras.Model, rows: Rows, batch_size: int) -> np.ndarray:
-    """Model outputs for every row, in order, batch by batch (memory bounded by the batch)."""
-    outputs = [np.asarray(model.predict_on_batch(rows.read(np.arange(i, min(i + batch_size, len(rows))))))
-               for i in range(0, len(rows), batch_size)]
+    """Model outputs for every row, in order, batch by batch (memory bounded by two batches).
+
+    A thread reads (and converts) the next batch while the model runs on this one, so on an
+    accelerator the host-side reading overlaps the forward pass instead of adding to it.
+    """
+    def read(start: int) -> np.ndarray:
+        return rows.read(np.arange(start, min(start + batch_size, len(rows))))
+
+    outputs = []
+    with ThreadPoolExecutor(1, thread_name_prefix="glomeruli-prefetch") as prefetch:
+        pending = prefetch.submit(read, 0) if len(rows) else None
+        for start in range(0, len(rows), batch_size):
+            x = pending.result()
+            pending = prefetch.submit(read, start + batch_size) if start + batch_size < len(rows) else None
+            outputs.append(_predict_batch(model, x, batch_size))
     return np.concatenate(outputs).astype(np.float32)
 
 
 def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list) -> keras.callbacks.History:
     compile_model(model, params.lr)
-    train = Batches(data.x_train, data.y_train, params.batch_size,
-                    weights=sample_weights(data.y_train.astype(int), params.class_weight), seed=seed)
-    val = Batches(data.x_val, data.y_val, params.batch_size)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
-    return model.fit(train, validation_data=val, epochs=params.epochs, callbacks=[stop, *callbacks],
-                     verbose=2 if log.isEnabledFor(logging.INFO) else 0)
+    resume = next((c for c in callbacks if isinstance(c, Resume)), None)
+    first_epoch = resume.restore(model, stop, params.epochs) if resume is not None else 0
+    train = Batches(data.x_train, data.y_train, params.batch_size,
+                    weights=sample_weights(data.y_train.astype(int), params.class_weight), seed=seed, epoch=first_epoch)
+    val = Batches(data.x_val, data.y_val, params.batch_size)
+    # The snapshot goes last: it records the early-stopping decision and the curves of the epoch just ended.
+    ordered = [stop, *(c for c in callbacks if c is not resume), *([resume] if resume is not None else [])]
+    # shuffle=False: Batches reshuffles from (seed, epoch) itself. Keras would also reorder the batches with
+    # Python's global `random`, whose state a resumed process does not share with the run it continues.
+    return model.fit(train, validation_data=val, epochs=params.epochs, initial_epoch=first_epoch, callbacks=ordered,
+                     shuffle=False, verbose=2 if log.isEnabledFor(logging.INFO) else 0)
 
 
 def load_phase_data(store: ImageStore, split: Split, memory_budget_gb: float) -> PhaseData:
@@ -201,10 +317,20 @@ def _cache_activations(bottom: keras.Model, rows: Rows, batch_size: int, budget_
         return ArrayRows(predict_rows(bottom, rows, batch_size)), nbytes
     log.info("activations (%.1f GB) exceed runtime.memory_budget_gb: spilling to %s", nbytes / GB, spill_dir)
     h5 = h5py.File(spill_dir / f"activations-{id(rows)}.h5", "w")
-    dataset = h5.create_dataset("x", shape=(len(rows), *shape), dtype="f4", chunks=(1, *shape))
-    for i in range(0, len(rows), batch_size):
-        idx = np.arange(i, min(i + batch_size, len(rows)))
-        dataset[i:idx[-1] + 1] = np.asarray(bottom.predict_on_batch(rows.read(idx)))
+    try:
+        dataset = h5.create_dataset("x", shape=(len(rows), *shape), dtype="f4", chunks=(1, *shape))
+        for i in range(0, len(rows), batch_size):
+            idx = np.arange(i, min(i + batch_size, len(rows)))
+            dataset[i:idx[-1] + 1] = _predict_batch(bottom, rows.read(idx), batch_size)
+        h5.flush()  # a full disk shows here, not later at close
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            close_h5(h5)
+        if is_out_of_space(err):
+            raise OutputWriteError(errno.ENOSPC, f"no space left for the activation cache in {spill_dir} "
+                                   f"({nbytes / GB:.1f} GB): free space there, point TMPDIR at a larger disk, or "
+                                   "raise runtime.memory_budget_gb to keep it in memory") from err
+        raise
     return H5Rows(dataset), 0.0
 
 
@@ -232,17 +358,27 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
 
 def _checkpoint_dir(phase: str, params: Params) -> Path:
     """Resume state keyed by everything that shapes the run, so a stale one is never picked up."""
-    key = json.dumps([phase, as_dict(params), file_sha256(SPLIT), AUGMENTED.stat().st_size], sort_keys=True)
+    code = [file_sha256(Path(__file__).with_name(m)) for m in ("training.py", "model.py", "backend.py")]
+    inputs = [file_sha256(SPLIT), AUGMENTED.stat().st_size, keras.__version__, *code]
+    if phase == "finetune":  # a retrained frozen-phase model makes fine-tuning state stale
+        inputs.append(file_sha256(FROZEN_MODEL))
+    key = json.dumps([phase, as_dict(params), *inputs], sort_keys=True)
     return CHECKPOINTS / f"{phase}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _live(folder: Path):
-    """A dvclive logger that edits neither dvc.yaml nor git (dvc.yaml declares its files)."""
+def _live(folder: Path, resume_at: int = 0):
+    """A dvclive logger that edits neither dvc.yaml nor git (dvc.yaml declares its files).
+
+    `resume_at` > 0: `folder` holds the curves of that many epochs already; keep them and continue.
+    """
     from dvclive import Live  # imported late: it is slow to import and only stages need it
     from scmrepo.exceptions import SCMError
 
     try:
-        return Live(str(folder), dvcyaml=None, save_dvc_exp=False)
+        live = Live(str(folder), dvcyaml=None, save_dvc_exp=False, resume=resume_at > 0)
+        if resume_at:
+            live.step = resume_at  # dvclive's own resume reads the step back one short after a single epoch
+        return live
     except SCMError as err:  # dvclive reads the current commit and fails in a repository without one
         raise UserError(f"dvclive needs a git repository with at least one commit ({err}): run "
                         "`git add -A && git commit -m 'initial'`, then `dvc repro` again") from err
@@ -258,11 +394,20 @@ def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Mode
         model = make_model(store.image_size)
         data = load_phase_data(store, split, params.runtime.memory_budget_gb)
         checkpoint = _checkpoint_dir(phase, params)
-        # Keras deletes the backup when fit completes; a killed run resumes from its last epoch.
-        resume = keras.callbacks.BackupAndRestore(str(checkpoint), delete_checkpoint=True)
-        with atomic_path(live_dir) as tmp_live, _live(tmp_live) as live:
-            train(model, data, phase_params, params.runtime, seed=params.seed,
-                  callbacks=[resume, LiveLogger(live)])
+        # A killed run resumes from its last completed epoch, curves included (see Resume).
+        resume = Resume(checkpoint)
+        with atomic_path(live_dir) as tmp_live:
+            if resume.live_snapshot is not None:
+                shutil.copytree(resume.live_snapshot, tmp_live)
+            resume.live_dir = tmp_live
+            with _live(tmp_live, resume.completed if resume.live_snapshot is not None else 0) as live:
+                train(model, data, phase_params, params.runtime, seed=params.seed,
+                      callbacks=[LiveLogger(live), resume])
     with atomic_path(out_model) as tmp:
         model.save(tmp)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    # Done: drop this phase's resume state, and any a run with other settings left behind.
+    for state in [checkpoint, *CHECKPOINTS.glob(f"{phase}-*")]:
+        shutil.rmtree(state, ignore_errors=True)
+    for empty in (CHECKPOINTS, CHECKPOINTS.parent):  # leave no scratch folders behind
+        with contextlib.suppress(OSError):
+            empty.rmdir()
