@@ -78,7 +78,8 @@ def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
             raise SplitError(
                 f"the {partition} partition holds only label(s) {sorted(present)}: too few images or "
                 f"{'biopsies' if params.group_by == 'biopsy' else 'images'} per class for split.{partition}_fraction="
-                f"{getattr(params, partition + '_fraction')}; add data, raise the fraction, or use split.group_by: image")
+                f"{getattr(params, partition + '_fraction')}; add data or raise the fraction"
+                + ("" if params.group_by == "image" else ", or use split.group_by: image"))
     return split
 
 
