@@ -376,7 +376,7 @@ def table(r: dict, quick: bool) -> list[dict]:
             add(f"training images/s vs bare model.fit: {what}", f"{ratio:.2f}", ">= 0.95" if primary else "report",
                 (ratio >= 0.95) if primary else None,
                 f"{t[f'{name}_ours_img_s']:.0f} vs {t[f'{name}_bare_img_s']:.0f} img/s; {t['fit_records']} records "
-                f"{tuple(t['fit_input_shape']) if primary else ''} + {2 * t['batch_size']} val, batch {t['batch_size']}; best "
+                f"{tuple(t['fit_input_shape']) if primary else '(pooled features)'} + {2 * t['batch_size']} val, batch {t['batch_size']}; best "
                 f"epoch (2nd to 4th, validation included) of {len(t[f'{name}_ours_epochs_s']) // 3} alternating fits each")
     dv = r.get("dvc")
     if dv:
@@ -413,7 +413,12 @@ def main() -> None:
     parser.add_argument("--dvc-images", type=int, default=None, help="images in the DVC project (default 20,000)")
     parser.add_argument("--dvc-image-size", type=int, default=32,
                         help="preprocess.image_size of the DVC project (small enough to train on a CPU)")
+    parser.add_argument("--table", type=Path, help="print the table of an earlier run's results JSON, and exit")
     args = parser.parse_args()
+    if args.table:
+        results = json.loads(args.table.read_text())
+        print(markdown(table(results, results.get("quick", False))))
+        return
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     sections = set(args.sections.split(","))
@@ -421,22 +426,32 @@ def main() -> None:
     results: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "quick": args.quick,
                      "started": started.isoformat(timespec="seconds"), "machine": machine()}
     log(f"machine: {results['machine']}")
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    raw_path = work / f"results-{stamp}.json"
+
+    def keep() -> None:  # after every section, so a failed or cut run keeps what it measured
+        raw_path.write_text(json.dumps(results, indent=2, default=str))
+
     if "data" in sections:
         sizes = (200, 2000) if args.quick else (2000, 20000)
         results["data"] = bench_data(work, sizes, args.workers, repeats=1 if args.quick else 3,
                                      check_bytes=not args.quick)
+        keep()
     if "training" in sections:
         results["training"] = bench_training(work, args.quick)
+        keep()
     if "predict" in sections:
         results["predict"] = bench_predict(work, args.quick, args.workers)
+        keep()
     if "dvc" in sections:
         results["dvc"] = bench_dvc(work, args.dvc_images or (2000 if args.quick else 20000), args.dvc_image_size)
+        keep()
     results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results["minutes"] = round((dt.datetime.now().astimezone() - started).total_seconds() / 60, 1)
+    keep()
     rows = table(results, args.quick)
     results["table"] = rows
-    stamp = started.strftime("%Y%m%d-%H%M%S")
-    (work / f"results-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+    keep()
     md = markdown(rows)
     (work / f"results-{stamp}.md").write_text(md + "\n")
     print()
@@ -444,7 +459,7 @@ def main() -> None:
           f"{results['machine']['ram_gb']} GB RAM; load average {results['machine']['load_average_start']} at start, "
           f"{results['load_average_end']} at end; {results['minutes']} min{' (--quick)' if args.quick else ''}")
     print(md)
-    print(f"\nraw results: {work}/results-{stamp}.json")
+    print(f"\nraw results: {raw_path}")
 
 
 if __name__ == "__main__":
