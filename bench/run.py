@@ -269,7 +269,7 @@ def bench_predict(work: Path, quick: bool, workers: int) -> dict:
     log(f"prediction: {n} images at 300 px, glomeruli.predict vs the bare forward pass")
     run_measured([PY, str(ROOT / "bench" / "_workloads.py"), "predict", "--images", str(folder), "--size", "300",
                   "--work", str(work / "predict-model"), "--workers", str(workers), "--out", str(out),
-                  "--repeats", "2" if quick else "3"],
+                  "--repeats", "2" if quick else "5"],
                  ROOT, work / "logs" / "predict.log")
     return json.loads(out.read_text())
 

@@ -19,11 +19,17 @@ WRITE_BLOCK = 64
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One record of the augmented store: original `source_index`, copy 0 = the original itself."""
+class Plan:
+    """Record k of the augmented store is copy `copy[k]` of original `source_index[k]` (copy 0: the original).
 
-    source_index: int
-    copy: int
+    Two integer arrays, not an object per record: every worker gets a copy.
+    """
+
+    source_index: np.ndarray
+    copy: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source_index)
 
 
 def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentParams,
@@ -46,25 +52,31 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentPa
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def plan_variants(labels: np.ndarray, copies_per_class: dict[int, int]) -> list[Variant]:
-    return [Variant(i, c) for i, label in enumerate(labels) for c in range(1 + copies_per_class[int(label)])]
+def plan_variants(labels: np.ndarray, copies_per_class: dict[int, int]) -> Plan:
+    """Each original followed by its copies, in input order."""
+    per_record = np.array([1 + copies_per_class[int(label)] for label in labels], dtype=np.int64)
+    source_index = np.repeat(np.arange(len(labels), dtype=np.int64), per_record)
+    starts = np.repeat(np.cumsum(per_record) - per_record, per_record)
+    return Plan(source_index, np.arange(len(source_index), dtype=np.int64) - starts)
 
 
 _job: dict = {}
 
 
-def _init(store_path: Path, params: AugmentParams, fill: tuple[int, int, int], seed: int) -> None:
-    _job.update(store=None, store_path=store_path, params=params, fill=fill, seed=seed)
+def _init(store_path: Path, plan: Plan, params: AugmentParams, fill: tuple[int, int, int], seed: int) -> None:
+    cv2.setNumThreads(1)  # parallelism comes from the processes; nested threads only oversubscribe
+    _job.update(store=None, store_path=store_path, plan=plan, params=params, fill=fill, seed=seed)
 
 
-def _render(variant: Variant) -> np.ndarray:
-    if _job["store"] is None:  # opened in the worker: h5py handles must not cross a fork
+def _render(record: int) -> np.ndarray:
+    if _job["store"] is None:  # opened in the worker: an h5py handle cannot be sent to another process
         _job["store"] = ImageStore(_job["store_path"])
-    image = _job["store"].read(np.array([variant.source_index]))[0]
-    if variant.copy == 0:
+    source, copy = int(_job["plan"].source_index[record]), int(_job["plan"].copy[record])
+    image = _job["store"].read(np.array([source]))[0]
+    if copy == 0:
         return image
     # A seed per (image, copy) keeps records identical whatever the worker count or order.
-    rng = np.random.default_rng([_job["seed"], variant.source_index, variant.copy])
+    rng = np.random.default_rng([_job["seed"], source, copy])
     return augment_image(image, rng, _job["params"], _job["fill"])
 
 
@@ -73,17 +85,19 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
     with ImageStore(in_path) as store:
         meta, size, fill = store.meta, store.image_size, tuple(int(c) for c in store.attrs["fill"])
         attrs = {k: v for k, v in store.attrs.items() if k != "stage"}
-    variants = plan_variants(meta.labels, params.copies_per_class)
-    src = np.array([v.source_index for v in variants], dtype=np.int64)
+    plan = plan_variants(meta.labels, params.copies_per_class)
+    src = plan.source_index
     out_meta = RecordMeta(
-        ids=np.array([meta.ids[v.source_index] + (f"#aug{v.copy}" if v.copy else "") for v in variants], dtype=object),
+        ids=np.array([meta.ids[i] + (f"#aug{c}" if c else "") for i, c in zip(src.tolist(), plan.copy.tolist())],
+                     dtype=object),
         source_ids=meta.ids[src], groups=meta.groups[src], labels=meta.labels[src].astype(np.int8),
-        is_augmented=np.array([v.copy > 0 for v in variants], dtype=bool))
+        is_augmented=plan.copy > 0)
     log.info("augmenting %d originals into %d records (copies per class: %s)",
-             len(meta), len(variants), params.copies_per_class)
-    images = ordered_map(_render, variants, workers, block=WRITE_BLOCK, initializer=_init,
-                         initargs=(in_path, params, fill, seed), result_shape=(size, size, 3), result_dtype=np.uint8)
+             len(meta), len(plan), params.copies_per_class)
+    images = ordered_map(_render, range(len(plan)), workers, block=WRITE_BLOCK, initializer=_init,
+                         initargs=(in_path, plan, params, fill, seed), result_shape=(size, size, 3),
+                         result_dtype=np.uint8)
     with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
-        for block in batched(progress(images, len(variants), "augment"), WRITE_BLOCK):
+        for block in batched(progress(images, len(plan), "augment"), WRITE_BLOCK):
             writer.append(np.stack(block))
     return out_meta

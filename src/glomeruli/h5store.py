@@ -8,6 +8,7 @@ give byte-identical files (DVC compares hashes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,24 @@ class RecordMeta:
         return len(self.ids)
 
 
+def _create_file(path: Path) -> h5py.File:
+    """A new HDF5 file in the 1.10 format, with no timestamps anywhere (identical inputs, identical bytes).
+
+    In that format a chunked dataset of fixed size is indexed by a fixed array instead of a B-tree, so a
+    reader's memory stays flat however many images (chunks) it reads.
+    """
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_obj_track_times(False)  # the root group's; datasets get track_times=False
+    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
+
+
 class StoreWriter:
     """Fill a store of known size slice by slice (memory stays one block)."""
 
     def __init__(self, path: Path, meta: RecordMeta, image_size: int, attrs: dict):
-        self._file = h5py.File(path, "w", libver=("earliest", "v110"))
+        self._file = _create_file(path)
         n = len(meta)
         for name, data, dtype in (("ids", meta.ids, _STR), ("source_ids", meta.source_ids, _STR),
                                   ("groups", meta.groups, _STR), ("labels", meta.labels, "i1"),
@@ -100,22 +114,31 @@ def _strings(ds: h5py.Dataset) -> np.ndarray:
 
 
 class ImageStore:
-    """Read-only access: metadata in memory, pixels read on demand in increasing index order."""
+    """Read-only access: pixels read on demand in increasing index order; metadata loaded on first use."""
+
+    _DATASETS = ("images", "ids", "source_ids", "groups", "labels", "is_augmented")
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         try:
             self._file = h5py.File(self.path, "r")
-            f = self._file
-            self.meta = RecordMeta(ids=_strings(f["ids"]), source_ids=_strings(f["source_ids"]),
-                                   groups=_strings(f["groups"]), labels=f["labels"][()].astype(np.int64),
-                                   is_augmented=f["is_augmented"][()].astype(bool))
-            self.images = f["images"]
+            missing = [name for name in self._DATASETS if name not in self._file]
+            if missing:
+                raise KeyError(f"no dataset {', '.join(missing)}")
+            self.images = self._file["images"]
         except (OSError, KeyError) as err:
             raise ValueError(f"{self.path} is not an image store written by this pipeline ({err}); "
                              "rerun `dvc repro` to rebuild it") from err
         self.attrs = dict(self._file.attrs)
         self.image_size = int(self.images.shape[1])
+
+    @functools.cached_property
+    def meta(self) -> RecordMeta:
+        # Lazy: a worker that only reads pixels must not hold arrays that grow with the records.
+        f = self._file
+        return RecordMeta(ids=_strings(f["ids"]), source_ids=_strings(f["source_ids"]),
+                          groups=_strings(f["groups"]), labels=f["labels"][()].astype(np.int64),
+                          is_augmented=f["is_augmented"][()].astype(bool))
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Images at `indices` (any order) as uint8 (n, S, S, 3)."""

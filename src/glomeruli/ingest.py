@@ -11,7 +11,6 @@ import codecs
 import csv
 import io
 import logging
-import multiprocessing
 import re
 import unicodedata
 from collections import defaultdict
@@ -26,7 +25,7 @@ import cv2
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
 from glomeruli.logs import progress
-from glomeruli.parallel import resolve_workers
+from glomeruli.parallel import process_context, resolve_workers
 from glomeruli.sources import Entry, SourceError, list_entries, read_bytes
 
 log = logging.getLogger(__name__)
@@ -286,16 +285,6 @@ def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestR
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _process_context() -> multiprocessing.context.BaseContext:
-    # Not fork: a forked child whose parent had already run OpenCV's thread pool deadlocks in
-    # cv2.setNumThreads (seen with OpenCV 4.14). A fork server forks from a clean process instead.
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["glomeruli.ingest"])  # import OpenCV once, not in every worker
-    return context
-
-
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # parallelism comes from the processes; nested threads only oversubscribe
 
@@ -328,7 +317,7 @@ def _inspect_all(source: Path, relpaths: list[str], max_pixels: int, workers: in
     # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
     # instead of being respawned for ever.
     try:
-        with ProcessPoolExecutor(n_workers, mp_context=_process_context(), initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(n_workers, mp_context=process_context(["glomeruli.ingest"]), initializer=_init_worker) as pool:
             return list(progress(pool.map(_inspect, tasks, chunksize=chunksize), len(tasks), "ingest"))
     except BrokenProcessPool as err:
         raise IngestError(f"an ingest worker process died ({err}): out of memory, or the calling script cannot be "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
 import logging
-import multiprocessing as mp
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from glomeruli.images import ImageError, load_model_input
 from glomeruli.logs import progress
 from glomeruli.metadata import ModelMetadata, read_metadata
 from glomeruli.model import load_model
-from glomeruli.parallel import resolve_workers
+from glomeruli.parallel import WorkerDied, process_context, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,12 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def _init_decoder() -> None:
+    # Below the model's priority: where the model runs on the CPU, decoding takes the moments it leaves
+    # idle instead of stalling its threads (measured on 2 cores: 0.83 -> 0.90 of the bare forward pass).
+    os.nice(10)
+
+
 def _decode(args: tuple[Path, int, tuple[int, int, int], int]) -> np.ndarray | Skip:
     path, size, fill, max_pixels = args
     try:
@@ -49,14 +58,21 @@ def _decode(args: tuple[Path, int, tuple[int, int, int], int]) -> np.ndarray | S
         return Skip(path.name, str(err))
 
 
-def _decoded_batches(pool, files: list[Path], meta: ModelMetadata, batch_size: int) -> Iterator[list]:
+def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMetadata,
+                     batch_size: int) -> Iterator[list]:
     """Batches of decoded images; the pool decodes batch i+1 while the caller runs the model on batch i."""
     jobs = [(p, meta.image_size, meta.fill, meta.max_pixels) for p in files]
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-    pending = pool.map_async(_decode, batches[0]) if batches else None
+
+    def submit(batch: list) -> list[Future]:
+        return [pool.submit(_decode, job) for job in batch]
+
+    ahead = 2  # batches decoded ahead: low-priority decoders get slack to use the model's idle moments
+    pending = deque(submit(batch) for batch in batches[:ahead])
     for i in range(len(batches)):
-        ready = pending.get()
-        pending = pool.map_async(_decode, batches[i + 1]) if i + 1 < len(batches) else None
+        ready = [future.result() for future in pending.popleft()]
+        if i + ahead < len(batches):
+            pending.append(submit(batches[i + ahead]))
         yield ready
 
 
@@ -65,29 +81,32 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
     """Predict every file of `folder`; unreadable files are skipped and returned by name."""
     meta = read_metadata(model_path)
     files = list_images(folder)
-    # Fork the decoders before the backend starts its threads: forking a threaded process can deadlock.
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(resolve_workers(workers)) as pool:
-        model = load_model(model_path)
-        if tuple(model.inputs[0].shape[1:3]) != (meta.image_size, meta.image_size):
-            raise ValueError(f"{model_path} takes {tuple(model.inputs[0].shape[1:3])} inputs but its metadata "
-                             f"says {meta.image_size}; rerun `dvc repro evaluate`")
-        threshold = meta.threshold if threshold is None else threshold
-        log.info("predicting %d files in %s with threshold %.4f", len(files), folder, threshold)
-        predictions: list[Prediction] = []
-        skipped: list[Skip] = []
-        names = iter(files)
-        n_batches = -(-len(files) // batch_size)
-        for batch in progress(_decoded_batches(pool, files, meta, batch_size), n_batches, "predict"):
-            batch_names = [next(names).name for _ in batch]
-            good = [(n, x) for n, x in zip(batch_names, batch) if not isinstance(x, Skip)]
-            skipped += [x for x in batch if isinstance(x, Skip)]
-            if good:
-                # a fixed batch shape: a new shape would trigger a retrace (or an XLA recompile on GPU)
-                x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
-                x[:len(good)] = np.stack([img for _, img in good])
-                probs = np.asarray(model.predict_on_batch(x)).reshape(-1)[:len(good)]
-                predictions += [Prediction(n, int(p >= threshold), float(p)) for (n, _), p in zip(good, probs)]
+    try:
+        with ProcessPoolExecutor(resolve_workers(workers), mp_context=process_context(["glomeruli.images"]),
+                                 initializer=_init_decoder) as pool:
+            model = load_model(model_path)
+            if tuple(model.inputs[0].shape[1:3]) != (meta.image_size, meta.image_size):
+                raise ValueError(f"{model_path} takes {tuple(model.inputs[0].shape[1:3])} inputs but its metadata "
+                                 f"says {meta.image_size}; rerun `dvc repro evaluate`")
+            threshold = meta.threshold if threshold is None else threshold
+            log.info("predicting %d files in %s with threshold %.4f", len(files), folder, threshold)
+            predictions: list[Prediction] = []
+            skipped: list[Skip] = []
+            names = iter(files)
+            n_batches = -(-len(files) // batch_size)
+            for batch in progress(_decoded_batches(pool, files, meta, batch_size), n_batches, "predict"):
+                batch_names = [next(names).name for _ in batch]
+                good = [(n, x) for n, x in zip(batch_names, batch) if not isinstance(x, Skip)]
+                skipped += [x for x in batch if isinstance(x, Skip)]
+                if good:
+                    # a fixed batch shape: a new shape would trigger a retrace (or an XLA recompile on GPU)
+                    x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
+                    x[:len(good)] = np.stack([img for _, img in good])
+                    probs = np.asarray(model.predict_on_batch(x)).reshape(-1)[:len(good)]
+                    predictions += [Prediction(n, int(p >= threshold), float(p)) for (n, _), p in zip(good, probs)]
+    except BrokenProcessPool as err:
+        raise WorkerDied(f"an image decoding process died ({err}): most often out of memory; use fewer "
+                         "--workers") from err
     for skip in skipped:
         log.warning("skipped %s: %s", skip.name, skip.reason)
     return predictions, skipped
