@@ -211,3 +211,18 @@ def test_model_input_stays_in_0_255_and_uses_fill_for_transparency():
 
 def test_content_hash_is_sha256():
     assert content_hash(b"abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+@pytest.mark.parametrize("mode,shape", [("RGBA", (950, 700, 4)), ("RGB", (333, 512, 3)), ("RGBA", (301, 300, 4))])
+def test_opaque_images_shrunk_before_colour_conversion_give_the_same_pixels(mode, shape):
+    # load_model_input resizes opaque colour images before reordering channels (faster); the result
+    # must equal the general path: convert at full size, then resize and pad.
+    rng = np.random.default_rng(shape[0])
+    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    if mode == "RGBA":
+        pixels[..., 3] = 255
+    pixels[: shape[0] // 3] //= 3  # structure, not only noise
+    data = encode_pil(Image.fromarray(pixels, mode), "PNG")
+    fast = load_model_input(data, "x.png", size=300, fill=(5, 6, 7), max_pixels=MAX_PIXELS)
+    general = resize_and_pad(decode_rgb(data, "x.png", MAX_PIXELS, background=(5, 6, 7)), 300, (5, 6, 7))
+    np.testing.assert_array_equal(fast, general)

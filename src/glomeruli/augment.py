@@ -64,7 +64,6 @@ _job: dict = {}
 
 
 def _init(store_path: Path, plan: Plan, params: AugmentParams, fill: tuple[int, int, int], seed: int) -> None:
-    cv2.setNumThreads(1)  # parallelism comes from the processes; nested threads only oversubscribe
     _job.update(store=None, store_path=store_path, plan=plan, params=params, fill=fill, seed=seed)
 
 

@@ -95,14 +95,17 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
             skipped: list[Skip] = []
             names = iter(files)
             n_batches = -(-len(files) // batch_size)
+            # One input buffer of a fixed batch shape: a new shape would trigger a retrace (or an XLA
+            # recompile on GPU), and filling it in place spares a copy of every batch.
+            x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
             for batch in progress(_decoded_batches(pool, files, meta, batch_size), n_batches, "predict"):
                 batch_names = [next(names).name for _ in batch]
-                good = [(n, x) for n, x in zip(batch_names, batch) if not isinstance(x, Skip)]
-                skipped += [x for x in batch if isinstance(x, Skip)]
+                good = [(n, img) for n, img in zip(batch_names, batch) if not isinstance(img, Skip)]
+                skipped += [img for img in batch if isinstance(img, Skip)]
                 if good:
-                    # a fixed batch shape: a new shape would trigger a retrace (or an XLA recompile on GPU)
-                    x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
-                    x[:len(good)] = np.stack([img for _, img in good])
+                    for row, (_, img) in enumerate(good):
+                        x[row] = img
+                    x[len(good):] = 0
                     probs = np.asarray(model.predict_on_batch(x)).reshape(-1)[:len(good)]
                     predictions += [Prediction(n, int(p >= threshold), float(p)) for (n, _), p in zip(good, probs)]
     except BrokenProcessPool as err:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from glomeruli.h5store import RecordMeta, StoreWriter
@@ -22,7 +21,6 @@ _job: dict = {}
 
 
 def _init(source: Path, size: int, fill: tuple[int, int, int], max_pixels: int) -> None:
-    cv2.setNumThreads(1)  # parallelism comes from the processes; nested threads only oversubscribe
     _job.update(source=source, size=size, fill=fill, max_pixels=max_pixels)
 
 
