@@ -171,12 +171,10 @@ def _scale(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _pad(image: np.ndarray, size: int, fill: tuple[int, int, int]) -> np.ndarray:
-    canvas = np.empty((size, size, 3), dtype=np.uint8)
-    canvas[:, :] = np.asarray(fill, dtype=np.uint8)
     height, width = image.shape[:2]
     top, left = (size - height) // 2, (size - width) // 2
-    canvas[top:top + height, left:left + width] = image
-    return canvas
+    return cv2.copyMakeBorder(image, top, size - height - top, left, size - width - left, cv2.BORDER_CONSTANT,
+                              value=tuple(int(c) for c in fill))
 
 
 def load_model_input(data: bytes, name: str, size: int, fill: tuple[int, int, int],
