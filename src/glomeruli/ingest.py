@@ -14,8 +14,6 @@ import logging
 import re
 import unicodedata
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,7 +23,7 @@ import cv2
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
 from glomeruli.logs import progress
-from glomeruli.parallel import process_context, resolve_workers
+from glomeruli.parallel import ordered_map, resolve_workers
 from glomeruli.sources import Entry, SourceError, list_entries, read_bytes
 
 log = logging.getLogger(__name__)
@@ -309,20 +307,9 @@ def _inspect(task: tuple[str, str, int]) -> _Inspected:
 def _inspect_all(source: Path, relpaths: list[str], max_pixels: int, workers: int) -> list[_Inspected]:
     """Inspect files in sorted order; results come back in the same order whatever the worker count."""
     tasks = [(str(source), relpath, max_pixels) for relpath in relpaths]
-    n_workers = min(resolve_workers(workers), len(tasks))
-    if n_workers <= 1:
-        return list(progress(map(_inspect, tasks), len(tasks), "ingest"))
-    chunksize = max(1, min(64, len(tasks) // (n_workers * 8)))
-    log.info("ingest: reading %d images with %d worker processes", len(tasks), n_workers)
-    # An executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here
-    # instead of being respawned for ever.
-    try:
-        with ProcessPoolExecutor(n_workers, mp_context=process_context(["glomeruli.ingest"]), initializer=_init_worker) as pool:
-            return list(progress(pool.map(_inspect, tasks, chunksize=chunksize), len(tasks), "ingest"))
-    except BrokenProcessPool as err:
-        raise IngestError(f"an ingest worker process died ({err}): out of memory, or the calling script cannot be "
-                          "re-imported by a new process (e.g. code piped to stdin); lower runtime.workers, or set "
-                          "it to 1 to read every image in this process") from err
+    n_workers = max(1, min(resolve_workers(workers), len(tasks)))
+    log.info("ingest: reading %d images with %d worker process(es)", len(tasks), n_workers)
+    return list(progress(ordered_map(_inspect, tasks, n_workers, initializer=_init_worker), len(tasks), "ingest"))
 
 
 # ---------------------------------------------------------------------------------------- labels csv

@@ -118,8 +118,9 @@ def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, block
             while pending:
                 yield from _collect(*pending.popleft(), slots)
     except BrokenProcessPool as err:
-        raise WorkerDied(f"a worker process died ({err}): most often out of memory; lower runtime.workers, or "
-                         "set it to 1 to do the work in this process") from err
+        raise WorkerDied(f"a worker process died ({err}): most often out of memory, or the calling script cannot be "
+                         "re-imported by a new process (code piped to stdin); lower runtime.workers, or set it to 1 "
+                         "to do the work in this process") from err
     finally:
         if memory is not None:
             del slots
