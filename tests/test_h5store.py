@@ -42,3 +42,23 @@ def test_foreign_file_is_refused_with_a_way_out(tmp_path):
     (tmp_path / "x.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="dvc repro"):
         ImageStore(tmp_path / "x.h5")
+
+
+def test_append_takes_a_sequence_of_images_including_non_contiguous_views(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    flipped = [image[:, ::-1] for image in images]  # views: written by value, not by their strides
+    with StoreWriter(tmp_path / "v.h5", _meta(4), 8, {}) as writer:
+        writer.append(flipped)
+    with ImageStore(tmp_path / "v.h5") as store:
+        np.testing.assert_array_equal(store.read(np.arange(4)), np.stack(flipped))
+
+
+def test_append_refuses_images_of_another_shape_or_type_and_extra_images(tmp_path):
+    with StoreWriter(tmp_path / "w.h5", _meta(2), 8, {}) as writer:
+        with pytest.raises(ValueError, match=r"shape \(8, 9, 3\)"):
+            writer.append([np.zeros((8, 9, 3), np.uint8)])
+        with pytest.raises(ValueError, match="float32"):
+            writer.append([np.zeros((8, 8, 3), np.float32)])
+        writer.append(np.zeros((2, 8, 8, 3), np.uint8))
+        with pytest.raises(ValueError, match="holds 2 images"):
+            writer.append(np.zeros((1, 8, 8, 3), np.uint8))

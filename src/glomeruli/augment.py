@@ -98,5 +98,5 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
                          result_dtype=np.uint8)
     with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
         for block in batched(progress(images, len(plan), "augment"), WRITE_BLOCK):
-            writer.append(np.stack(block))
+            writer.append(block)
     return out_meta

@@ -64,10 +64,18 @@ class StoreWriter:
             self._file.attrs[key] = value
         self._cursor = 0
 
-    def append(self, images: np.ndarray) -> None:
-        end = self._cursor + len(images)
-        self._images[self._cursor:end] = images
-        self._cursor = end
+    def append(self, images) -> None:
+        """Write the next images (an (n, S, S, 3) uint8 array, or a sequence of (S, S, 3) ones)."""
+        shape = self._images.shape
+        if self._cursor + len(images) > shape[0]:
+            raise ValueError(f"store holds {shape[0]} images; {self._cursor + len(images)} written")
+        for image in images:
+            if image.shape != shape[1:] or image.dtype != np.uint8:
+                raise ValueError(f"image of shape {image.shape} {image.dtype}, the store takes {shape[1:]} uint8")
+            # One image is one uncompressed chunk, so its bytes are the chunk's bytes: written directly,
+            # without HDF5's selection and chunk-cache machinery (half the writer's CPU time).
+            self._images.id.write_direct_chunk((self._cursor, 0, 0, 0), np.ascontiguousarray(image))
+            self._cursor += 1
 
     def close(self) -> None:
         expected = self._images.shape[0]

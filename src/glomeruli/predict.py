@@ -61,7 +61,11 @@ def _decode(args: tuple[Path, int, tuple[int, int, int], int]) -> np.ndarray | S
 
 def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMetadata,
                      batch_size: int) -> Iterator[list]:
-    """Batches of decoded images; the pool decodes batch i+1 while the caller runs the model on batch i."""
+    """Batches of decoded images; the pool decodes batch i+1 while the caller runs the model on batch i.
+
+    The first batches are submitted on the call, not on the first `next`: they decode while the caller
+    loads the model.
+    """
     jobs = [(p, meta.image_size, meta.fill, meta.max_pixels) for p in files]
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
 
@@ -70,11 +74,15 @@ def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMe
 
     ahead = 2  # batches decoded ahead: low-priority decoders get slack to use the model's idle moments
     pending = deque(submit(batch) for batch in batches[:ahead])
-    for i in range(len(batches)):
-        ready = [future.result() for future in pending.popleft()]
-        if i + ahead < len(batches):
-            pending.append(submit(batches[i + ahead]))
-        yield ready
+
+    def ready_batches() -> Iterator[list]:
+        for i in range(len(batches)):
+            ready = [future.result() for future in pending.popleft()]
+            if i + ahead < len(batches):
+                pending.append(submit(batches[i + ahead]))
+            yield ready
+
+    return ready_batches()
 
 
 def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, workers: int = 0,
@@ -85,6 +93,7 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
     try:
         with ProcessPoolExecutor(resolve_workers(workers), mp_context=process_context(["glomeruli.images"]),
                                  initializer=_init_decoder) as pool:
+            decoded = _decoded_batches(pool, files, meta, batch_size)
             model = load_model(model_path)
             if tuple(model.inputs[0].shape[1:3]) != (meta.image_size, meta.image_size):
                 raise ValueError(f"{model_path} takes {tuple(model.inputs[0].shape[1:3])} inputs but its metadata "
@@ -98,7 +107,7 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
             # One input buffer of a fixed batch shape: a new shape would trigger a retrace (or an XLA
             # recompile on GPU), and filling it in place spares a copy of every batch.
             x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
-            for batch in progress(_decoded_batches(pool, files, meta, batch_size), n_batches, "predict"):
+            for batch in progress(decoded, n_batches, "predict"):
                 batch_names = [next(names).name for _ in batch]
                 good = [(n, img) for n, img in zip(batch_names, batch) if not isinstance(img, Skip)]
                 skipped += [img for img in batch if isinstance(img, Skip)]

@@ -46,4 +46,4 @@ def preprocess_images(source: Path, rows: list[ManifestRow], out_path: Path, *, 
     attrs = {"stage": "preprocess", "image_size": size, "fill": list(fill), "source": str(source)}
     with StoreWriter(out_path, manifest_meta(rows), size, attrs) as writer:
         for block in batched(progress(images, len(rows), "preprocess"), WRITE_BLOCK):
-            writer.append(np.stack(block))
+            writer.append(block)
