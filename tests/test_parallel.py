@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glomeruli.parallel import WorkerDied, batched, ordered_map
+from glomeruli.parallel import WorkerDied, ordered_map
 
 _state: dict = {}
 
@@ -73,7 +73,3 @@ def test_an_error_in_a_worker_reaches_the_caller():
 def test_a_worker_that_dies_stops_the_map_instead_of_hanging():
     with pytest.raises(WorkerDied, match="runtime.workers"):
         list(ordered_map(_die_at_seven, range(50), 2, block=8))
-
-
-def test_batched():
-    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]

@@ -11,11 +11,10 @@ import numpy as np
 
 from glomeruli.h5store import ImageStore, RecordMeta, StoreWriter
 from glomeruli.logs import progress
-from glomeruli.parallel import batched, ordered_map
+from glomeruli.parallel import ordered_map
 from glomeruli.params import AugmentParams
 
 log = logging.getLogger(__name__)
-WRITE_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -93,10 +92,9 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
         is_augmented=plan.copy > 0)
     log.info("augmenting %d originals into %d records (copies per class: %s)",
              len(meta), len(plan), params.copies_per_class)
-    images = ordered_map(_render, range(len(plan)), workers, block=WRITE_BLOCK, initializer=_init,
+    images = ordered_map(_render, range(len(plan)), workers, initializer=_init,
                          initargs=(in_path, plan, params, fill, seed), result_shape=(size, size, 3),
                          result_dtype=np.uint8)
     with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
-        for block in batched(progress(images, len(plan), "augment"), WRITE_BLOCK):
-            writer.append(block)
+        writer.append(progress(images, len(plan), "augment"))
     return out_meta

@@ -47,7 +47,7 @@ def _create_file(path: Path) -> h5py.File:
 
 
 class StoreWriter:
-    """Fill a store of known size slice by slice (memory stays one block)."""
+    """Fill a store of known size image by image (memory stays one image)."""
 
     def __init__(self, path: Path, meta: RecordMeta, image_size: int, attrs: dict):
         self._file = _create_file(path)
@@ -65,11 +65,11 @@ class StoreWriter:
         self._cursor = 0
 
     def append(self, images) -> None:
-        """Write the next images (an (n, S, S, 3) uint8 array, or a sequence of (S, S, 3) ones)."""
+        """Write the next images: any iterable of (S, S, 3) uint8 arrays, or an (n, S, S, 3) array."""
         shape = self._images.shape
-        if self._cursor + len(images) > shape[0]:
-            raise ValueError(f"store holds {shape[0]} images; {self._cursor + len(images)} written")
         for image in images:
+            if self._cursor == shape[0]:
+                raise ValueError(f"store holds {shape[0]} images; got more")
             if image.shape != shape[1:] or image.dtype != np.uint8:
                 raise ValueError(f"image of shape {image.shape} {image.dtype}, the store takes {shape[1:]} uint8")
             # One image is one uncompressed chunk, so its bytes are the chunk's bytes: written directly,

@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import cv2
 
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
@@ -283,10 +282,6 @@ def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestR
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # parallelism comes from the processes; nested threads only oversubscribe
-
-
 def _inspect(task: tuple[str, str, int]) -> _Inspected:
     """Read, hash and fully decode one file (in a worker process)."""
     source, relpath, max_pixels = task
@@ -309,7 +304,7 @@ def _inspect_all(source: Path, relpaths: list[str], max_pixels: int, workers: in
     tasks = [(str(source), relpath, max_pixels) for relpath in relpaths]
     n_workers = max(1, min(resolve_workers(workers), len(tasks)))
     log.info("ingest: reading %d images with %d worker process(es)", len(tasks), n_workers)
-    return list(progress(ordered_map(_inspect, tasks, n_workers, initializer=_init_worker), len(tasks), "ingest"))
+    return list(progress(ordered_map(_inspect, tasks, n_workers), len(tasks), "ingest"))
 
 
 # ---------------------------------------------------------------------------------------- labels csv

@@ -11,11 +11,10 @@ from glomeruli.h5store import RecordMeta, StoreWriter
 from glomeruli.images import load_model_input
 from glomeruli.ingest import ManifestRow
 from glomeruli.logs import progress
-from glomeruli.parallel import batched, ordered_map
+from glomeruli.parallel import ordered_map
 from glomeruli.sources import read_bytes
 
 log = logging.getLogger(__name__)
-WRITE_BLOCK = 64
 
 _job: dict = {}
 
@@ -40,10 +39,9 @@ def preprocess_images(source: Path, rows: list[ManifestRow], out_path: Path, *, 
                       fill: tuple[int, int, int], max_pixels: int, workers: int) -> None:
     """Stream every image of the manifest into an image store at `out_path`."""
     log.info("preprocessing %d images from %s to %dx%d", len(rows), source, size, size)
-    images = ordered_map(_load, [r.path for r in rows], workers, block=WRITE_BLOCK,
+    images = ordered_map(_load, [r.path for r in rows], workers,
                          initializer=_init, initargs=(source, size, fill, max_pixels),
                          result_shape=(size, size, 3), result_dtype=np.uint8)
     attrs = {"stage": "preprocess", "image_size": size, "fill": list(fill), "source": str(source)}
     with StoreWriter(out_path, manifest_meta(rows), size, attrs) as writer:
-        for block in batched(progress(images, len(rows), "preprocess"), WRITE_BLOCK):
-            writer.append(block)
+        writer.append(progress(images, len(rows), "preprocess"))
