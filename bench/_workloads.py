@@ -130,6 +130,7 @@ def training(args) -> dict:
     from glomeruli.h5store import ImageStore
     from glomeruli.model import build_model, split_at_block, unfreeze_top_blocks, freeze_base, head_of
     from glomeruli import training as tr
+    from glomeruli.inference import ArrayRows
 
     seed, size = 0, args.size
     params, aug, split = _build_store(Path(args.raw), Path(args.work), size, seed)
@@ -199,6 +200,7 @@ def _compare_fit(model, x, y, xv, yv, params, seed, name, repeats) -> dict:
     stopping) versus keras `model.fit(x, y, batch_size, validation_data)` on the same arrays. Whole epochs
     (training and validation) are timed: on JAX the steps run asynchronously and only the epoch end waits."""
     from glomeruli import training as tr
+    from glomeruli.inference import ArrayRows
     from glomeruli.model import compile_model
 
     epochs = 4
@@ -211,7 +213,7 @@ def _compare_fit(model, x, y, xv, yv, params, seed, name, repeats) -> dict:
                   callbacks=[timer])
         bare += timer.epoch_s[1:]
         timer = EpochTimer()
-        tr._fit(model, tr.PhaseData(tr.ArrayRows(x), y, tr.ArrayRows(xv), yv), params, seed=seed, callbacks=[timer])
+        tr._fit(model, tr.PhaseData(ArrayRows(x), y, ArrayRows(xv), yv), params, seed=seed, callbacks=[timer])
         ours += timer.epoch_s[1:]
     ours_s, bare_s = min(ours), min(bare)  # best epoch of each: other processes on the machine only slow epochs down
     n = len(x)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import shipped_params_raw, shipped_params_text
 from glomeruli.h5store import ImageStore
 from glomeruli.params import load_params
 
@@ -62,10 +63,10 @@ def repo(tmp_path_factory) -> Path:
     shutil.rmtree(repo / "src" / "glomeruli.egg-info", ignore_errors=True)
     run(repo, "git", "init", "-q", "-b", "main")
     dvc(repo, "init", "-q")
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw = shipped_params_raw()
     raw["preprocess"]["image_size"] = 64
     raw["model"]["weights"] = "none"
-    raw["split"].update(group_by="biopsy", val_fraction=0.2, test_fraction=0.2)
+    raw["split"].update(group_by="biopsy", val_fraction=0.2, folds=5)
     raw["train_frozen"].update(epochs=2, batch_size=16)
     raw["finetune"].update(epochs=1, batch_size=16, unfreeze_blocks=1)
     raw["runtime"].update(workers=2, memory_budget_gb=1)

@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import shipped_params_raw, shipped_params_text
 from glomeruli.atomic import OutputWriteError, atomic_path, is_out_of_space
 from glomeruli.params import ParamsError, parse_params, read_yaml
 
@@ -109,10 +110,10 @@ def make_project(folder: Path, *, n_images: int = 60, commit: bool = True, **set
             shutil.copytree(src, folder / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy(src, folder / item)
-    raw = yaml.safe_load((folder / "params.yaml").read_text())
+    raw = shipped_params_raw()
     raw["preprocess"]["image_size"] = 32
     raw["model"]["weights"] = "none"
-    raw["split"].update(val_fraction=0.2, test_fraction=0.2, group_by="image")
+    raw["split"].update(val_fraction=0.2, folds=5, group_by="image")
     # patience >= epochs: early stopping never cuts a run short, so every run has all its epochs
     raw["train_frozen"].update(epochs=FROZEN_EPOCHS, batch_size=16, patience=FROZEN_EPOCHS)
     raw["finetune"].update(epochs=FINETUNE_EPOCHS, batch_size=16, unfreeze_blocks=1, patience=FINETUNE_EPOCHS)
@@ -183,15 +184,16 @@ def same_weights(model_a: Path, model_b: Path) -> bool:
 # ------------------------------------------------------------------------- params refused up front
 
 def shipped() -> dict:
-    return read_yaml(ROOT / "params.yaml")
+    return shipped_params_raw()
 
 
 @pytest.mark.parametrize("changes, key", [
     ({("split", "val_fraction"): 0.0}, "split.val_fraction"),
     ({("split", "val_fraction"): -0.1}, "split.val_fraction"),
-    ({("split", "test_fraction"): 1.5}, "split.test_fraction"),
-    ({("split", "val_fraction"): 0.5, ("split", "test_fraction"): 0.5}, "split.val_fraction + split.test_fraction"),
-    ({("split", "val_fraction"): 0.7, ("split", "test_fraction"): 0.4}, "split.val_fraction + split.test_fraction"),
+    ({("split", "folds"): 1}, "split.folds"),
+    ({("split", "fold"): 5}, "split.fold"),
+    ({("split", "val_fraction"): 0.5, ("split", "folds"): 2}, "split.val_fraction"),
+    ({("split", "val_fraction"): 0.85}, "split.val_fraction"),
     ({("preprocess", "image_size"): 31}, "preprocess.image_size"),
     ({("train_frozen", "epochs"): 0}, "train_frozen.epochs"),
     ({("finetune", "epochs"): -2}, "finetune.epochs"),
@@ -209,19 +211,19 @@ def test_more_bad_values_are_refused_naming_the_key(changes, key):
 
 def test_a_bad_value_stops_the_stage_with_one_line(tmp_path):
     raw = shipped()
-    raw["split"].update(val_fraction=0.5, test_fraction=0.5)
+    raw["split"].update(val_fraction=0.5, folds=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     result = run(tmp_path, sys.executable, str(ROOT / "stages" / "split.py"), check=False, PYTHONPATH=str(ROOT / "src"))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "split.val_fraction + split.test_fraction" in errors[0], result.stderr
+    assert len(errors) == 1 and "split.val_fraction" in errors[0], result.stderr
 
 
 @pytest.mark.parametrize("backend", ["foo", "Tensorflow"])
 def test_unknown_keras_backend_is_one_clear_line(tmp_path, backend):
     """KERAS_BACKEND=foo: Keras itself raises a bare ValueError from deep inside its import."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(shipped_params_text())
     for command in ([str(ROOT / "stages" / "train_frozen.py")],
                     ["-m", "glomeruli.cli", "predict", str(tmp_path), "-o", str(tmp_path / "out.csv")]):
         result = run(tmp_path, sys.executable, *command, check=False, KERAS_BACKEND=backend,
@@ -355,7 +357,7 @@ def test_full_disk_while_writing_predictions_keeps_the_previous_file(tmp_path):
 
 @pytest.mark.slow
 def test_split_too_small_for_both_classes_is_refused_before_training(tmp_path):
-    repo = make_project(tmp_path / "project", n_images=12, split__val_fraction=0.1, split__test_fraction=0.1)
+    repo = make_project(tmp_path / "project", n_images=12, split__val_fraction=0.1, split__folds=10)
     result = dvc(repo, "repro", check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -530,7 +532,8 @@ def test_resume_continues_early_stopping_and_ends_like_an_uninterrupted_run(tmp_
 
     from glomeruli.backend import configure
     from glomeruli.params import TrainParams
-    from glomeruli.training import ArrayRows, PhaseData, Resume, _fit
+    from glomeruli.inference import ArrayRows
+    from glomeruli.training import PhaseData, Resume, _fit
 
     rng = np.random.default_rng(0)
     data = PhaseData(ArrayRows(rng.normal(size=(64, 8)).astype(np.float32)), rng.integers(0, 2, 64),

@@ -25,7 +25,7 @@ def _meta(n_sources: int = 120, copies: int = 2, n_biopsies: int = 24, positive_
 @pytest.mark.parametrize("group_by", ["image", "biopsy"])
 def test_partitions_are_disjoint_and_stratified(group_by):
     meta = _meta()
-    split = split_records(meta, SplitParams(0.2, 0.2, group_by), seed=3)
+    split = split_records(meta, SplitParams(group_by, folds=5, fold=0, val_fraction=0.2), seed=3)
     key = meta.source_ids if group_by == "image" else meta.groups
     parts = {p: set(key[split.rows(p)]) for p in ("train", "val", "test")}
     assert not parts["train"] & parts["val"] and not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
@@ -43,22 +43,22 @@ def test_partitions_are_disjoint_and_stratified(group_by):
 
 def test_split_is_deterministic_and_seeded():
     meta = _meta()
-    a = split_records(meta, SplitParams(0.2, 0.2, "image"), seed=1)
-    b = split_records(meta, SplitParams(0.2, 0.2, "image"), seed=1)
-    c = split_records(meta, SplitParams(0.2, 0.2, "image"), seed=2)
+    a = split_records(meta, SplitParams("image", folds=5, fold=0, val_fraction=0.2), seed=1)
+    b = split_records(meta, SplitParams("image", folds=5, fold=0, val_fraction=0.2), seed=1)
+    c = split_records(meta, SplitParams("image", folds=5, fold=0, val_fraction=0.2), seed=2)
     assert a.to_json() == b.to_json() and a.to_json() != c.to_json()
 
 
 def test_too_few_biopsies_is_a_clear_error():
     meta = _meta(n_sources=12, n_biopsies=3, positive_every=6)
     with pytest.raises(SplitError, match="split"):
-        split_records(meta, SplitParams(0.2, 0.2, "biopsy"), seed=0)
+        split_records(meta, SplitParams("biopsy", folds=5, fold=0, val_fraction=0.2), seed=0)
 
 
 def test_summary_counts_classes_per_partition():
     meta = _meta()
-    split = split_records(meta, SplitParams(0.2, 0.2, "image"), seed=0)
-    summary = summarize(meta, split, SplitParams(0.2, 0.2, "image"))
+    split = split_records(meta, SplitParams("image", folds=5, fold=0, val_fraction=0.2), seed=0)
+    summary = summarize(meta, split, SplitParams("image", folds=5, fold=0, val_fraction=0.2))
     assert sum(summary[p]["originals"] for p in ("train", "val", "test")) == int((~meta.is_augmented).sum())
     assert summary["test"]["augmented"] == 0 and summary["train"]["augmented"] == int(meta.is_augmented[split.train].sum())
     assert summary["test"]["label_0"] + summary["test"]["label_1"] == summary["test"]["originals"]

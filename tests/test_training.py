@@ -12,7 +12,8 @@ from conftest import build_tiny_data
 from glomeruli.backend import configure
 from glomeruli.evaluation import binary_metrics, choose_threshold
 from glomeruli.model import build_model, head_of, load_model
-from glomeruli.training import (ArrayRows, Batches, StoreRows, finetune, load_phase_data, predict_rows,
+from glomeruli.inference import ArrayRows, StoreRows, predict_rows
+from glomeruli.training import (Batches, finetune, load_phase_data,
                                 sample_weights, train_frozen)
 
 

@@ -15,11 +15,11 @@ from sklearn import metrics as skm  # noqa: E402
 
 from glomeruli.atomic import atomic_path, write_json  # noqa: E402
 from glomeruli.h5store import ImageStore  # noqa: E402
+from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata  # noqa: E402
 from glomeruli.model import load_model  # noqa: E402
 from glomeruli.params import EvaluateParams  # noqa: E402
 from glomeruli.split import read_split  # noqa: E402
-from glomeruli.training import StoreRows, predict_rows  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -38,8 +39,10 @@ _Loader.add_implicit_resolver(
 )
 
 
-def read_yaml(path: Path | str) -> dict:
-    with open(path, encoding="utf-8") as f:
+def read_yaml(path_or_stream: Path | str | IO[str]) -> dict:
+    if hasattr(path_or_stream, "read"):
+        return yaml.load(path_or_stream, Loader=_Loader) or {}
+    with open(path_or_stream, encoding="utf-8") as f:
         return yaml.load(f, Loader=_Loader) or {}
 
 
@@ -75,9 +78,10 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    val_fraction: float
-    test_fraction: float
     group_by: str
+    folds: int
+    fold: int
+    val_fraction: float
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,10 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class FinetuneParams(TrainParams):
-    unfreeze_blocks: int
+    unfreeze_blocks: int | str  # 1..7, or "all" (every layer, stem included)
+    online_augment: bool
+    lr_schedule: str
+    warmup_epochs: int
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,11 @@ class EvaluateParams:
     threshold_rule: str
     fixed_threshold: float
     batch_size: int
+    calibration: str
+    bootstrap_resamples: int
+    burden_cutoff: float
+    max_error_tiles: int
+    gradcam_examples: int
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,8 @@ class RuntimeParams:
     cache_features: bool
     memory_budget_gb: float
     mixed_precision: str
+    deterministic: str | bool  # "auto" (on CPU only), true or false
+    devices: str | int  # "auto" (every local accelerator) or a count
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,29 @@ class Params:
     finetune: FinetuneParams
     evaluate: EvaluateParams
     runtime: RuntimeParams
+
+
+# Mappings whose keys are the user's own (folder names, labels), not settings names.
+_FREE_FORM = {"ingest.class_dirs", "augment.copies_per_class"}
+
+
+def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
+    """Refuse any key the schema does not have: a misspelt setting must stop the run, not be ignored."""
+    if not isinstance(raw, dict):
+        return
+    known = {f.name: f for f in fields(schema)}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            candidates = [f"{prefix}{k}" for k in known]
+            near = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+            hint = f"did you mean `{near[0]}`?" if near else f"valid keys here: {', '.join(sorted(candidates))}"
+            raise ParamsError(f"params.yaml: unknown key `{dotted}`: {hint} (a misspelt key would otherwise be "
+                              "ignored; rename or remove it)")
+        field_type = known[key].type
+        nested = _SECTIONS.get(field_type) if isinstance(field_type, str) else None
+        if nested is not None and dotted not in _FREE_FORM:
+            _check_keys(value, nested, f"{dotted}.")
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -171,6 +208,14 @@ def _get(section: dict, prefix: str, name: str) -> Any:
     return section[name]
 
 
+def _int_or_word(key: str, value: Any, word: str, lo: int, hi: int | None = None) -> int | str:
+    if value == word:
+        return word
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(key, value, f"expected {word} or an integer" + (f" {lo}-{hi}" if hi else f" >= {lo}"))
+    return _number(key, value, int, lo, hi)
+
+
 def _train(section: dict, prefix: str) -> dict:
     g = lambda n: _get(section, prefix, n)  # noqa: E731
     return dict(
@@ -191,7 +236,10 @@ def _rgb(key: str, value: Any) -> tuple[int, int, int]:
 
 
 def parse_params(raw: dict) -> Params:
-    """Type and validate a params mapping; raises ParamsError naming the first bad key."""
+    """Type and validate a params mapping; raises ParamsError naming the first bad or unknown key."""
+    if not isinstance(raw, dict):
+        _fail("params.yaml", raw, "expected a mapping of sections (see the params.yaml shipped with the project)")
+    _check_keys(raw, Params)
     ing, pre, aug = _section(raw, "ingest"), _section(raw, "preprocess"), _section(raw, "augment")
     spl, mdl, tf, ft = _section(raw, "split"), _section(raw, "model"), _section(raw, "train_frozen"), _section(raw, "finetune")
     ev, rt, data = _section(raw, "evaluate"), _section(raw, "runtime"), _section(raw, "data")
@@ -216,11 +264,14 @@ def parse_params(raw: dict) -> Params:
     if scale[0] > scale[1]:
         _fail("augment.scale", list(scale), "min must not exceed max")
 
+    folds = _number("split.folds", _get(spl, "split", "folds"), int, 2, 100)
+    fold = _number("split.fold", _get(spl, "split", "fold"), int, 0)
+    if fold >= folds:
+        _fail("split.fold", fold, f"must be below split.folds ({folds}): folds are numbered 0 to {folds - 1}")
     val_fraction = _number("split.val_fraction", _get(spl, "split", "val_fraction"), float, 0, 1, lo_open=True)
-    test_fraction = _number("split.test_fraction", _get(spl, "split", "test_fraction"), float, 0, 1, lo_open=True)
-    if val_fraction + test_fraction >= 1:
-        _fail("split.val_fraction + split.test_fraction", f"{val_fraction} + {test_fraction}",
-              "the sum must be below 1 so the train partition is not empty")
+    if val_fraction + 1 / folds >= 1:
+        _fail("split.val_fraction", val_fraction, f"with {folds} folds the test set takes 1/{folds} of the data: "
+              f"val_fraction + 1/folds must be below 1 so the train partition is not empty")
 
     weights = _get(mdl, "model", "weights")
     if weights is None:
@@ -231,8 +282,19 @@ def parse_params(raw: dict) -> Params:
         _fail("model.weights", weights, "no such file; give imagenet, none or an existing weights file")
 
     finetune = _train(ft, "finetune")
-    finetune["unfreeze_blocks"] = _number("finetune.unfreeze_blocks", _get(ft, "finetune", "unfreeze_blocks"),
-                                          int, 1, N_EFFICIENTNET_BLOCKS)
+    finetune["unfreeze_blocks"] = _int_or_word("finetune.unfreeze_blocks", _get(ft, "finetune", "unfreeze_blocks"),
+                                               "all", 1, N_EFFICIENTNET_BLOCKS)
+    finetune["online_augment"] = _bool("finetune.online_augment", _get(ft, "finetune", "online_augment"))
+    finetune["lr_schedule"] = _choice("finetune.lr_schedule", _get(ft, "finetune", "lr_schedule"),
+                                      ("constant", "cosine"))
+    finetune["warmup_epochs"] = _number("finetune.warmup_epochs", _get(ft, "finetune", "warmup_epochs"), int, 0)
+    if finetune["warmup_epochs"] >= finetune["epochs"] and finetune["warmup_epochs"] > 0:
+        _fail("finetune.warmup_epochs", finetune["warmup_epochs"],
+              f"must be below finetune.epochs ({finetune['epochs']}), or 0 for no warm-up")
+    deterministic = _get(rt, "runtime", "deterministic")
+    if deterministic != "auto" and not isinstance(deterministic, bool):
+        _fail("runtime.deterministic", deterministic, "expected auto (on for CPU runs only), true or false")
+    devices = _int_or_word("runtime.devices", _get(rt, "runtime", "devices"), "auto", 1)
     labels_csv = _get(ing, "ingest", "labels_csv")
     if labels_csv is not None and not isinstance(labels_csv, str):
         _fail("ingest.labels_csv", labels_csv, "expected a file name such as public.csv, or null")
@@ -263,8 +325,8 @@ def parse_params(raw: dict) -> Params:
             flip=_bool("augment.flip", _get(aug, "augment", "flip")),
             rotate90=_bool("augment.rotate90", _get(aug, "augment", "rotate90")),
         ),
-        split=SplitParams(val_fraction=val_fraction, test_fraction=test_fraction,
-                          group_by=_choice("split.group_by", _get(spl, "split", "group_by"), ("image", "biopsy"))),
+        split=SplitParams(group_by=_choice("split.group_by", _get(spl, "split", "group_by"), ("biopsy", "image")),
+                          folds=folds, fold=fold, val_fraction=val_fraction),
         model=ModelParams(weights=weights,
                           dropout=_number("model.dropout", _get(mdl, "model", "dropout"), float, 0, 0.95)),
         train_frozen=TrainParams(**_train(tf, "train_frozen")),
@@ -274,6 +336,13 @@ def parse_params(raw: dict) -> Params:
                                    ("max_f1", "youden", "fixed")),
             fixed_threshold=_number("evaluate.fixed_threshold", _get(ev, "evaluate", "fixed_threshold"), float, 0, 1),
             batch_size=_number("evaluate.batch_size", _get(ev, "evaluate", "batch_size"), int, 1),
+            calibration=_choice("evaluate.calibration", _get(ev, "evaluate", "calibration"), ("none", "temperature")),
+            bootstrap_resamples=_number("evaluate.bootstrap_resamples", _get(ev, "evaluate", "bootstrap_resamples"),
+                                        int, 0, 100_000),
+            burden_cutoff=_number("evaluate.burden_cutoff", _get(ev, "evaluate", "burden_cutoff"), float, 0, 1),
+            max_error_tiles=_number("evaluate.max_error_tiles", _get(ev, "evaluate", "max_error_tiles"), int, 0, 500),
+            gradcam_examples=_number("evaluate.gradcam_examples", _get(ev, "evaluate", "gradcam_examples"),
+                                     int, 0, 50),
         ),
         runtime=RuntimeParams(
             workers=_number("runtime.workers", _get(rt, "runtime", "workers"), int, 0),
@@ -281,8 +350,15 @@ def parse_params(raw: dict) -> Params:
             memory_budget_gb=_number("runtime.memory_budget_gb", _get(rt, "runtime", "memory_budget_gb"), float, 0),
             mixed_precision=_choice("runtime.mixed_precision", _get(rt, "runtime", "mixed_precision"),
                                     ("auto", "float32", "mixed_bfloat16", "mixed_float16")),
+            deterministic=deterministic,
+            devices=devices,
         ),
     )
+
+
+# Section dataclass by its annotation (annotations are strings under `from __future__ import annotations`).
+_SECTIONS = {cls.__name__: cls for cls in (DataParams, IngestParams, PreprocessParams, AugmentParams, SplitParams,
+                                           ModelParams, TrainParams, FinetuneParams, EvaluateParams, RuntimeParams)}
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

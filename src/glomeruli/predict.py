@@ -16,6 +16,7 @@ import numpy as np
 
 from glomeruli.atomic import atomic_path
 from glomeruli.images import ImageError, load_model_input
+from glomeruli.inference import predict_batch
 from glomeruli.logs import progress
 from glomeruli.metadata import ModelMetadata, read_metadata
 from glomeruli.model import load_model
@@ -104,18 +105,13 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
             skipped: list[Skip] = []
             names = iter(files)
             n_batches = -(-len(files) // batch_size)
-            # One input buffer of a fixed batch shape: a new shape would trigger a retrace (or an XLA
-            # recompile on GPU), and filling it in place spares a copy of every batch.
-            x = np.zeros((batch_size, meta.image_size, meta.image_size, 3), np.float32)
             for batch in progress(decoded, n_batches, "predict"):
                 batch_names = [next(names).name for _ in batch]
                 good = [(n, img) for n, img in zip(batch_names, batch) if not isinstance(img, Skip)]
                 skipped += [img for img in batch if isinstance(img, Skip)]
                 if good:
-                    for row, (_, img) in enumerate(good):
-                        x[row] = img
-                    x[len(good):] = 0
-                    probs = np.asarray(model.predict_on_batch(x)).reshape(-1)[:len(good)]
+                    x = np.stack([img for _, img in good]).astype(np.float32)
+                    probs = predict_batch(model, x, batch_size).reshape(-1)
                     predictions += [Prediction(n, int(p >= threshold), float(p)) for (n, _), p in zip(good, probs)]
     except BrokenProcessPool as err:
         raise WorkerDied(f"an image decoding process died ({err}): most often out of memory; use fewer "

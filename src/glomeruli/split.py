@@ -1,4 +1,4 @@
-"""Split stage: stratified train/val/test by source image (or biopsy); augmented copies only in train."""
+"""Split stage: grouped, stratified K-fold test set, validation from the rest; augmented copies only in train."""
 
 from __future__ import annotations
 
@@ -41,30 +41,48 @@ class Split:
         return cls(**{p: np.asarray(data[p], dtype=np.int64) for p in PARTITIONS})
 
 
-def _hold_out(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of one stratified group fold of about `fraction` of the groups."""
-    n_splits = max(2, round(1 / fraction))
+def _fold_mask(labels: np.ndarray, groups: np.ndarray, n_splits: int, fold: int, seed: int, what: str) -> np.ndarray:
+    """Boolean mask of fold `fold` of a stratified group K-fold (scikit-learn's StratifiedGroupKFold)."""
     n_groups = len(np.unique(groups))
     if n_groups < n_splits:
-        raise SplitError(f"only {n_groups} groups for a {fraction:.0%} hold-out; add images or lower "
-                         "split.val_fraction / split.test_fraction")
+        raise SplitError(f"only {n_groups} groups for {n_splits} folds of the {what}; add images, or lower "
+                         "split.folds / split.val_fraction, or use split.group_by: image")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, held = next(folds.split(np.zeros(len(labels)), labels, groups))
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[held] = True
-    return mask
+    for i, (_, held) in enumerate(folds.split(np.zeros(len(labels)), labels, groups)):
+        if i == fold:
+            mask = np.zeros(len(labels), dtype=bool)
+            mask[held] = True
+            return mask
+    raise AssertionError("unreachable: fold < n_splits is validated with the params")
 
 
-def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
-    """Assign whole groups of originals to partitions; train also gets the augmented copies of its sources."""
+def fold_assignment(meta: RecordMeta, params: SplitParams, seed: int) -> np.ndarray:
+    """The cross-validation fold (0..K-1) of every original record, -1 for augmented copies.
+
+    Every fold is the test set of one run (`split.fold`); the folds are disjoint by group and cover
+    every original once, whatever fold is chosen, because they depend only on (data, K, seed).
+    """
     originals = np.flatnonzero(~meta.is_augmented)
     labels = meta.labels[originals]
     groups = (meta.groups if params.group_by == "biopsy" else meta.source_ids)[originals]
-    test = _hold_out(labels, groups, params.test_fraction, seed)
+    fold_of = np.full(len(meta), -1, dtype=np.int64)
+    for k in range(params.folds):
+        fold_of[originals[_fold_mask(labels, groups, params.folds, k, seed, "data")]] = k
+    return fold_of
+
+
+def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
+    """Test = fold `split.fold` of K grouped, stratified folds; validation = whole groups of the rest;
+    train = the remaining originals with the augmented copies of their sources."""
+    originals = np.flatnonzero(~meta.is_augmented)
+    labels = meta.labels[originals]
+    groups = (meta.groups if params.group_by == "biopsy" else meta.source_ids)[originals]
+    test = _fold_mask(labels, groups, params.folds, params.fold, seed, "data")
     rest = np.flatnonzero(~test)
-    val_share = params.val_fraction / (1 - params.test_fraction)
+    val_share = params.val_fraction / (1 - 1 / params.folds)
     val = np.zeros(len(originals), dtype=bool)
-    val[rest[_hold_out(labels[rest], groups[rest], val_share, seed + 1)]] = True
+    val[rest[_fold_mask(labels[rest], groups[rest], max(2, round(1 / val_share)), 0, seed + 1,
+                        "non-test data (validation)")]] = True
 
     source_partition = {}
     for i, row in enumerate(originals):
@@ -75,17 +93,17 @@ def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
     for partition in ("val", "test"):
         present = set(meta.labels[split.rows(partition)].tolist())
         if present != {0, 1}:
+            knob = "split.folds" if partition == "test" else "split.val_fraction"
             raise SplitError(
                 f"the {partition} partition holds only label(s) {sorted(present)}: too few images or "
-                f"{'biopsies' if params.group_by == 'biopsy' else 'images'} per class for split.{partition}_fraction="
-                f"{getattr(params, partition + '_fraction')}; add data or raise the fraction"
+                f"{'biopsies' if params.group_by == 'biopsy' else 'images'} per class; add data or change {knob}"
                 + ("" if params.group_by == "image" else ", or use split.group_by: image"))
     return split
 
 
 def summarize(meta: RecordMeta, split: Split, params: SplitParams) -> dict:
     """Class counts per partition, for review in `dvc metrics diff`."""
-    summary: dict = {"group_by": params.group_by}
+    summary: dict = {"group_by": params.group_by, "folds": params.folds, "fold": params.fold}
     n_originals = int((~meta.is_augmented).sum())
     for p in PARTITIONS:
         rows = split.rows(p)
