@@ -84,3 +84,23 @@ def build_tiny_data(folder: Path, *, n_images: int, size: int, seed: int = 0, di
 def tiny_data(tmp_path_factory) -> TinyData:
     """60 images at 32 px: enough for every stage's mechanics, not for learning."""
     return build_tiny_data(tmp_path_factory.mktemp("tiny"), n_images=60, size=32)
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory) -> Path:
+    """One tiny project (120 images at 64 px, split by biopsy) after a real `dvc repro`, committed as
+    `baseline` on main. Shared by every test that needs a finished pipeline: do not change it; work on
+    `project.clone_project(pipeline_repo, tmp_path / "clone")` instead."""
+    from project import STAGES, dvc, make_project, run, stages_run
+
+    raw = shipped_params_raw()
+    repo = make_project(tmp_path_factory.mktemp("pipeline") / "project", raw, n_images=120, seed=1,
+                        preprocess__image_size=64, model__weights="none", split__group_by="biopsy",
+                        split__val_fraction=0.2, split__folds=5, train_frozen__epochs=2, train_frozen__batch_size=16,
+                        finetune__epochs=1, finetune__batch_size=16, finetune__unfreeze_blocks=1,
+                        evaluate__bootstrap_resamples=200, runtime__workers=2, runtime__memory_budget_gb=1)
+    output = dvc(repo, "repro").stdout
+    assert stages_run(output) == list(STAGES), output[-3000:]
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline")
+    return repo

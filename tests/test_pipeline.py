@@ -14,6 +14,7 @@ import yaml
 
 from conftest import shipped_params_raw, shipped_params_text
 from glomeruli.h5store import ImageStore
+from project import clone_project
 from glomeruli.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,33 +55,9 @@ def set_param(repo: Path, key: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A fresh git + DVC project holding this one's pipeline, small settings and synthetic data."""
-    repo = tmp_path_factory.mktemp("project")
-    for item in ("dvc.yaml", "params.yaml", "stages", "src", "pyproject.toml", ".dvcignore"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    shutil.rmtree(repo / "src" / "glomeruli.egg-info", ignore_errors=True)
-    run(repo, "git", "init", "-q", "-b", "main")
-    dvc(repo, "init", "-q")
-    raw = shipped_params_raw()
-    raw["preprocess"]["image_size"] = 64
-    raw["model"]["weights"] = "none"
-    raw["split"].update(group_by="biopsy", val_fraction=0.2, folds=5)
-    raw["train_frozen"].update(epochs=2, batch_size=16)
-    raw["finetune"].update(epochs=1, batch_size=16, unfreeze_blocks=1)
-    raw["runtime"].update(workers=2, memory_budget_gb=1)
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run(repo, sys.executable, "-m", "glomeruli.cli", "sample-data", "data/raw", "-n", "120", "--seed", "1",
-        "--size-range", "48", "96", "--workers", "1")
-    (repo / ".gitignore").write_text("/data/raw/\n")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "pipeline")
-    output = dvc(repo, "repro")
-    assert stages_run(output) == list(STAGES)
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "baseline")
-    return repo
+def repo(pipeline_repo, tmp_path_factory) -> Path:
+    """A clone of the session's finished project: these tests change params and run experiments in it."""
+    return clone_project(pipeline_repo, tmp_path_factory.mktemp("pipeline-clone") / "project")
 
 
 def test_every_declared_output_exists(repo):

@@ -288,9 +288,6 @@ def parse_params(raw: dict) -> Params:
     finetune["lr_schedule"] = _choice("finetune.lr_schedule", _get(ft, "finetune", "lr_schedule"),
                                       ("constant", "cosine"))
     finetune["warmup_epochs"] = _number("finetune.warmup_epochs", _get(ft, "finetune", "warmup_epochs"), int, 0)
-    if finetune["warmup_epochs"] >= finetune["epochs"] and finetune["warmup_epochs"] > 0:
-        _fail("finetune.warmup_epochs", finetune["warmup_epochs"],
-              f"must be below finetune.epochs ({finetune['epochs']}), or 0 for no warm-up")
     deterministic = _get(rt, "runtime", "deterministic")
     if deterministic != "auto" and not isinstance(deterministic, bool):
         _fail("runtime.deterministic", deterministic, "expected auto (on for CPU runs only), true or false")
