@@ -342,3 +342,43 @@ def test_user_errors_are_printed_by_the_stage_runner_not_traced():
     from glomeruli.sources import SourceError
 
     assert all(issubclass(cls, UserError) for cls in (IngestError, ImageError, SourceError))
+
+
+# ---------------------------------------------------------------------------------------- layouts
+
+def test_folder_and_zip_refuse_a_layout_with_the_same_message(tmp_path):
+    """Two wrapper folders deep is one too many, for a folder and for a zip alike, in the same words."""
+    files = {f"outer/inner/{r}": d for r, d in write_clean_dataset(tmp_path / "clean").items()}
+    folder = tmp_path / "unzipped"
+    for relpath, data in files.items():
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relpath).write_bytes(data)
+    archive = write_zip(tmp_path / "d.zip", files)
+    messages = []
+    for source in (folder, archive):
+        result = ingest_dataset(source, CONFIG)
+        with pytest.raises(IngestError) as err:
+            check_ingest(result, CONFIG)
+        messages.append(str(err.value).replace(str(source), "<source>"))
+    assert messages[0] == messages[1]
+    assert "folders found: ['inner']" in messages[0] and "exactly one wrapper folder" in messages[0]
+    assert "\n" not in messages[0]
+
+
+def test_synthetic_marker_beside_real_images_is_refused(tmp_path):
+    from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
+
+    root = tmp_path / "data"
+    files = write_clean_dataset(root)  # stands in for the user's own images (no SYNTH- biopsy ids)
+    (root / MARKER_FILE).write_text("SYNTHETIC glomeruli sample data\n")
+    for relpath in files:
+        folder, name = relpath.split("/")
+        (root / relpath).rename(root / folder / f"{BIOPSY_PREFIX}{name}")
+    assert ingest_dataset(root, CONFIG).rows  # all synthetic: accepted
+    real = f"{POSITIVE}/{cmil_name('REAL7', 1, 1, seed=5)}"
+    (root / real).write_bytes(rgba_png(20, 20, seed=5))
+    with pytest.raises(IngestError) as err:
+        ingest_dataset(root, CONFIG)
+    message = str(err.value)
+    assert MARKER_FILE in message and real in message and "data/sample" in message and "data.source" in message
+    assert "\n" not in message

@@ -197,3 +197,39 @@ def test_forked_workers_open_their_own_zip(tmp_path):
     assert [data for _, data in results] == list(files.values())
     assert os.getpid() not in {pid for pid, _ in results}
     assert read_bytes(archive, next(iter(files))) == next(iter(files.values()))  # parent offset intact
+
+
+# ------------------------------------------------------------------ one layout rule for folders and zips
+
+def _as_folder(tmp_path, files: dict[str, bytes], name: str):
+    root = tmp_path / name
+    for relpath, data in files.items():
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / relpath).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("wrapper", [None, "glomeruli"])
+def test_folder_and_zip_accept_the_same_layouts(tmp_path, wrapper):
+    """Class folders at the top or under one wrapper folder, with macOS junk beside them: same entries."""
+    files = write_clean_dataset(tmp_path / "clean")
+    stored = {(f"{wrapper}/{r}" if wrapper else r): data for r, data in files.items()}
+    junk = {f"__MACOSX/{r}": b"\x00\x05\x16\x07Mac OS X" for r in stored} | {".DS_Store": b"junk"}
+    folder = _as_folder(tmp_path, stored | junk, "unzipped")
+    archive = write_zip(tmp_path / "d.zip", stored | junk)
+    listings = {kind: list_entries(source) for kind, source in (("folder", folder), ("zip", archive))}
+    for kind, (entries, skipped) in listings.items():
+        assert [e.relpath for e in entries] == sorted(files), kind  # relative to the wrapper, junk set aside
+        # (a folder skips __MACOSX/ as one folder, a zip member by member)
+        assert {s.relpath.split("/")[0] for s in skipped} == {"__MACOSX", ".DS_Store"}, kind
+        assert all(read_bytes(folder if kind == "folder" else archive, r) == files[r] for r in files)
+    assert listings["folder"][0] == listings["zip"][0]
+
+
+def test_folder_wrapper_is_found_again_in_a_fresh_worker(tmp_path):
+    files = write_clean_dataset(tmp_path / "clean")
+    folder = _as_folder(tmp_path, {f"CMIL/{r}": d for r, d in files.items()}, "unzipped")
+    list_entries(folder)
+    relpath = next(iter(files))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a worker that never listed the folder
+        assert pool.map(_read_in_child, [(folder, relpath)])[0][1] == files[relpath]

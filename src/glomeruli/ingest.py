@@ -11,6 +11,7 @@ import codecs
 import csv
 import io
 import logging
+import mimetypes
 import re
 import unicodedata
 from collections import defaultdict
@@ -23,6 +24,7 @@ from glomeruli.errors import UserError
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
 from glomeruli.logs import progress
 from glomeruli.parallel import ordered_map, resolve_workers
+from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
 from glomeruli.sources import Entry, SourceError, list_entries, read_bytes
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class _Skips:
 def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
     """List, label, read, hash and decode every image of `source`; report everything left out."""
     source = Path(source)
-    group_pattern = _compile_group_regex(config.group_regex)
+    group_pattern = compile_group_regex(config.group_regex)
     entries, listing_skipped = list_entries(source)
     skips = _Skips()
     for item in listing_skipped:
@@ -131,6 +133,7 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
     warnings: list[str] = []
 
     candidates, outside, csv_entry = _classify_entries(entries, config)
+    _refuse_synthetic_mixed_with_real(source, entries, candidates, csv_entry)
     for relpath in outside:
         skips.add(relpath, "outside the class folders (only files directly inside "
                            f"{', '.join(sorted(config.class_dirs))} are used)")
@@ -164,7 +167,7 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
     return IngestResult(rows=rows, report=report)
 
 
-def _compile_group_regex(pattern: str) -> re.Pattern[str]:
+def compile_group_regex(pattern: str) -> re.Pattern[str]:
     try:
         compiled = re.compile(pattern)
     except re.error as err:
@@ -173,6 +176,13 @@ def _compile_group_regex(pattern: str) -> re.Pattern[str]:
         raise IngestError(f"ingest.group_regex = {pattern!r} has no named group; write it as "
                           "'^(?P<group>.+?)_PAS_' so the biopsy id can be read from the file name")
     return compiled
+
+
+def group_of(name: str, group_pattern: re.Pattern[str]) -> str | None:
+    """The biopsy id in a file name (`ingest.group_regex`), None when the name does not carry one.
+    Shared by ingest and `glomeruli predict --by-biopsy`."""
+    match = group_pattern.search(name)
+    return match.group("group") if match else None
 
 
 def _classify_entries(entries: list[Entry], config: IngestConfig) -> tuple[list[_Candidate], list[str], Entry | None]:
@@ -186,6 +196,24 @@ def _classify_entries(entries: list[Entry], config: IngestConfig) -> tuple[list[
         else:
             outside.append(entry.relpath)
     return candidates, outside, csv_entry
+
+
+def _refuse_synthetic_mixed_with_real(source: Path, entries: list[Entry], candidates: list[_Candidate],
+                                      csv_entry: Entry | None) -> None:
+    """A folder marked as synthetic sample data must hold nothing else: a model trained on a mixture is wrong."""
+    if not any(e.relpath == MARKER_FILE for e in entries):
+        return
+    in_class_folders = {c.relpath for c in candidates}
+    own = {MARKER_FILE, csv_entry.relpath if csv_entry else None}
+    foreign = [e.relpath for e in entries
+               if e.relpath not in own and not PurePosixPath(e.relpath).name.startswith(BIOPSY_PREFIX)
+               and (e.relpath in in_class_folders or (mimetypes.guess_type(e.relpath)[0] or "").startswith("image/"))]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise IngestError(
+            f"{source} holds the synthetic sample data (its marker {MARKER_FILE}) together with {len(foreign)} "
+            f"image(s) that are not synthetic ({shown}): keep the sample data in its own folder (e.g. data/sample) "
+            "and point data.source at a folder holding only your own data")
 
 
 def _names_in_both_classes(candidates: list[_Candidate]) -> dict[str, list[str]]:
@@ -268,8 +296,7 @@ def _drop_duplicates(decoded, skips: _Skips):
 def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestRow], list[str]]:
     rows, ungrouped = [], []
     for candidate, result in kept:
-        match = group_pattern.search(candidate.name)
-        group = match.group("group") if match else None
+        group = group_of(candidate.name, group_pattern)
         if not group:
             group = candidate.name  # its own group: it can never share a split partition with others
             ungrouped.append(candidate.relpath)
@@ -443,8 +470,9 @@ def check_ingest(result: IngestResult, config: IngestConfig) -> None:
             raise IngestError(
                 f"class folder '{folder}' (label {counts['label']}) has no usable images in {report['source']} "
                 f"({counts['found']} files found there); folders found: {report['folders_found'] or 'none'}.{why} "
-                f"Put the images in {report['source']}/{folder}/, or fix ingest.class_dirs / data.source "
-                "(the ingest report's `skipped` list says why each file was left out)")
+                f"The class folders must sit at the top of {report['source']} or inside exactly one wrapper folder "
+                f"(a folder and a zip alike): put the images in {folder}/ there, or fix ingest.class_dirs / "
+                "data.source (the ingest report's `skipped` list says why each file was left out)")
     n_unreadable, n_kept = report["n_unreadable"], report["n_kept"]
     fraction = n_unreadable / (n_unreadable + n_kept) if n_unreadable + n_kept else 0.0
     if fraction > config.max_unreadable_fraction:

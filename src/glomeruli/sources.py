@@ -3,6 +3,10 @@
 `list_entries` returns every readable file (posix path relative to the source root) and, with a
 reason, everything it will not read: hidden and OS junk files, unsafe zip member names, symlinks
 that loop, dangle or leave the source. `read_bytes` reads one of the listed files.
+
+Both kinds accept the same layouts: the class folders at the top, or all of them inside exactly one
+wrapper folder (`glomeruli/<class>/x.png`, as unzipping often leaves it); paths are then relative to the
+wrapper. The one rule is `_single_wrapper_folder`, applied to the files left after junk is set aside.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class _OpenZip:
 
 # One open ZipFile per (process, zip): a forked worker must not share its parent's file offset.
 _open_zips: dict[tuple[int, str], _OpenZip] = {}
+# Wrapper folder of each folder source, per process: read_bytes must strip what list_entries stripped.
+_folder_wrappers: dict[tuple[int, str], tuple[tuple, str | None]] = {}  # -> (stamp, wrapper)
 
 
 def list_entries(source: Path) -> tuple[list[Entry], list[Skipped]]:
@@ -82,7 +88,9 @@ def read_bytes(source: Path, relpath: str) -> bytes:
     """The bytes of one file listed by `list_entries`."""
     source = Path(source)
     if source.is_dir():
-        return _read_folder_file(source, relpath)
+        root = source.resolve(strict=True)
+        wrapper = _folder_wrapper(root)
+        return _read_folder_file(root / wrapper if wrapper else root, relpath)
     return _read_zip_member(source, relpath)
 
 
@@ -116,6 +124,31 @@ def _is_utf8(name: str) -> bool:
 
 def _list_folder(source: Path) -> tuple[list[Entry], list[Skipped]]:
     root = source.resolve(strict=True)
+    entries, skipped = _walk_folder(root)
+    wrapper = _single_wrapper_folder([e.relpath.split("/") for e in entries])
+    _folder_wrappers[(os.getpid(), str(root))] = (_folder_stamp(root), wrapper)
+    if wrapper is None:
+        return entries, skipped
+    log.info("%s: every file is inside the folder '%s/'; paths are taken relative to it", source, wrapper)
+    return ([Entry(_unwrapped(e.relpath, wrapper), e.size) for e in entries],
+            [Skipped(_unwrapped(s.relpath, wrapper), s.reason) for s in skipped])
+
+
+def _folder_stamp(root: Path) -> tuple:
+    """What the wrapper decision depends on: the top level, and the wrapper's own listing."""
+    tops = [p for p in root.iterdir() if not _junk_reason(p.name)]
+    return (root.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in tops if len(tops) == 1 and p.is_dir()))
+
+
+def _folder_wrapper(root: Path) -> str | None:
+    cached = _folder_wrappers.get((os.getpid(), str(root)))
+    if cached is None or cached[0] != _folder_stamp(root):
+        _list_folder(root)  # once per process (worker), or again after the folder changed
+        cached = _folder_wrappers[(os.getpid(), str(root))]
+    return cached[1]
+
+
+def _walk_folder(root: Path) -> tuple[list[Entry], list[Skipped]]:
     entries: list[Entry] = []
     skipped: list[Skipped] = []
 
@@ -250,28 +283,35 @@ def _build_zip_index(archive: zipfile.ZipFile) -> _ZipIndex:
     wrapper = _single_wrapper_folder([parts for parts, _ in candidates])
     if wrapper:
         log.info("%s: every file is inside the folder '%s/'; paths are taken relative to it", archive.filename, wrapper)
-    strip = (lambda parts: parts[1:] if parts and parts[0] == wrapper else parts) if wrapper else (lambda p: p)
     members: dict[str, zipfile.ZipInfo] = {}
     for parts, info in candidates:
-        relpath = "/".join(strip(parts))
+        relpath = _unwrapped("/".join(parts), wrapper)
         if relpath in members:
             skipped.append(Skipped(info.filename, f"duplicate member name in the zip (same path as "
                                                   f"{members[relpath].filename!r})"))
         else:
             members[relpath] = info
-    skipped.extend(Skipped("/".join(strip(parts)), reason) for parts, reason in junk)
+    skipped.extend(Skipped(_unwrapped("/".join(parts), wrapper), reason) for parts, reason in junk)
     return _ZipIndex(members=dict(sorted(members.items())), skipped=skipped)
 
 
 def _single_wrapper_folder(paths: list[list[str]]) -> str | None:
-    """The one top-level folder a zipped dataset folder sits in (`CMIL/<class>/x.png`), else None.
+    """The one top-level folder a dataset sits in (`CMIL/<class>/x.png`), else None; folders and zips alike.
 
-    A zip holding only `<class>/x.png` files is not wrapped: its single folder has no subfolders.
+    `paths` are the files kept after junk (`__MACOSX/`, hidden files) is set aside. A source holding
+    only `<class>/x.png` files is not wrapped: its single folder has no subfolders.
     """
     tops = {parts[0] for parts in paths}
     if len(tops) == 1 and all(len(parts) > 1 for parts in paths) and any(len(parts) > 2 for parts in paths):
         return tops.pop()
     return None
+
+
+def _unwrapped(relpath: str, wrapper: str | None) -> str:
+    """`relpath` relative to the wrapper folder; paths outside it (junk beside it) stay as they are."""
+    if wrapper and relpath.startswith(wrapper + "/"):
+        return relpath[len(wrapper) + 1:]
+    return relpath
 
 
 def _zip_stamp(source: Path) -> tuple[int, int]:
