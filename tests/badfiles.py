@@ -251,3 +251,17 @@ def labels_csv(rows: list[tuple[str, str]], bom: bool = False, crlf: bool = Fals
     newline = "\r\n" if crlf else "\n"
     text = newline.join([header] + [f"{name},{label}" for name, label in rows]) + newline
     return (b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------- decoder noise
+
+def png_with_bad_filter(height: int = 8, width: int = 8) -> bytes:
+    """A well-formed PNG (valid CRCs, IEND) whose first row names filter type 9: libpng fails while
+    decoding and prints `libpng error: bad adaptive filter value` on the C-level stderr."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    rows = b"".join(bytes([9 if y == 0 else 0]) + bytes(range(3 * width)) for y in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))

@@ -382,3 +382,35 @@ def test_synthetic_marker_beside_real_images_is_refused(tmp_path):
     message = str(err.value)
     assert MARKER_FILE in message and real in message and "data/sample" in message and "data.source" in message
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------- decoder noise
+
+_INGEST_AND_REPORT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from badfiles import CLASS_DIRS, GROUP_REGEX
+from glomeruli.ingest import IngestConfig, ingest_dataset
+for workers in (1, 2):  # decoded in this process, then in worker processes
+    config = IngestConfig(class_dirs=CLASS_DIRS, labels_csv=None, group_regex=GROUP_REGEX, max_pixels=10**6,
+                          max_unreadable_fraction=1.0, workers=workers)
+    for item in ingest_dataset(Path({root!r}), config).report["unreadable"]:
+        print(f"workers={{workers}}: {{item['file']}}: {{item['reason']}}", file=sys.stderr)
+"""
+
+
+def test_decoder_library_noise_stays_off_the_terminal(tmp_path):
+    from badfiles import png_with_bad_filter
+
+    root = tmp_path / "data"
+    write_clean_dataset(root)
+    (root / POSITIVE / "bad_filter.png").write_bytes(png_with_bad_filter())
+    script = _INGEST_AND_REPORT.format(tests=str(Path(__file__).parent), root=str(root))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert not [line for line in lines if "libpng" in line], result.stderr
+    for workers in (1, 2):  # our message, with what the decoder said, stays
+        assert (f"workers={workers}: {POSITIVE}/bad_filter.png: unreadable: {POSITIVE}/bad_filter.png: corrupt or "
+                "truncated image (OpenCV could not decode it: bad adaptive filter value)") in result.stderr

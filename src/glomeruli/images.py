@@ -8,9 +8,15 @@ HxWx3 uint8 RGB; `resize_and_pad` fits it into the square model input without sq
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
+import sys
+import tempfile
+import threading
+import typing
 from dataclasses import dataclass
 
 import cv2
@@ -85,18 +91,80 @@ def _decode(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Checked decode to uint8 in OpenCV's channel order (grey, grey+alpha, BGR or BGRA)."""
     info = probe_image(data, name, max_pixels)
     _refuse_truncated_png(data, name)
+    said: list[str] = []
     try:
-        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        with _decoder_messages_captured(said):
+            decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as err:
         raise ImageError(f"{name}: OpenCV failed to decode it ({str(err).strip()})") from None
     if decoded is None:
-        raise ImageError(f"{name}: corrupt or truncated image (OpenCV could not decode it); "
+        detail = f": {'; '.join(said)}" if said else ""
+        raise ImageError(f"{name}: corrupt or truncated image (OpenCV could not decode it{detail}); "
                          "re-export the file or remove it")
+    for message in said:  # warnings on an image that decoded (e.g. a bad colour profile): not the user's problem
+        log.debug("%s: decoder said: %s", name, message)
     if decoded.shape[:2] != (info.height, info.width):
         # A header that disagrees with the pixels could also slip past the max_pixels check.
         raise ImageError(f"{name}: header says {info.width}x{info.height} but the pixels decode as "
                          f"{decoded.shape[1]}x{decoded.shape[0]}; re-export the file")
     return _to_uint8(decoded, name)
+
+
+# Native decoder libraries (libpng, libjpeg, libtiff) print their own errors and warnings to file
+# descriptor 2 (`libpng error: bad adaptive filter value`), beside our message about the file and out
+# of reach of Python's sys.stderr and OpenCV's log level. While a decode runs, fd 2 points at a scratch
+# file; afterwards the decoder's lines become part of our message, and anything else that reached fd 2
+# meanwhile (another thread's output) is written back, so nothing is lost, only delayed. The lock keeps
+# two threads of one process from swapping fd 2 at once; worker processes each have their own.
+_DECODER_LINE_PREFIXES = ("libpng ", "libjpeg", "libtiff", "TIFFRead", "Corrupt JPEG", "Premature end of JPEG")
+_stderr_lock = threading.Lock()
+_scratch: dict[int, typing.IO[bytes]] = {}  # pid -> that process's scratch file
+
+
+def _reset_after_fork() -> None:
+    global _stderr_lock
+    _stderr_lock = threading.Lock()  # a lock held by another thread at fork time would never be released
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _scratch_fd() -> int:
+    pid = os.getpid()
+    if pid not in _scratch:  # a forked child must not share its parent's file offset
+        _scratch.clear()
+        _scratch[pid] = tempfile.TemporaryFile()
+    return _scratch[pid].fileno()
+
+
+@contextlib.contextmanager
+def _decoder_messages_captured(messages: list[str]):
+    """Run the body with fd 2 redirected; the native decoders' lines are appended to `messages`."""
+    with _stderr_lock:
+        scratch = _scratch_fd()
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            sys.stderr.flush()  # Python's buffered text goes out before the switch, not into the scratch file
+        saved = os.dup(2)
+        os.dup2(scratch, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            size = os.lseek(scratch, 0, os.SEEK_CUR)
+            captured = os.pread(scratch, size, 0) if size else b""
+            if size:
+                os.ftruncate(scratch, 0)
+                os.lseek(scratch, 0, os.SEEK_SET)
+    others = []
+    for line in captured.decode("utf-8", "replace").splitlines(keepends=True):
+        if line.startswith(_DECODER_LINE_PREFIXES):
+            messages.append(line.strip().removeprefix("libpng error: ").removeprefix("libpng warning: "))
+        else:
+            others.append(line)
+    if others:
+        os.write(2, "".join(others).encode("utf-8", "replace"))
 
 
 def _refuse_truncated_png(data: bytes, name: str) -> None:
