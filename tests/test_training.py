@@ -98,3 +98,42 @@ def test_model_learns_on_synthetic_data(tmp_path):
     assert metrics["balanced_accuracy"] >= 0.85, metrics
     assert metrics["roc_auc"] >= 0.9, metrics
     assert metrics["accuracy"] > majority_rate, metrics
+
+
+def test_resume_key_follows_the_store_content_not_its_size(tmp_path, monkeypatch):
+    """Changed pixels in one source image: a store of the same size, other bytes, and another resume key."""
+    from badfiles import rgba_png, write_clean_dataset
+    from conftest import small_params
+    from glomeruli.augment import augment_store
+    from glomeruli.ingest import IngestConfig, ingest_dataset, write_manifest
+    from glomeruli.paths import AUGMENTED, MANIFEST, PREPROCESSED, SPLIT
+    from glomeruli.preprocess import preprocess_images
+    from glomeruli.training import _checkpoint_dir
+
+    monkeypatch.chdir(tmp_path)
+    params = small_params(**{"preprocess.image_size": 32})
+    files = write_clean_dataset(tmp_path / "raw")
+    config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=None, group_regex=params.ingest.group_regex,
+                          max_pixels=params.ingest.max_pixels, max_unreadable_fraction=0.0, workers=1)
+
+    builds = iter(range(3))
+
+    def build_store() -> tuple[Path, bytes]:
+        for path in (MANIFEST, AUGMENTED):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        rows = ingest_dataset(tmp_path / "raw", config).rows
+        write_manifest(rows, MANIFEST)
+        # a new preprocessed file each time: a one-worker augment keeps its input open in this process
+        preprocessed = PREPROCESSED.with_name(f"preprocessed-{next(builds)}.h5")
+        preprocess_images(tmp_path / "raw", rows, preprocessed, size=32, fill=(0, 0, 0), max_pixels=10**6, workers=1)
+        augment_store(preprocessed, AUGMENTED, params.augment, seed=params.seed, workers=1)
+        SPLIT.write_text('{"same": "split"}\n')
+        return _checkpoint_dir("train_frozen", params), AUGMENTED.read_bytes()
+
+    key, store = build_store()
+    assert build_store() == (key, store)  # same inputs: same store, same key
+    first = next(iter(files))
+    (tmp_path / "raw" / first).write_bytes(rgba_png(20, 26, seed=4242))  # same size, other pixels
+    changed_key, changed_store = build_store()
+    assert len(changed_store) == len(store) and changed_store != store
+    assert changed_key != key

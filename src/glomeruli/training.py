@@ -34,7 +34,7 @@ from glomeruli.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict
 from glomeruli.metadata import file_sha256
 from glomeruli.model import adapt_head, compile_model, feature_model, freeze_base, head_of, split_at_block, unfreeze_top_blocks
 from glomeruli.params import FinetuneParams, Params, RuntimeParams, TrainParams, as_dict
-from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, SPLIT
+from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
 from glomeruli.split import Split, read_split
 
 log = logging.getLogger(__name__)
@@ -273,11 +273,28 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
 def _checkpoint_dir(phase: str, params: Params) -> Path:
     """Resume state keyed by everything that shapes the run, so a stale one is never picked up."""
     code = [file_sha256(Path(__file__).with_name(m)) for m in ("training.py", "model.py", "backend.py")]
-    inputs = [file_sha256(SPLIT), AUGMENTED.stat().st_size, keras.__version__, *code]
+    inputs = [file_sha256(SPLIT), *_store_content_key(), keras.__version__, *code]
     if phase == "finetune":  # a retrained frozen-phase model makes fine-tuning state stale
         inputs.append(file_sha256(FROZEN_MODEL))
     key = json.dumps([phase, as_dict(params), *inputs], sort_keys=True)
     return CHECKPOINTS / f"{phase}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+# The code that writes the pixels of the augmented store (with the params, already in the key).
+_STORE_CODE = ("images.py", "preprocess.py", "augment.py", "h5store.py")
+
+
+def _store_content_key() -> list[str]:
+    """What the augmented store's pixels are a function of, instead of hashing gigabytes at every start.
+
+    Its size says nothing (fixed-size chunks: other pixels, same size). The store is deterministic given
+    the manifest (the SHA-256 of every source image, and its label), the params, and the code and
+    libraries that decode, resize and augment; those few kilobytes stand for its content.
+    """
+    import cv2  # imported here: only the key needs its version
+
+    code = [file_sha256(Path(__file__).with_name(m)) for m in _STORE_CODE]
+    return [file_sha256(MANIFEST), *code, cv2.__version__, np.__version__]
 
 
 def _live(folder: Path, resume_at: int = 0):
