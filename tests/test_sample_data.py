@@ -248,3 +248,58 @@ def test_plan_has_biopsies_without_sclerotic_glomeruli():
 
 def n_biopsies_expected(n: int) -> int:
     return max(2, round(n / sample_data.IMAGES_PER_BIOPSY))
+
+
+def _colour_features(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per image at 64 px: mean and spread of each channel and 8-bin colour histograms; label; biopsy."""
+    x, y, groups = [], [], []
+    for name, label in sorted(_pngs(root).items()):
+        sub = next(s for s, lab in CLASS_DIRS.items() if lab == label)
+        img = cv2.imread(str(root / sub / name))
+        pixels = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA).reshape(-1, 3).astype(float)
+        hist = [np.histogram(pixels[:, ch], bins=8, range=(0, 256))[0] / len(pixels) for ch in range(3)]
+        x.append(np.concatenate([pixels.mean(0), pixels.std(0), *hist]))
+        y.append(label)
+        groups.append(name.split("_PAS_")[0])
+    return np.array(x), np.array(y), groups
+
+
+def _colour_auc(root: Path) -> float:
+    """ROC-AUC of a logistic regression on colour statistics, cross-validated by biopsy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, groups = _colour_features(root)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    folds = StratifiedGroupKFold(5, shuffle=True, random_state=0)
+    return roc_auc_score(y, cross_val_predict(model, x, y, groups=groups, cv=folds, method="predict_proba")[:, 1])
+
+
+def test_structure_only_classes_do_not_differ_in_colour(tmp_path):
+    """The hard set: colour, brightness and nucleus count alone do not separate the classes, while they do at the
+    default setting (many small biopsies, so no biopsy's stain happens to go with one class)."""
+    common = dict(seed=2, difficulty=0.3, sclerotic_fraction=0.5, size_range=(64, 128), n_biopsies=90)
+    _make(tmp_path / "easy", 180, **common)
+    _make(tmp_path / "hard", 180, structure_only=True, **common)
+    assert _colour_auc(tmp_path / "easy") > 0.95
+    assert _colour_auc(tmp_path / "hard") < 0.75
+    assert "structure_only: true" in (tmp_path / "hard" / "SYNTHETIC_DATA.txt").read_text(encoding="utf-8")
+
+
+def test_structure_only_classes_differ_in_structure(tmp_path):
+    """Open lumens make the normal tuft's white pixels few large blobs; the scar's are long thin clefts:
+    the white area's perimeter per area (a structure measure, not a colour one) separates the classes."""
+    _make(tmp_path / "hard", 40, seed=3, structure_only=True, sclerotic_fraction=0.5, size_range=(200, 240))
+    shape = {0: [], 1: []}
+    for name, label in _pngs(tmp_path / "hard").items():
+        sub = next(s for s, lab in CLASS_DIRS.items() if lab == label)
+        img = cv2.imread(str(tmp_path / "hard" / sub / name))
+        h, w = img.shape[:2]
+        centre = img[h // 4:3 * h // 4, w // 4:3 * w // 4]
+        white = ((centre.min(axis=2) > 200)).astype(np.uint8)
+        n_parts = cv2.connectedComponents(white)[0] - 1
+        shape[label].append(n_parts / max(1, white.sum()) * 100)
+    assert np.median(shape[0]) > 1.5 * np.median(shape[1]), shape

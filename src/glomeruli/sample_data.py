@@ -85,6 +85,26 @@ CLASS_FEATURES: dict[str, tuple[float, float]] = {
     "fibrous_pas": (0.55, 0.40),
     "size": (1.0, 0.88),  # sclerotic glomeruli tend to shrink
 }
+# Structure-only regime (`structure_only=True`): these features are drawn from one distribution for
+# both classes (stain, density, nucleus count, size, outline, periglomerular fibrosis), so colour,
+# brightness and nucleus count carry no label; only the tuft's structure does (STRUCTURE_FEATURES).
+SHARED_FEATURES = ("tuft_pas", "tuft_hema", "tuft_grain", "nucleus_density", "lobulation", "wrinkle",
+                   "fibrous_width", "fibrous_pas", "size")
+# (non-sclerotic, sclerotic): round open lumens ringed by PAS-dark capillary loops and a white Bowman's
+# space, vs a homogeneous scar crossed by wrinkled basement membranes and thin clefts, filling the capsule.
+STRUCTURE_FEATURES: dict[str, tuple[float, float]] = {
+    "capillary_wall": (0.35, 0.0),
+    "wrinkled_gbm": (0.0, 0.30),
+    "bowman_gap": (0.10, 0.0),
+}
+# Shares of white (lumens and Bowman's space / clefts) and PAS-dark (loops / wrinkles) pixels inside the
+# capsule, one draw for both classes; the PAS densities there are mapped onto one reference by rank (_match_histogram),
+# so the colour histogram is the same for both classes and only the arrangement of the pixels differs.
+WHITE_FRACTION = (0.08, 0.20)
+DARK_FRACTION = (0.08, 0.20)
+STRUCTURE_LUMEN_SPACING = 0.12  # lumens, wrinkles and clefts large enough to survive a 64-96 px input
+STRUCTURE_RIDGE_CELL = 0.24
+STRUCTURE_CLEFT_CELL = 0.9
 SHRUNKEN_PROBABILITY = 0.3  # sclerotic glomeruli drawn markedly small (obsolete, shrunken)
 SHRUNKEN_SCALE = (0.55, 0.8)
 FEATURE_JITTER = 0.12  # per-image relative spread of each feature
@@ -148,6 +168,7 @@ class _Job:
     stain: _Stain
     difficulty: float
     seed: int
+    structure_only: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,18 +186,23 @@ def generate_sample_dataset(
     n_biopsies: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    structure_only: bool = False,
 ) -> SampleSummary:
     """Write a synthetic CMIL-layout dataset into ``out_dir`` and return a summary.
 
     Same arguments give byte-identical files whatever ``workers`` is (0 = all cores).
     ``difficulty`` 0 makes the classes trivially separable, 1 blends their features, strengthens
-    stain/blur variation and adds ambiguous obsolescent-like glomeruli. Refuses (FileExistsError)
+    stain/blur variation and adds ambiguous obsolescent-like glomeruli. ``structure_only`` draws
+    stain, density, nucleus count and size from one distribution for both classes, so only the tuft's
+    structure (open lumens and capillary loops vs a wrinkled scar and filled Bowman's space) tells
+    them apart: the hard set on which a head over a random frozen base fails. Refuses (FileExistsError)
     a non-empty ``out_dir`` that is not a previous synthetic dataset; replaces one that is.
     """
     out = Path(out_dir).expanduser().resolve()  # "x/.." must still name a sibling for the temp
     _validate(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies, workers)
     _check_target(out)
-    jobs, n_bio = _plan(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies)
+    jobs, n_bio = _plan(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies,
+                        bool(structure_only))
     n_scl = sum(j.label for j in jobs)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -185,12 +211,12 @@ def generate_sample_dataset(
     try:
         for sub in (SCLEROTIC_DIR, NON_SCLEROTIC_DIR):
             (tmp / sub).mkdir(parents=True)
-        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies, difficulty %.2f) "
-                 "in %s", n_images, n_scl, n_bio, difficulty, out)
+        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies, difficulty %.2f%s) "
+                 "in %s", n_images, n_scl, n_bio, difficulty, ", structure only" if structure_only else "", out)
         _run_jobs(jobs, tmp, workers, progress)
         _write_csv(tmp / LABELS_CSV, jobs)
         _write_marker(tmp / MARKER_FILE, n_images, n_scl, n_bio, sclerotic_fraction, difficulty,
-                      seed, size_range)
+                      seed, size_range, bool(structure_only))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -272,7 +298,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def _plan(n_images, fraction, difficulty, seed, size_range, n_biopsies) -> tuple[list[_Job], int]:
+def _plan(n_images, fraction, difficulty, seed, size_range, n_biopsies,
+          structure_only: bool = False) -> tuple[list[_Job], int]:
     """Draw labels, biopsy grouping, sizes and names; cheap and done once in the main process."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
     n = int(n_images)
@@ -317,7 +344,7 @@ def _plan(n_images, fraction, difficulty, seed, size_range, n_biopsies) -> tuple
 
     jobs = [
         _Job(i, names[i], int(labels[i]), int(widths[i]), int(heights[i]), stains[biopsy_of[i]],
-             float(difficulty), int(seed))
+             float(difficulty), int(seed), structure_only)
         for i in range(n)
     ]
     return jobs, n_bio
@@ -345,7 +372,8 @@ def _write_csv(path: Path, jobs: list[_Job]) -> None:
     path.write_text(text, encoding="utf-8", newline="")
 
 
-def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed, size_range):
+def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed, size_range,
+                  structure_only: bool = False):
     lines = [
         MARKER_SIGNATURE,
         "",
@@ -361,6 +389,8 @@ def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed
         f"sclerotic_fraction: {float(fraction)}",
         f"difficulty: {float(difficulty)}",
         f"size_range: [{int(size_range[0])}, {int(size_range[1])}]",
+        *(["structure_only: true (colour, brightness and nucleus count do not separate the classes)"]
+          if structure_only else []),
         f"biopsy ids start with {BIOPSY_PREFIX!r}; every PNG has a {PNG_TEXT_KEY!r} text chunk "
         f"starting with {PNG_TEXT_PREFIX!r}.",
     ]
@@ -446,7 +476,8 @@ def _write_one(job: _Job, folder: Path) -> None:
 def _png_comment(job: _Job) -> str:
     # No label in the metadata: a loader must not be able to read the answer from the file.
     return (f"{PNG_TEXT_PREFIX}; NOT real tissue; generator glomeruli.sample_data {__version__}; "
-            f"seed {job.seed}; index {job.index}; difficulty {job.difficulty:g}")
+            f"seed {job.seed}; index {job.index}; difficulty {job.difficulty:g}"
+            + ("; structure only" if job.structure_only else ""))
 
 
 def _encode_png(bgra: np.ndarray, comment: str) -> bytes:
@@ -481,6 +512,58 @@ def _features(label: int, difficulty: float, rng: np.random.Generator) -> dict[s
     if label and rng.random() < SHRUNKEN_PROBABILITY * (1.0 - 0.5 * difficulty):
         feats["size"] *= rng.uniform(*SHRUNKEN_SCALE)
     return feats
+
+
+def _structure_features(label: int, difficulty: float, rng: np.random.Generator) -> dict[str, float]:
+    """Structure-only regime: SHARED_FEATURES independent of the label, STRUCTURE_FEATURES by class
+    (blended toward the other class as difficulty grows, like _features)."""
+    feats = {key: float(rng.uniform(*sorted(CLASS_FEATURES[key]))) for key in SHARED_FEATURES}
+    feats.update(lumen_fraction=0.0, bowman_fill=0.0, white_fraction=float(rng.uniform(*WHITE_FRACTION)),
+                 dark_fraction=float(rng.uniform(*DARK_FRACTION)))
+    base_blend = MAX_BLEND * difficulty * rng.random()
+    for key, (v0, v1) in sorted(STRUCTURE_FEATURES.items()):
+        own, other = (v1, v0) if label else (v0, v1)
+        blend = float(np.clip(base_blend * rng.uniform(0.5, 1.5), 0.0, 1.0))
+        feats[key] = max(0.0, (own + blend * (other - own)) * (1.0 + FEATURE_JITTER * rng.uniform(-1, 1)))
+    if feats["capillary_wall"] > feats["wrinkled_gbm"]:  # open lumens; their white joins the Bowman's space's
+        feats["lumen_fraction"] = feats["white_fraction"]
+    else:
+        feats["clefts"] = feats["white_fraction"]
+    return feats
+
+
+def _crescent(theta: np.ndarray, phase: float) -> np.ndarray:
+    """Bowman's space is widest on one side: its width profile around the tuft, 0.3..1."""
+    return 0.3 + 0.7 * np.maximum(0.0, np.cos(theta - phase)) ** 2
+
+
+def _gap_share(gap: float) -> float:
+    """Share of the capsule's area that a Bowman's space `gap` wide (capsule radii) leaves white."""
+    theta = np.linspace(-np.pi, np.pi, THETA_BINS, endpoint=False)
+    return float(1.0 - np.mean((1.0 - gap * _crescent(theta, 0.0)) ** 2))
+
+
+def _match_histogram(pas: np.ndarray, f: dict[str, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Map PAS densities (inside the capsule) by rank onto a reference drawn from shared features only.
+
+    The lowest `white_fraction` becomes white (lumens and Bowman's space, or clefts), the highest
+    `dark_fraction` PAS-dark membrane, the rest matrix: both classes then have the same density histogram
+    (for the same draws) and differ only in where those densities lie. Returns (densities, white mask).
+    """
+    n = pas.size
+    k_white, k_dark = int(round(f["white_fraction"] * n)), int(round(f["dark_fraction"] * n))
+    k_mid = n - k_white - k_dark
+    reference = np.concatenate([
+        0.03 + 0.02 * rng.random(k_white),
+        f["tuft_pas"] * np.clip(1.0 + 0.35 * f["tuft_grain"] * rng.standard_normal(k_mid) * 2.0, 0.3, None),
+        f["tuft_pas"] + 0.35 * (0.6 + 0.4 * rng.random(k_dark)),
+    ]).astype(np.float32)
+    order = np.argsort(pas, kind="stable")
+    out = np.empty(n, np.float32)
+    out[order] = np.sort(reference)
+    white = np.zeros(n, np.float32)
+    white[order[:k_white]] = 1.0
+    return out, white
 
 
 def _periodic(rng: np.random.Generator, harmonics: Iterable[int], amp: float) -> np.ndarray:
@@ -541,7 +624,7 @@ def _render(job: _Job) -> np.ndarray:
     seq = np.random.SeedSequence(job.seed, spawn_key=(_IMAGE_STREAM, job.index))
     rng = np.random.default_rng(seq)
     d = job.difficulty
-    f = _features(job.label, d, rng)
+    f = (_structure_features if job.structure_only else _features)(job.label, d, rng)
     # Draw at reduced resolution and upsample: real 20x scans are soft at the pixel level anyway,
     # and this makes drawing ~4x cheaper (and the PNGs faster to encode).
     step = RENDER_STEP if min(job.width, job.height) >= RENDER_STEP_MIN_SIDE else 1
@@ -565,7 +648,7 @@ def _render(job: _Job) -> np.ndarray:
     # Outlines: near-round capsule, lobulated tuft shrunk by a crescent-shaped Bowman's space.
     theta = np.linspace(-np.pi, np.pi, THETA_BINS, endpoint=False, dtype=np.float32)
     r_caps = 1.0 + _periodic(rng, range(2, 5), 0.035) + _periodic(rng, range(14, 30), f["wrinkle"])
-    crescent = 0.3 + 0.7 * np.maximum(0.0, np.cos(theta - rng.uniform(-np.pi, np.pi))) ** 2
+    crescent = _crescent(theta, rng.uniform(-np.pi, np.pi))
     lobes = _periodic(rng, range(4, 9), f["lobulation"])
     lobes = lobes + _periodic(rng, range(18, 40), f["wrinkle"])
     r_tuft = r_caps * (1.0 - f["bowman_gap"] * crescent) * (1.0 + lobes)
@@ -581,16 +664,21 @@ def _render(job: _Job) -> np.ndarray:
     pas_bg, hema_bg, seeds = _draw_background(rng, h, w, scale, grain, low, glom_mask)
 
     # Tuft: capillary lumens are the top tail of a smooth noise field, with PAS-bright rims.
-    lum_noise = _smooth_noise(rng, h, w, LUMEN_SPACING * scale)
+    lumen_spacing = STRUCTURE_LUMEN_SPACING if job.structure_only else LUMEN_SPACING
+    lum_noise = _smooth_noise(rng, h, w, lumen_spacing * scale)
     thresh = NOISE_STD * NormalDist().inv_cdf(1.0 - min(max(f["lumen_fraction"], 1e-4), 0.5))
     lumen = _soft(lum_noise - thresh, 4.0)
     wall = np.clip(1.0 - np.abs(lum_noise - thresh + 0.25) * 3.0, 0.0, 1.0)
     pas_tuft = f["tuft_pas"] * (1.0 + 1.2 * f["tuft_grain"] * grain + 0.15 * low)
     pas_tuft += f["capillary_wall"] * wall
     if f["wrinkled_gbm"] > 0.01:  # collapsed capillary walls: thin meandering level-set lines
-        cell = 0.12 * scale
+        cell = (STRUCTURE_RIDGE_CELL if job.structure_only else 0.12) * scale
         ridge = np.clip(1.0 - np.abs(_smooth_noise(rng, h, w, cell)) * (cell / 2.5), 0.0, 1.0)
         pas_tuft += f["wrinkled_gbm"] * ridge
+    if f.get("clefts", 0.0) > 0.005:  # thin white slits between collapsed loops (same white as open lumens)
+        cleft_noise = _smooth_noise(rng, h, w, STRUCTURE_CLEFT_CELL * scale)
+        width = NOISE_STD * NormalDist().inv_cdf(0.5 + 0.5 * min(f["clefts"], 0.9))
+        lumen = np.maximum(lumen, _soft(width - np.abs(cleft_noise), 4.0))
     pas_tuft += lumen * (0.03 - pas_tuft)
     hema_tuft = f["tuft_hema"] * (1.0 + 1.5 * f["tuft_grain"] * grain + 0.3 * low) * (1.0 - lumen)
 
@@ -601,6 +689,7 @@ def _render(job: _Job) -> np.ndarray:
     hema_g = a_tuft * hema_tuft
 
     # Concentric, wrinkled fibrous lamellae wrap the (sclerotic) tuft.
+    lamellae_hema = 1.0
     if f["fibrous_width"] > 0.03:
         n_layers = 1.5 + 12.0 * f["fibrous_width"]
         crinkle = _smooth_noise(rng, h, w, 0.12 * scale)
@@ -609,7 +698,17 @@ def _render(job: _Job) -> np.ndarray:
         layers = f["fibrous_pas"] * (0.62 + 0.38 * _fast_cos(phase)) * (1.0 + 0.5 * grain)
         zone = _soft(c - (1.0 - fib_in), radius) * _soft(1.0 + fib_out - c, radius)
         pas_g += (0.9 * zone) * (layers - pas_g)
-        hema_g *= 1.0 - 0.7 * zone
+        lamellae_hema = 1.0 - 0.7 * zone
+        hema_g *= lamellae_hema
+    if job.structure_only:  # same density histogram inside the capsule for both classes (see STRUCTURE_FEATURES)
+        inside = c < 1.0
+        pas_g[inside], white = _match_histogram(pas_g[inside], f, rng)
+        # Hematoxylin by rank too: matrix everywhere but in the white (a raw gap that ranks as matrix gets it).
+        matrix = f["tuft_hema"] * (1.0 + 1.5 * f["tuft_grain"] * grain + 0.3 * low) * lamellae_hema
+        hema_g[inside] = matrix[inside] * (1.0 - white)
+        lumen = np.zeros_like(lumen)
+        lumen[inside] = white
+        a_tuft = np.maximum(a_tuft, inside.astype(np.float32))  # nuclei suppression below covers the capsule
     # Capsule basement membrane: a thin PAS-dark line just outside c = 1.
     cap = _soft(CAPSULE_THICKNESS / 2 - np.abs(c - 1.0 - CAPSULE_THICKNESS / 2), radius)
     pas_g = np.maximum(pas_g, 0.7 * cap)
@@ -621,6 +720,8 @@ def _render(job: _Job) -> np.ndarray:
     # Glomerular nuclei inside the tuft (and a few fibroblasts among the lamellae).
     r_nuc = max(0.8, NUCLEUS_RADIUS * scale)
     n_try = int(f["nucleus_density"] * 4.0 * ax * ay / (NUCLEUS_SPACING * r_nuc) ** 2)
+    if job.structure_only:  # as many nuclei as a tuft within an open Bowman's space holds
+        n_try = int(n_try * (1.0 - _gap_share(STRUCTURE_FEATURES["bowman_gap"][0])) / (1.0 - _gap_share(f["bowman_gap"])))
     gx = np.rint(cx + rng.uniform(-1, 1, n_try) * ax).clip(0, w - 1).astype(np.intp)
     gy = np.rint(cy + rng.uniform(-1, 1, n_try) * ay).clip(0, h - 1).astype(np.intp)
     keep = q[gy, gx] < 0.97
