@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.11) with the pinned dependencies and the package; idempotent.
+# Argument: the requirements file (default requirements.txt, CPU builds). A GPU file replaces the CPU
+# builds of an existing .venv: TensorFlow's CPU and CUDA wheels must never be installed side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
+REQUIREMENTS=${1:-requirements.txt}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r "${1:-requirements.txt}"
+case "$REQUIREMENTS" in
+  *gpu-tf*)  .venv/bin/python -m pip uninstall -q -y tensorflow-cpu 2>/dev/null || true ;;
+  *gpu-jax*) .venv/bin/python -m pip uninstall -q -y tensorflow-cpu tensorflow 2>/dev/null || true ;;
+  *)         if .venv/bin/python -m pip show -q tensorflow 2>/dev/null; then
+               .venv/bin/python -m pip uninstall -q -y tensorflow  # back from a GPU set-up to the CPU build
+             fi ;;
+esac
+.venv/bin/python -m pip install -q -r "$REQUIREMENTS"
 .venv/bin/python -m pip install -q --no-deps -e .

@@ -1,9 +1,10 @@
-"""`glomeruli` command: predict on a folder of images, make synthetic sample data."""
+"""`glomeruli` command: predict, review, cross-validation summary, demo, switch to real data, doctor, sample data."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +18,11 @@ def _predict(args: argparse.Namespace) -> int:
     import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
     from glomeruli.predict import predict_folder, write_predictions
 
-    predictions, skipped = predict_folder(Path(args.model), Path(args.image_dir), batch_size=args.batch_size,
-                                          workers=args.workers, threshold=args.threshold)
+    from glomeruli.distribute import start
+
+    with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
+        predictions, skipped = predict_folder(Path(args.model), Path(args.image_dir), batch_size=args.batch_size,
+                                              workers=args.workers, threshold=args.threshold)
     write_predictions(Path(args.output), predictions)
     n_pos = sum(p.label for p in predictions)
     log.info("wrote %s: %d images, %d predicted globally sclerotic, %d skipped", args.output, len(predictions),
@@ -32,10 +36,57 @@ def _sample_data(args: argparse.Namespace) -> int:
     lo, hi = args.size_range
     summary = generate_sample_dataset(Path(args.out_dir), args.n_images, difficulty=args.difficulty, seed=args.seed,
                                       size_range=(lo, hi), sclerotic_fraction=args.sclerotic_fraction,
-                                      workers=args.workers)
+                                      workers=args.workers, structure_only=args.structure_only)
     log.info("wrote %d synthetic images (%d sclerotic, %d biopsies) to %s", summary.n_images, summary.n_sclerotic,
              summary.n_biopsies, summary.root)
     return 0
+
+
+def _devices(value: str) -> str | int:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or a count >= 1")
+    return int(value)
+
+
+def _review(args: argparse.Namespace) -> int:
+    from glomeruli.review import write_review
+
+    out_dir = Path(args.output_dir)
+    review = write_review(Path.cwd(), args.base, args.head, out_dir)
+    log.info("wrote %s (%d pictures): %s -> %s", out_dir / "report.md", len(review.pictures), review.base.label,
+             review.head.label)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from glomeruli.workspace import CPU_OVERRIDES, DemoSettings, run_demo
+
+    overrides = dict(CPU_OVERRIDES)
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = value
+    run_demo(DemoSettings(n_images=args.n_images, seed=args.seed, difficulty=args.difficulty,
+                          overrides=tuple(overrides.items())))
+    return 0
+
+
+def _use_data(args: argparse.Namespace) -> int:
+    from glomeruli.workspace import use_data
+
+    for line in use_data(Path(args.source)):
+        log.info("%s", line)
+    log.info("ready: `glomeruli doctor` shows what the run will use; then `dvc repro`")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from glomeruli.doctor import diagnose, format_findings
+
+    findings = diagnose(Path(args.params))
+    print(format_findings(findings))
+    return 1 if any(f.problem for f in findings) and args.strict else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,22 +98,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="evaluation.csv", help="CSV to write (default: evaluation.csv)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    p.add_argument("--devices", type=_devices, default="auto",
+                   help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the threshold chosen on validation (not recommended)")
     p.set_defaults(func=_predict)
     s = sub.add_parser("sample-data", help="write a synthetic dataset in the CMIL layout (for demos and tests)")
-    s.add_argument("out_dir", nargs="?", default="data/raw")
+    s.add_argument("out_dir", nargs="?", default="data/sample",
+                   help="default data/sample: data/raw is kept for your own images")
     s.add_argument("-n", "--n-images", type=int, default=300)
     s.add_argument("--difficulty", type=float, default=0.3, help="0 = trivially separable, 1 = hard")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size-range", type=int, nargs=2, default=(250, 950), metavar=("MIN", "MAX"))
     s.add_argument("--sclerotic-fraction", type=float, default=0.18)
     s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--structure-only", action="store_true",
+                   help="the hard set: stain, brightness, nucleus count and size drawn from one distribution for both "
+                        "classes (same colour histogram), so only the tuft's structure separates them (open lumens "
+                        "and capillary loops vs a wrinkled scar filling Bowman's space); a head on a random frozen "
+                        "base fails on it, use it to compare training recipes")
     s.set_defaults(func=_sample_data)
+    r = sub.add_parser("review", help="pull-request report of two revisions: metrics, params, stages rerun, pictures")
+    r.add_argument("base", help="the revision to compare with (e.g. origin/main)")
+    r.add_argument("head", nargs="?", default=None, help="the revision under review (default: the workspace)")
+    r.add_argument("-o", "--output-dir", default="review", help="folder for report.md, comment.md and the PNGs")
+    r.set_defaults(func=_review)
+    d = sub.add_parser("demo", help="the CPU demo: synthetic images in data/sample through all seven stages")
+    d.add_argument("-n", "--n-images", type=int, default=400)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--difficulty", type=float, default=0.3)
+    d.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                   help="another override for the demo's `dvc exp run` (e.g. -S preprocess.image_size=64)")
+    d.set_defaults(func=_demo)
+    u = sub.add_parser("use-data", help="leave the demo for your own images: restore the committed params and "
+                       "lock, remove the demo's outputs and sample data, set data.source")
+    u.add_argument("source", nargs="?", default="data/raw", help="your images: a folder in the CMIL layout or a .zip")
+    u.set_defaults(func=_use_data)
+    g = sub.add_parser("doctor", help="print the backend, devices, dtype policy, weights and data a run will use")
+    g.add_argument("--params", default="params.yaml")
+    g.add_argument("--strict", action="store_true", help="exit 1 when a problem is found")
+    g.set_defaults(func=_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
