@@ -134,7 +134,7 @@ def training(args) -> dict:
 
     seed, size = 0, args.size
     params, aug, split = _build_store(Path(args.raw), Path(args.work), size, seed)
-    configure(seed, "float32")
+    configure(seed, "float32", "auto")
     out: dict = {"image_size": size, "backend": keras.backend.backend()}
     frozen_p = replace(params.train_frozen, epochs=5, patience=100, batch_size=args.batch_size)
     fine_p = replace(params.finetune, epochs=args.finetune_epochs, patience=100, batch_size=args.batch_size)

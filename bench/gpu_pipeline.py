@@ -144,7 +144,7 @@ def main() -> None:
     from glomeruli.h5store import ImageStore
     from glomeruli.model import build_model, compile_model, load_model, split_at_block
 
-    policy = configure(params.seed, params.runtime.mixed_precision)
+    policy = configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
     report("device", f"{jax.default_backend()}: {jax.devices()[0].device_kind}",
            f"keras {keras.__version__} on {keras.backend.backend()}, {jax.devices()[0].device_kind}, policy {policy}")
     if keras.backend.backend() != "jax":

@@ -5,11 +5,12 @@ from glomeruli.stagekit import run_stage
 
 def main(params):
     # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
-    from glomeruli.backend import configure
+    from glomeruli.backend import configure, request_xla_determinism
     from glomeruli.evaluation import evaluate_model
     from glomeruli.paths import AUGMENTED, LIVE_FINETUNE, LIVE_FROZEN, METRICS, MODEL, PLOTS, SPLIT
 
-    configure(params.seed, params.runtime.mixed_precision)
+    request_xla_determinism(params.runtime.deterministic)  # before anything starts JAX's backend
+    configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
     evaluate_model(MODEL, AUGMENTED, SPLIT, params.evaluate, max_pixels=params.ingest.max_pixels,
                    metrics_path=METRICS, plots_dir=PLOTS,
                    curves={"frozen": LIVE_FROZEN, "fine-tune": LIVE_FINETUNE})

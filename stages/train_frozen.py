@@ -5,12 +5,13 @@ from glomeruli.stagekit import run_stage
 
 def main(params):
     # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
-    from glomeruli.backend import configure
+    from glomeruli.backend import configure, request_xla_determinism
     from glomeruli.model import build_model
     from glomeruli.paths import FROZEN_MODEL, LIVE_FROZEN
     from glomeruli.training import run_phase
 
-    configure(params.seed, params.runtime.mixed_precision)
+    request_xla_determinism(params.runtime.deterministic)  # before anything starts JAX's backend
+    configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
     run_phase("train_frozen", params, lambda image_size: build_model(image_size, params.model.weights,
                                                                      params.model.dropout),
               out_model=FROZEN_MODEL, live_dir=LIVE_FROZEN)

@@ -49,3 +49,34 @@ def test_training_path_under_jax_without_tensorflow(tmp_path):
                             "print(keras.backend.backend(), 'tensorflow' in sys.modules)"],
                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert probe.stdout.split() == ["jax", "False"], probe.stderr[-2000:]
+
+
+_DETERMINISM_PROBE = """
+import os
+from glomeruli.backend import configure
+from tensorflow.python.framework import config as tf_config
+for setting in ("false", "auto", "false"):
+    configure(0, "float32", setting if setting == "auto" else setting == "true")
+    print(setting, tf_config.is_op_determinism_enabled())
+"""
+
+
+def test_op_determinism_follows_the_param_on_tensorflow():
+    """auto turns TensorFlow op determinism on for a CPU run; false leaves it off (and turns it off again)."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", _DETERMINISM_PROBE], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["false False", "auto True", "false False"], result.stdout
+
+
+def test_deterministic_true_on_jax_sets_the_xla_flag_before_jax_starts(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)  # as on our JAX boxes (and faster to start)
+    probe = ("import os; from glomeruli.backend import configure; configure(0, 'float32', True); import jax; "
+             "print(jax.default_backend(), os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["cpu", "--xla_gpu_deterministic_ops=true"], result.stdout

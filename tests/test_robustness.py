@@ -562,7 +562,7 @@ def test_resume_continues_early_stopping_and_ends_like_an_uninterrupted_run(tmp_
             self.seen.append(epoch)
 
     def train(folder: Path, kill=None):
-        configure(3, "float32")
+        configure(3, "float32", "auto")
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dropout(0.3),
                                   keras.layers.Dense(1, activation="sigmoid")])
         epochs = Epochs()

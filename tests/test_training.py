@@ -19,7 +19,7 @@ from glomeruli.training import (Batches, finetune, load_phase_data,
 
 def _frozen_model(tiny_data, cache: bool, seed: int = 7) -> keras.Model:
     p = tiny_data.params
-    configure(seed, "float32")
+    configure(seed, "float32", "auto")
     model = build_model(32, "none", 0.3)
     with tiny_data.store() as store:
         data = load_phase_data(store, tiny_data.split, 1.0)
@@ -43,7 +43,7 @@ def test_cached_finetune_equals_full_graph_training(tiny_data, tmp_path):
     _frozen_model(tiny_data, True).save(tmp_path / "frozen.keras")
     results = []
     for cache in (True, False):
-        configure(11, "float32")
+        configure(11, "float32", "auto")
         model = load_model(tmp_path / "frozen.keras")
         with tiny_data.store() as store:
             data = load_phase_data(store, tiny_data.split, 1.0)
@@ -81,7 +81,7 @@ def test_model_learns_on_synthetic_data(tmp_path):
     """Within a CPU budget, balanced accuracy on held-out test images clearly beats the majority class."""
     data = build_tiny_data(tmp_path, n_images=400, size=64, seed=5)
     p = data.params
-    configure(0, "float32")
+    configure(0, "float32", "auto")
     model = build_model(64, "none", p.model.dropout)
     with data.store() as store:
         phase = load_phase_data(store, data.split, 1.0)
