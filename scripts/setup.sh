@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 REQUIREMENTS=${1:-requirements.txt}
+if [ -L .venv ]; then  # an environment linked in from elsewhere (e.g. a test's copy of the project): used as it is
+  echo "using the linked environment $(readlink .venv) as it is"
+  exit 0
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 case "$REQUIREMENTS" in
