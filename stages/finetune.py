@@ -6,11 +6,13 @@ from glomeruli.stagekit import run_stage
 def main(params):
     # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
     from glomeruli.backend import configure, request_xla_determinism
+    from glomeruli.distribute import start as start_devices
     from glomeruli.model import load_model
     from glomeruli.paths import FROZEN_MODEL, LIVE_FINETUNE, MODEL
     from glomeruli.training import run_phase
 
     request_xla_determinism(params.runtime.deterministic)  # before anything starts JAX's backend
+    start_devices(params.runtime.devices)  # first: on several hosts it joins the JAX job
     configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
     run_phase("finetune", params, lambda image_size: load_model(FROZEN_MODEL), out_model=MODEL, live_dir=LIVE_FINETUNE)
 

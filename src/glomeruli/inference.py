@@ -14,6 +14,7 @@ import h5py
 import keras
 import numpy as np
 
+from glomeruli import distribute
 from glomeruli.h5store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ def predict_batch(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndar
     """One batch of outputs; a short last batch is padded to `batch_size`, so each model runs at one
     batch shape only (JAX/XLA compiles, and TensorFlow retraces, for every new shape)."""
     n = len(x)
+    engine = distribute.current()
+    if engine.distributed:  # padded to a multiple of the devices; each process passes its share on
+        padded = engine.padded(batch_size)
+        rows, pad = engine.share(n, padded)
+        return distribute.predict(model, distribute.pad_rows(x[rows], pad), padded)[:n]
     if n < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
     return np.asarray(model.predict_on_batch(x))[:n]
@@ -91,8 +97,15 @@ def predict_rows(model: keras.Model, rows: Rows, batch_size: int) -> np.ndarray:
     A thread reads (and converts) the next batch while the model runs on this one, so on an
     accelerator the host-side reading overlaps the forward pass instead of adding to it.
     """
+    engine = distribute.current()
+
     def read(start: int) -> np.ndarray:
-        return rows.read(np.arange(start, min(start + batch_size, len(rows))))
+        batch = np.arange(start, min(start + batch_size, len(rows)))
+        if engine.process_count == 1:
+            return rows.read(batch)
+        # Several processes: each reads only its share of the batch (predict_batch takes shares as they come).
+        share, _ = engine.share(len(batch), engine.padded(batch_size))
+        return _read_share(rows, batch, share)
 
     outputs = []
     with ThreadPoolExecutor(1, thread_name_prefix="glomeruli-prefetch") as prefetch:
@@ -100,5 +113,22 @@ def predict_rows(model: keras.Model, rows: Rows, batch_size: int) -> np.ndarray:
         for start in range(0, len(rows), batch_size):
             x = pending.result()
             pending = prefetch.submit(read, start + batch_size) if start + batch_size < len(rows) else None
-            outputs.append(predict_batch(model, x, batch_size))
+            n = min(batch_size, len(rows) - start)
+            outputs.append(predict_batch(model, x, batch_size) if engine.process_count == 1
+                           else _predict_share(model, x, n, batch_size))
     return np.concatenate(outputs).astype(np.float32)
+
+
+def _read_share(rows: Rows, batch: np.ndarray, share: slice) -> np.ndarray:
+    """This process's rows of a batch; a share that is all padding still has the rows' shape."""
+    if share.stop > share.start:
+        return rows.read(batch[share])
+    return rows.read(batch[:1])[:0]
+
+
+def _predict_share(model: keras.Model, x_local: np.ndarray, n: int, batch_size: int) -> np.ndarray:
+    """Outputs of a batch of `n` rows from this process's share of it (several processes)."""
+    engine = distribute.current()
+    padded = engine.padded(batch_size)
+    _, pad = engine.share(n, padded)
+    return distribute.predict(model, distribute.pad_rows(x_local, pad), padded)[:n]
