@@ -16,18 +16,41 @@ log = logging.getLogger("glomeruli")
 
 def _predict(args: argparse.Namespace) -> int:
     import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
-    from glomeruli.predict import predict_folder, write_predictions
-
     from glomeruli.distribute import start
+    from glomeruli.metadata import read_metadata
+    from glomeruli.predict import (folder_labels, format_score, predict_folder, score_predictions, write_predictions,
+                                   write_score)
 
+    folder, model, output = Path(args.image_dir), Path(args.model), Path(args.output)
+    labels = folder_labels(folder, *_class_layout(args.params))  # None unless in the training layout
+    threshold = read_metadata(model).threshold if args.threshold is None else args.threshold
     with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
-        predictions, skipped = predict_folder(Path(args.model), Path(args.image_dir), batch_size=args.batch_size,
-                                              workers=args.workers, threshold=args.threshold)
-    write_predictions(Path(args.output), predictions)
+        predictions, skipped = predict_folder(model, folder, batch_size=args.batch_size, workers=args.workers,
+                                              threshold=threshold, recursive=args.recursive,
+                                              ignore=frozenset({labels.csv_name} if labels and labels.csv_name else ()))
+    write_predictions(output, predictions)
     n_pos = sum(p.label for p in predictions)
-    log.info("wrote %s: %d images, %d predicted globally sclerotic, %d skipped", args.output, len(predictions),
+    log.info("wrote %s: %d images, %d predicted globally sclerotic, %d skipped", output, len(predictions),
              n_pos, len(skipped))
+    if labels is not None:  # a labelled batch: score the model on it, as the evaluate stage does
+        score = score_predictions(predictions, labels, threshold)
+        print(format_score(score.report))
+        log.info("wrote %s and %s", *write_score(output, score))
     return 0
+
+
+def _class_layout(params_path: str | None) -> tuple[dict[str, int], str | None]:
+    """ingest.class_dirs and ingest.labels_csv of params.yaml: what makes a folder a labelled one."""
+    from glomeruli.params import load_params
+
+    if params_path is not None or Path("params.yaml").is_file():
+        ingest = load_params(params_path or "params.yaml").ingest
+        return ingest.class_dirs, ingest.labels_csv
+    from glomeruli.sample_data import LABELS_CSV, NON_SCLEROTIC_DIR, SCLEROTIC_DIR
+
+    log.info("no params.yaml here: a labelled folder is one in the CMIL layout (%s/ = 1, %s/ = 0, %s)",
+             SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV)
+    return {SCLEROTIC_DIR: 1, NON_SCLEROTIC_DIR: 0}, LABELS_CSV
 
 
 def _sample_data(args: argparse.Namespace) -> int:
@@ -93,9 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glomeruli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify every image of a folder; writes name,ground truth,probability")
-    p.add_argument("image_dir", help="folder of images (non-images and corrupt files are skipped and reported)")
+    p.add_argument("image_dir", help="folder of images (non-images and corrupt files are skipped and reported); in the "
+                   "training layout (class folders and/or public.csv) the predictions are also scored")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="also predict the images in subfolders (named by their path inside image_dir)")
+    p.add_argument("--params", default=None,
+                   help="params file whose ingest.class_dirs / ingest.labels_csv name a labelled folder's class "
+                        "folders and labels file (default: params.yaml if present, else the CMIL names)")
     p.add_argument("--model", default="models/model.keras", help="trained model (its .meta.json must sit beside it)")
-    p.add_argument("-o", "--output", default="evaluation.csv", help="CSV to write (default: evaluation.csv)")
+    p.add_argument("-o", "--output", default="evaluation.csv",
+                   help="CSV to write (default: evaluation.csv); a score goes beside it (evaluation.metrics.json, "
+                        "evaluation.confusion_matrix.png)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     p.add_argument("--devices", type=_devices, default="auto",

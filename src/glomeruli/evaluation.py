@@ -84,6 +84,17 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
         writer.writerows(rows)
 
 
+def plot_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, title: str) -> None:
+    """The confusion-matrix PNG of the evaluate stage and of `glomeruli predict` on a labelled folder."""
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    skm.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=[0, 1], display_labels=["non-GS (0)", "GS (1)"],
+                                                ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
 def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndarray, threshold: float) -> None:
     """CSV data for `dvc plots` (confusion, ROC, PR) and PNG renderings of the same."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,13 +107,7 @@ def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndar
     _write_csv(folder / "precision_recall.csv", ["recall", "precision", "threshold"],
                zip(np.round(recall[:-1], 6), np.round(precision[:-1], 6), np.round(pr_thr, 6)))
 
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    skm.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=[0, 1], display_labels=["non-GS (0)", "GS (1)"],
-                                                ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title(f"Test set, threshold {threshold:.3f}")
-    fig.tight_layout()
-    fig.savefig(folder / "confusion_matrix.png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
+    plot_confusion_matrix(folder / "confusion_matrix.png", y_true, y_pred, f"Test set, threshold {threshold:.3f}")
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     skm.RocCurveDisplay.from_predictions(y_true, prob, ax=axes[0], name="test")
     skm.PrecisionRecallDisplay.from_predictions(y_true, prob, ax=axes[1], name="test")

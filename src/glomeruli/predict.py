@@ -1,10 +1,16 @@
-"""Predict on a folder of images: same preprocessing as training, decoding overlapped with inference."""
+"""Predict on a folder of images: same preprocessing as training, decoding overlapped with inference.
+
+A folder in the training layout (class folders, and/or a `name,ground truth` labels file) is also
+scored: the evaluate stage's metrics and confusion matrix, from the labels it carries.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import logging
+import unicodedata
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -14,15 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
-from glomeruli.atomic import atomic_path
+from glomeruli.atomic import atomic_path, write_json
+from glomeruli.errors import UserError
 from glomeruli.images import ImageError, load_model_input
 from glomeruli.inference import predict_batch
+from glomeruli.ingest import LabelsCsv, parse_labels_csv
 from glomeruli.logs import progress
 from glomeruli.metadata import ModelMetadata, read_metadata
 from glomeruli.model import load_model
 from glomeruli.parallel import WorkerDied, process_context, resolve_workers
+from glomeruli.sources import junk_reason
 
 log = logging.getLogger(__name__)
+_FIRST_SHOWN = 5
+
+
+class PredictError(UserError, ValueError):
+    """The folder cannot be predicted as asked (subfolders without --recursive, nothing predictable)."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +52,32 @@ class Skip:
     reason: str
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Every non-hidden file directly in `folder`, sorted by name (decodability is checked later)."""
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Every file of `folder` (with `recursive`, of its subfolders too), sorted by `image_name`.
+
+    Hidden files and OS junk (`.DS_Store`, `__MACOSX/`...) are left out, as ingest leaves them out;
+    decodability is checked later. Without `recursive`, a folder with subfolders is refused by name.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of images")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not recursive:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not junk_reason(p.name))
+        if subfolders:
+            shown = ", ".join(f"{name}/" for name in subfolders[:_FIRST_SHOWN])
+            more = f" and {len(subfolders) - _FIRST_SHOWN} more" if len(subfolders) > _FIRST_SHOWN else ""
+            raise PredictError(f"{folder} has subfolders ({shown}{more}): pass --recursive to predict on the images "
+                               f"in them too (named by their path inside {folder}), or point at one of them")
+        return sorted(p for p in folder.iterdir() if p.is_file() and not junk_reason(p.name))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not junk_reason(d)]
+        files += [Path(dirpath, name) for name in filenames if not junk_reason(name)]
+    return sorted(files, key=lambda path: image_name(folder, path))
+
+
+def image_name(folder: Path, path: Path) -> str:
+    """How an image is named in the output: its posix path inside the folder (`x.png`, `class/x.png`)."""
+    return path.relative_to(folder).as_posix()
 
 
 def _init_decoder() -> None:
@@ -87,10 +122,14 @@ def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMe
 
 
 def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, workers: int = 0,
-                   threshold: float | None = None) -> tuple[list[Prediction], list[Skip]]:
-    """Predict every file of `folder`; unreadable files are skipped and returned by name."""
+                   threshold: float | None = None, recursive: bool = False,
+                   ignore: frozenset[str] = frozenset()) -> tuple[list[Prediction], list[Skip]]:
+    """Predict every file of `folder` but the names in `ignore` (a labels file); unreadable files are skipped
+    and returned by name. Nothing predicted is an error: an empty output would pass for a result."""
     meta = read_metadata(model_path)
-    files = list_images(folder)
+    files = [path for path in list_images(folder, recursive) if image_name(folder, path) not in ignore]
+    if not files:
+        raise PredictError(f"{folder} holds no files to predict: point at a folder of images")
     try:
         with ProcessPoolExecutor(resolve_workers(workers), mp_context=process_context(["glomeruli.images"]),
                                  initializer=_init_decoder) as pool:
@@ -106,9 +145,9 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
             names = iter(files)
             n_batches = -(-len(files) // batch_size)
             for batch in progress(decoded, n_batches, "predict"):
-                batch_names = [next(names).name for _ in batch]
+                batch_names = [image_name(folder, next(names)) for _ in batch]
                 good = [(n, img) for n, img in zip(batch_names, batch) if not isinstance(img, Skip)]
-                skipped += [img for img in batch if isinstance(img, Skip)]
+                skipped += [Skip(n, img.reason) for n, img in zip(batch_names, batch) if isinstance(img, Skip)]
                 if good:
                     x = np.stack([img for _, img in good]).astype(np.float32)
                     probs = predict_batch(model, x, batch_size).reshape(-1)
@@ -118,6 +157,10 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
                          "--workers") from err
     for skip in skipped:
         log.warning("skipped %s: %s", skip.name, skip.reason)
+    if not predictions:
+        why = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:_FIRST_SHOWN]) or "it holds no files"
+        raise PredictError(f"no image of {folder} could be predicted ({len(skipped)} files skipped; {why}): "
+                           "point at a folder of images (with --recursive for images in subfolders)")
     return predictions, skipped
 
 
@@ -127,3 +170,122 @@ def write_predictions(path: Path, predictions: list[Prediction]) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["name", "ground truth", "probability"])
         writer.writerows((p.name, p.label, f"{p.probability:.6f}") for p in predictions)
+
+
+# ---------------------------------------------------------------------------------------- self-scoring
+
+@dataclass(frozen=True)
+class FolderLabels:
+    """The labels a folder in the training layout carries: its class folders and/or its labels file."""
+
+    class_dirs: dict[str, int]  # the class folders present at the folder's top -> label
+    csv: LabelsCsv | None       # the parsed labels file, when there is one
+    csv_name: str | None        # its name inside the folder (read, not predicted)
+
+    @property
+    def origin(self) -> list[str]:
+        return ["class folders"] * bool(self.class_dirs) + [self.csv_name] * (self.csv is not None)
+
+    def label_of(self, name: str) -> tuple[int | None, dict | None]:
+        """(label, None), (None, None) when nothing labels it, or (None, conflict) when the two disagree."""
+        parts = name.split("/")
+        # as in ingest: only files directly inside a class folder take its label
+        folder_label = self.class_dirs.get(parts[0]) if len(parts) == 2 else None
+        csv_label = self.csv.labels.get(unicodedata.normalize("NFC", parts[-1])) if self.csv else None
+        if folder_label is not None and csv_label is not None and folder_label != csv_label:
+            return None, {"name": name, "folder_label": folder_label, "csv_label": csv_label}
+        return (folder_label if folder_label is not None else csv_label), None
+
+
+def folder_labels(folder: Path, class_dirs: dict[str, int], labels_csv: str | None) -> FolderLabels | None:
+    """The labels of `folder` when it is in the training layout (class folders at its top, or the labels
+    file `labels_csv` there; ingest.class_dirs and ingest.labels_csv name them), else None."""
+    present = {name: label for name, label in class_dirs.items() if (folder / name).is_dir()}
+    csv_path = folder / labels_csv if labels_csv else None
+    csv_labels = parse_labels_csv(csv_path.read_bytes(), str(csv_path)) if csv_path and csv_path.is_file() else None
+    if not present and csv_labels is None:
+        return None
+    return FolderLabels(present, csv_labels, labels_csv if csv_labels is not None else None)
+
+
+@dataclass(frozen=True)
+class Score:
+    report: dict          # what <output>.metrics.json holds
+    y_true: np.ndarray    # the scored images' labels and predicted labels, for the confusion matrix
+    y_pred: np.ndarray
+
+
+def score_predictions(predictions: list[Prediction], labels: FolderLabels, threshold: float) -> Score:
+    """The evaluate stage's metrics (evaluation.binary_metrics) on every prediction whose label is known."""
+    from glomeruli.evaluation import binary_metrics  # imported late: matplotlib and scikit-learn load slowly
+
+    scored, unlabelled, conflicts = [], [], []
+    for prediction in predictions:
+        label, conflict = labels.label_of(prediction.name)
+        if conflict:
+            conflicts.append(conflict)
+        elif label is None:
+            unlabelled.append(prediction.name)
+        else:
+            scored.append((label, prediction))
+    if conflicts:
+        shown = ", ".join(c["name"] for c in conflicts[:_FIRST_SHOWN])
+        log.warning("%d image(s) left out of the score: their class folder and %s disagree (%s); fix one of them",
+                    len(conflicts), labels.csv_name, shown)
+    if unlabelled:
+        log.warning("%d image(s) left out of the score: no label in %s (%s)", len(unlabelled),
+                    " or ".join(labels.origin), ", ".join(unlabelled[:_FIRST_SHOWN]))
+    if not scored:
+        raise PredictError(f"no predicted image has a label in {' or '.join(labels.origin)}, so nothing can be "
+                           "scored: check the class folder names (ingest.class_dirs) and the labels file")
+    y_true = np.array([label for label, _ in scored])
+    prob = np.array([p.probability for _, p in scored])
+    metrics = binary_metrics(y_true, prob, threshold)
+    report = {"threshold": threshold, "labels_from": labels.origin, "n_predicted": len(predictions),
+              "n_scored": len(scored), "metrics": _json_safe(metrics), "unlabelled": unlabelled,
+              "label_conflicts": conflicts}
+    if labels.csv is not None:
+        problems = {k: v for k, v in labels.csv.report.items() if k in ("bad_rows", "bad_labels", "conflicting_rows") and v}
+        report["labels_file_problems"] = problems
+    return Score(report, y_true, np.array([p.label for _, p in scored]))
+
+
+def _json_safe(metrics: dict) -> dict:
+    # ROC/PR AUC are undefined (NaN) with one class only; JSON has no NaN: null says "undefined"
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def score_paths(output_csv: Path) -> tuple[Path, Path]:
+    """Where the score goes: beside the predictions (`evaluation.csv` -> `evaluation.metrics.json`, ...)."""
+    stem = output_csv.with_suffix("")
+    return stem.with_name(stem.name + ".metrics.json"), stem.with_name(stem.name + ".confusion_matrix.png")
+
+
+def write_score(output_csv: Path, score: Score) -> tuple[Path, Path]:
+    """The metrics JSON and the confusion-matrix PNG (evaluation.plot_confusion_matrix) beside the predictions."""
+    from glomeruli.evaluation import plot_confusion_matrix
+
+    metrics_path, png_path = score_paths(output_csv)
+    write_json(metrics_path, score.report)
+    m = score.report["metrics"]
+    title = (f"{output_csv.name}: {score.report['n_scored']} labelled images, threshold {score.report['threshold']:.3f}\n"
+             f"accuracy {m['accuracy']:.3f}, F1 {m['f1']:.3f}, recall {m['recall']:.3f}")
+    with atomic_path(png_path) as tmp:
+        plot_confusion_matrix(tmp, score.y_true, score.y_pred, title)
+    return metrics_path, png_path
+
+
+def format_score(report: dict) -> str:
+    """The score as a few lines for the terminal."""
+    m, cm = report["metrics"], report["metrics"]["confusion_matrix"]
+    auc = lambda v: "undefined (one class)" if v is None else f"{v:.3f}"  # noqa: E731
+    return "\n".join([
+        f"score on {report['n_scored']} of {report['n_predicted']} predicted images (labels from "
+        f"{' and '.join(report['labels_from'])}), threshold {report['threshold']:.4f}:",
+        f"  accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  precision {m['precision']:.3f}  "
+        f"recall {m['recall']:.3f}  F1 {m['f1']:.3f}  ROC AUC {auc(m['roc_auc'])}  PR AUC {auc(m['pr_auc'])}  "
+        f"log loss {m['loss']:.3f}",
+        "  confusion matrix     predicted 0  predicted 1",
+        f"    actual 0 (non-GS)  {cm['tn']:>11}  {cm['fp']:>11}",
+        f"    actual 1 (GS)      {cm['fn']:>11}  {cm['tp']:>11}",
+    ])

@@ -101,7 +101,7 @@ def close_sources() -> None:
         _open_zips.pop(key).archive.close()
 
 
-def _junk_reason(name: str) -> str | None:
+def junk_reason(name: str) -> str | None:
     if name.startswith("."):
         return f"hidden file or folder '{name}'"
     if name.casefold() in JUNK_FILE_NAMES:
@@ -136,7 +136,7 @@ def _list_folder(source: Path) -> tuple[list[Entry], list[Skipped]]:
 
 def _folder_stamp(root: Path) -> tuple:
     """What the wrapper decision depends on: the top level, and the wrapper's own listing."""
-    tops = [p for p in root.iterdir() if not _junk_reason(p.name)]
+    tops = [p for p in root.iterdir() if not junk_reason(p.name)]
     return (root.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in tops if len(tops) == 1 and p.is_dir()))
 
 
@@ -169,7 +169,7 @@ def _walk_folder(root: Path) -> tuple[list[Entry], list[Skipped]]:
         dirnames[:] = followed  # os.walk descends only into what is left here
         for name in sorted(filenames):
             relpath = _relative(root, folder / name)
-            reason = _junk_reason(name) or _name_reason(name)
+            reason = junk_reason(name) or _name_reason(name)
             if reason:
                 skipped.append(Skipped(relpath, reason))
                 continue
@@ -192,7 +192,7 @@ def _name_reason(name: str) -> str | None:
 
 
 def _folder_skip_reason(root: Path, path: Path, name: str) -> str | None:
-    reason = _junk_reason(name) or _name_reason(name)
+    reason = junk_reason(name) or _name_reason(name)
     if reason or not path.is_symlink():
         return reason
     try:
@@ -274,7 +274,7 @@ def _build_zip_index(archive: zipfile.ZipFile) -> _ZipIndex:
             skipped.append(Skipped(info.filename, reason))
             continue
         parts = [p for p in name.split("/") if p not in ("", ".")]
-        reason = next((r for r in map(_junk_reason, parts) if r), None) or _member_skip_reason(info)
+        reason = next((r for r in map(junk_reason, parts) if r), None) or _member_skip_reason(info)
         if reason:
             junk.append((parts, reason))
         else:
