@@ -139,3 +139,17 @@ def test_data_stages_are_byte_identical_on_rerun(repo):
         dvc(repo, "repro", "--force", "--single-item", stage)
     for p in outputs:
         assert (repo / p).read_bytes() == before[p], f"{p} changed on an identical rerun"
+
+
+def test_misspelt_key_stops_dvc_repro_with_one_line(pipeline_repo, tmp_path):
+    clone = clone_project(pipeline_repo, tmp_path / "clone")
+    text = (clone / "params.yaml").read_text().replace("train_frozen:\n", "train_frozen:\n  epocs: 3\n", 1)
+    (clone / "params.yaml").write_text(text)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=_env(clone), capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if " ERROR glomeruli" in line]
+    assert len(errors) == 1, output[-3000:]
+    assert "unknown key `train_frozen.epocs`: did you mean `train_frozen.epochs`?" in errors[0]
+    assert "Traceback" not in output and "Running stage 'train_frozen'" in output

@@ -1,0 +1,137 @@
+"""The README's path on one checkout: the demo, the tests, a queued experiment, then the step to real data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from conftest import shipped_params_raw, shipped_params_text
+from glomeruli.errors import UserError
+from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
+from glomeruli.workspace import set_data_source
+from project import ROOT, dvc, glomeruli, run
+
+pytestmark = pytest.mark.slow
+DEMO_SMALLEST = ["-n", "120", "-S", "preprocess.image_size=32", "-S", "train_frozen.epochs=2",
+                 "-S", "finetune.epochs=1", "-S", "runtime.workers=1"]
+
+
+def _checkout(folder: Path) -> Path:
+    """A fresh clone of the project as committed (tests included), with this session's environment linked in."""
+    folder.mkdir(parents=True)
+    for item in ("dvc.yaml", "stages", "src", "tests", "scripts", "pyproject.toml", ".dvcignore", ".gitignore",
+                 "requirements.txt", "requirements-common.txt", "requirements-dev.txt"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, folder / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy(src, folder / item)
+    (folder / "params.yaml").write_text(shipped_params_text())
+    run(folder, "git", "init", "-q", "-b", "main")
+    dvc(folder, "init", "-q")
+    run(folder, "git", "add", "-A")
+    run(folder, "git", "commit", "-qm", "project")
+    (folder / ".venv").symlink_to(Path(sys.executable).parents[1])  # scripts/setup.sh leaves a linked venv as it is
+    return folder
+
+
+def _real_looking_images(folder: Path, n_per_class: int = 12) -> None:
+    """Images with real-looking CMIL names (no SYNTH- ids, no marker), in the class folders."""
+    rng = np.random.default_rng(5)
+    for label, name in ((1, "globally_sclerotic_glomeruli"), (0, "non_globally_sclerotic_glomeruli")):
+        (folder / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            image = rng.integers(0, 255, (40 + i, 48, 3), dtype=np.uint8)
+            image[..., 1] = 60 if label else 200
+            cv2.imwrite(str(folder / name / f"S-2024-{i % 6:04d}_PAS_1of1_{label}{i:023x}.png"), image)
+
+
+def _wait_for_queue(repo: Path, timeout_s: float = 600) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout_s} s:\n{status}")
+
+
+def test_demo_tests_queue_then_real_data_on_one_checkout(tmp_path):
+    repo = _checkout(tmp_path / "project")
+
+    # 1. The README's main job, smallest size.
+    demo = run(repo, "bash", "scripts/demo.sh", *DEMO_SMALLEST)
+    assert "Done. Test-set metrics" in demo.stdout
+    assert not (repo / "data" / "raw").exists(), "the demo must keep data/raw for the user's own images"
+    assert (repo / "data" / "sample" / MARKER_FILE).is_file() and (repo / "data" / "sample.dvc").is_file()
+    assert yaml.safe_load((repo / "params.yaml").read_text())["data"]["source"] == "data/sample"
+
+    # 2. The README's test command's parameter tests, on the same checkout, after the demo.
+    tests = run(repo, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_params.py")
+    assert " passed" in tests.stdout and "failed" not in tests.stdout
+
+    # 3. The README's queue recipe: one experiment runs to Success and shows its metrics.
+    dvc(repo, "exp", "run", "--queue", "-S", "evaluate.threshold_rule=youden")
+    dvc(repo, "queue", "start", "-j", "1")
+    status = _wait_for_queue(repo)
+    if "Success" not in status or "Failed" in status:
+        name = status.splitlines()[1].split()[1] if len(status.splitlines()) > 1 else ""
+        raise AssertionError(status + dvc(repo, "queue", "logs", name, check=False).stdout[-3000:])
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    queued = [exp for commit in shown for exp in (commit.get("experiments") or [])
+              for rev in exp.get("revs", []) if rev.get("data", {}).get("params", {}).get("params.yaml", {})
+              .get("data", {}).get("evaluate", {}).get("threshold_rule") == "youden"]
+    assert queued, json.dumps(shown)[:3000]
+    metrics = queued[0]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
+    assert 0.0 <= metrics["threshold"] <= 1.0 and "f1" in metrics["test"]
+
+    # 4. The one step to real data: nothing of the demo is left.
+    _real_looking_images(repo / "data" / "raw")
+    glomeruli(repo, "use-data", "data/raw")
+    assert (repo / "params.yaml").read_text() == shipped_params_text(), "a CPU override of the demo is left"
+    assert not (repo / "dvc.lock").exists() and not (repo / "data" / "sample").exists()
+    assert not (repo / "data" / "sample.dvc").exists() and not (repo / "metrics" / "evaluate.json").exists()
+    assert not (repo / "models" / "model.keras").exists() and not (repo / "data" / "interim" / "manifest.csv").exists()
+    assert run(repo, "git", "diff", "--cached", "--name-only").stdout.strip() == ""
+    dvc(repo, "repro", "ingest")
+    manifest = (repo / "data" / "interim" / "manifest.csv").read_text()
+    assert manifest.count("\n") - 1 == 24 and BIOPSY_PREFIX not in manifest
+
+
+def test_use_data_refuses_the_sample_data_and_a_missing_folder(tmp_path):
+    repo = _checkout(tmp_path / "project")
+    glomeruli(repo, "sample-data", "data/sample", "-n", "20", "--size-range", "48", "64", "--workers", "1")
+    refused = glomeruli(repo, "use-data", "data/sample", check=False)
+    assert refused.returncode == 1 and MARKER_FILE in refused.stderr and "Traceback" not in refused.stderr
+    missing = glomeruli(repo, "use-data", "data/nowhere", check=False)
+    assert missing.returncode == 1 and "data/nowhere does not exist" in missing.stderr
+
+
+def test_set_data_source_keeps_comments_and_layout(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(shipped_params_text())
+    set_data_source(params, "/mnt/lab/cohort 2.zip")
+    text = params.read_text()
+    assert yaml.safe_load(text)["data"]["source"] == "/mnt/lab/cohort 2.zip"
+    assert text.replace("/mnt/lab/cohort 2.zip", "data/raw") == shipped_params_text()
+    assert shipped_params_raw()["data"]["source"] == "data/raw"
+
+
+def test_doctor_says_what_it_sees(tmp_path):
+    (tmp_path / "params.yaml").write_text(shipped_params_text())
+    result = subprocess.run([sys.executable, "-m", "glomeruli.cli", "doctor"], cwd=tmp_path, capture_output=True,
+                            text=True, env={**__import__("os").environ, "KERAS_HOME": str(tmp_path / "keras")})
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines()}
+    assert "tensorflow" in lines["keras"] and "cpu" in lines["devices"]
+    assert "float32" in lines["dtype"] and "not cached" in lines["ImageNet"] and lines["ImageNet"].startswith("!!")
+    assert "data/raw does not exist" in lines["data"]
