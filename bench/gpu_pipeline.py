@@ -10,13 +10,19 @@ split, train_frozen, finetune, evaluate) and prints, as each phase ends:
   - fine-tuning images/s, next to a bare `model.fit` of the same model on random in-memory arrays of
     the same shape and batch (target: >= 0.95 of bare Keras),
   - compile time (JAX tracing + XLA compilation, summed over every compiled function),
-  - the whole pipeline's wall time (target: under 5 minutes for 5,758 images, compilation included).
+  - the whole pipeline's wall time (target: under 5 minutes for 5,758 images, compilation included),
+  - then images/s for training and inference on 1 GPU and on all visible GPUs, and the scaling ratio
+    (`scaling`; `--scaling-only` runs just that, `--no-scaling` skips it).
 
 Run it from the repository root, as one command (about 4-6 minutes on one H200; it prints as it goes,
 so a run cut by a timeout still shows every phase it finished):
 
     KERAS_BACKEND=jax python bench/gpu_pipeline.py
     KERAS_BACKEND=jax python bench/gpu_pipeline.py --images 1000 --frozen-epochs 3 --finetune-epochs 2  # ~2 min check
+    KERAS_BACKEND=jax python bench/gpu_pipeline.py --scaling-only      # 1 vs all GPUs only (a few minutes)
+    # CPU smoke check of the scaling code, 2 virtual devices:
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu KERAS_BACKEND=jax \
+        python bench/gpu_pipeline.py --scaling-only --image-size 32 --batch-size 4 --scaling-steps 3
 
 On a machine without Keras (the lent GPU box has JAX, h5py, OpenCV, Pillow, scikit-learn, matplotlib,
 PyYAML and psutil, but no TensorFlow, no Keras and no internet), carry three wheels. Download them on a
@@ -107,6 +113,86 @@ def data_stages(args, work: Path):
     return params, aug, split, split_path
 
 
+def scaling(args) -> None:
+    """Images/s on 1 device and on every visible device, and the ratio (issue 13).
+
+    Weak scaling, as data parallelism is used: every device gets `--batch-size` images per step (global
+    batch = batch size x devices). Training: full-graph fine-tuning of the top `finetune.unfreeze_blocks`
+    blocks through the package's own batches (glomeruli.training.Batches, padded and split by
+    glomeruli.distribute), timed over the second epoch (the first compiles). Inference: the package's
+    predict_rows, timed over the second pass. Random pixels: throughput does not depend on content.
+    """
+    import jax
+    import keras
+    import numpy as np
+
+    from glomeruli import distribute
+    from glomeruli.inference import predict_rows
+    from glomeruli.model import build_model, compile_model, freeze_base, unfreeze_top_blocks
+    from glomeruli.params import load_params
+    from glomeruli.training import Batches
+
+    params = load_params(ROOT / "params.yaml")
+    size, n_all = args.image_size, len(jax.local_devices())
+    pool = np.random.default_rng(0).integers(0, 256, (args.batch_size, size, size, 3)).astype(np.float32)
+
+    class Cycle:
+        """`n` rows drawn from a small pool of images (memory stays one batch whatever the device count)."""
+
+        def __init__(self, n: int):
+            self.n = n
+
+        def __len__(self) -> int:
+            return self.n
+
+        def read(self, indices: np.ndarray) -> np.ndarray:
+            return pool[np.asarray(indices) % len(pool)]
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch_s, self._start = [], 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_s.append(time.perf_counter() - self._start)
+
+    report("scaling_devices", n_all, f"scaling: 1 and {n_all} {jax.default_backend()} device(s), "
+           f"{args.batch_size} images per device per step, {args.scaling_steps} steps per epoch")
+    for n in sorted({1, n_all}):
+        engine = distribute.start(n)
+        batch = args.batch_size * engine.n_devices
+        images = batch * args.scaling_steps
+        rows, labels = Cycle(images), (np.arange(images) % 2).astype(np.float32)
+        keras.utils.set_random_seed(0)
+        model = build_model(size, "none", params.model.dropout)
+        freeze_base(model)
+        unfreeze_top_blocks(model, params.finetune.unfreeze_blocks)
+        compile_model(model, params.finetune.lr)
+        timer = EpochTimer()
+        model.fit(Batches(rows, labels, batch, seed=0), epochs=2, shuffle=False, verbose=0, callbacks=[timer])
+        train = images / timer.epoch_s[1]
+        report(f"scaling_train_img_s_{n}", round(train, 1),
+               f"  {n} device(s): training {train:.0f} img/s (global batch {batch}; first epoch with compile "
+               f"{timer.epoch_s[0]:.1f}s)")
+        predict_rows(model, rows, batch)  # compiles
+        t = time.perf_counter()
+        predict_rows(model, rows, batch)
+        infer = images / (time.perf_counter() - t)
+        report(f"scaling_predict_img_s_{n}", round(infer, 1), f"  {n} device(s): inference {infer:.0f} img/s")
+        distribute.stop()
+        del model
+    if n_all > 1:
+        for what in ("train", "predict"):
+            ratio = RESULTS[f"scaling_{what}_img_s_{n_all}"] / RESULTS[f"scaling_{what}_img_s_1"]
+            report(f"scaling_{what}_ratio", round(ratio, 2),
+                   f"scaling, {what}: {n_all} devices / 1 device = {ratio:.2f}x ({ratio / n_all:.0%} of linear)")
+    else:
+        report("scaling_train_ratio", None, "scaling: one device visible, no ratio")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5758, help="synthetic images (5,758 = the CMIL set)")
@@ -116,10 +202,19 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: params.yaml (10, early stopping)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare model.fit comparison (saves its compile)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/glomeruli-gpu"))
+    parser.add_argument("--scaling-steps", type=int, default=30, help="training steps per epoch in the 1-vs-all "
+                        "devices comparison")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the 1-vs-all devices comparison")
+    parser.add_argument("--scaling-only", action="store_true", help="only the 1-vs-all devices comparison")
     args = parser.parse_args()
     out_json = Path(os.environ["OUT"]) / "gpu_pipeline.json" if os.environ.get("OUT") else args.work / "gpu_pipeline.json"
     args.work.mkdir(parents=True, exist_ok=True)
     RESULTS.update(images=args.images, image_size=args.image_size, batch_size=args.batch_size)
+    if args.scaling_only:
+        scaling(args)
+        save(out_json)
+        print(json.dumps(RESULTS, indent=2, default=str), flush=True)
+        return
 
     pipeline_start = time.perf_counter()
     params, aug, split, split_path = data_stages(args, args.work)
@@ -266,6 +361,9 @@ def main() -> None:
             report("finetune_vs_bare", round(RESULTS["finetune_img_s"] / bare, 3),
                    f"fine-tuning / bare model.fit: {RESULTS['finetune_img_s'] / bare:.2f} (target >= 0.95)")
     save(out_json)
+    if not args.no_scaling:
+        scaling(args)
+        save(out_json)
     print(json.dumps(RESULTS, indent=2, default=str), flush=True)
     if os.environ.get("GLOMERULI_GPU_KEEP") != "1":
         for name in ("preprocessed.h5", "augmented.h5"):
