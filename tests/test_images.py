@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import cv2
 import numpy as np
@@ -226,3 +227,15 @@ def test_opaque_images_shrunk_before_colour_conversion_give_the_same_pixels(mode
     fast = load_model_input(data, "x.png", size=300, fill=(5, 6, 7), max_pixels=MAX_PIXELS)
     general = resize_and_pad(decode_rgb(data, "x.png", MAX_PIXELS, background=(5, 6, 7)), 300, (5, 6, 7))
     np.testing.assert_array_equal(fast, general)
+
+
+def test_decoder_lines_are_captured_and_other_output_is_written_back(capfd):
+    """While a decode runs, fd 2 is captured: libpng's lines become ours, another writer's text is not lost."""
+    from glomeruli.images import _decoder_messages_captured
+
+    said: list[str] = []
+    with _decoder_messages_captured(said):
+        os.write(2, b"libpng warning: iCCP: known incorrect sRGB profile\nanother thread's line\n")
+    err = capfd.readouterr().err
+    assert said == ["iCCP: known incorrect sRGB profile"]
+    assert err == "another thread's line\n"

@@ -152,9 +152,11 @@ def _decoder_messages_captured(messages: list[str]):
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            size = os.lseek(scratch, 0, os.SEEK_CUR)
-            captured = os.pread(scratch, size, 0) if size else b""
-            if size:
+            captured = b""
+            if os.lseek(scratch, 0, os.SEEK_CUR):  # something was written: read it, then empty the file
+                os.lseek(scratch, 0, os.SEEK_SET)
+                while chunk := os.read(scratch, 1 << 16):
+                    captured += chunk
                 os.ftruncate(scratch, 0)
                 os.lseek(scratch, 0, os.SEEK_SET)
     others = []
