@@ -27,6 +27,7 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
+from glomeruli import distribute
 from glomeruli.atomic import OutputWriteError, atomic_path, is_out_of_space
 from glomeruli.errors import UserError
 from glomeruli.h5store import ImageStore, close_h5
@@ -61,8 +62,22 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        engine = distribute.current()
+        if engine.distributed:
+            return self._share(idx, engine)
         x, y = self.x.read(idx), self.y[idx]
         return (x, y) if self.weights is None else (x, y, self.weights[idx])
+
+    def _share(self, idx: np.ndarray, engine: distribute.Engine):
+        """This process's part of the batch, padded so every replica gets as many rows (weight 0 on padding;
+        real rows scaled by padded/real, so the mean loss and its gradient equal the unpadded batch's)."""
+        rows, pad = engine.share(len(idx))
+        local = idx[rows]
+        weights = (np.ones(len(idx), np.float32) if self.weights is None else self.weights[idx])[rows]
+        x = self.x.read(local) if len(local) else self.x.read(idx[:1])[:0]
+        scale = np.float32(engine.padded(len(idx)) / len(idx))
+        return (distribute.pad_rows(x, pad), distribute.pad_rows(self.y[local], pad),
+                distribute.pad_rows(weights * scale, pad))
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -320,7 +335,9 @@ def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Mode
     """Stage body shared by train_frozen and finetune: data in, curves and model out, resumable."""
     phase_params = params.train_frozen if phase == "train_frozen" else params.finetune
     train = train_frozen if phase == "train_frozen" else finetune
-    with ImageStore(AUGMENTED) as store:
+    distribute.check_batch_size(f"{phase}.batch_size", phase_params.batch_size)
+    # TensorFlow builds, compiles and fits in its strategy's scope (no-op on JAX and on one device).
+    with distribute.current().scope(), ImageStore(AUGMENTED) as store:
         split = read_split(SPLIT, len(store.meta))
         model = make_model(store.image_size)
         data = load_phase_data(store, split, params.runtime.memory_budget_gb)
