@@ -112,6 +112,16 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if any(f.problem for f in findings) and args.strict else 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    from glomeruli.review import write_review
+
+    out_dir = Path(args.output_dir)
+    review = write_review(Path.cwd(), args.base, args.head, out_dir)
+    log.info("wrote %s (%d pictures): %s -> %s", out_dir / "report.md", len(review.pictures), review.base.label,
+             review.head.label)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glomeruli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", default="params.yaml")
     g.add_argument("--strict", action="store_true", help="exit 1 when a problem is found")
     g.set_defaults(func=_doctor)
+    r = sub.add_parser("review", help="pull-request report of two revisions: metrics, params, stages rerun, pictures")
+    r.add_argument("base", help="the revision to compare with (e.g. origin/main)")
+    r.add_argument("head", nargs="?", default=None, help="the revision under review (default: the workspace)")
+    r.add_argument("-o", "--output-dir", default="review", help="folder for report.md, comment.md and the PNGs")
+    r.set_defaults(func=_review)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""`glomeruli review`, the pull-request workflows and a DVC remote round trip, on the real tiny pipeline.
+
+One module fixture builds the two revisions every test reviews: the session's finished `pipeline_repo`
+(base, with its raw images tracked by DVC so a fresh clone can pull them) and a commit that changes only
+`evaluate.*` params (head: only `evaluate` reruns).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from project import ROOT, STAGES, clone_project, dvc, glomeruli, run, set_params, stages_run
+
+HEADLINE = {"Balanced accuracy": "balanced_accuracy", "F1": "f1", "ROC-AUC": "roc_auc", "PR-AUC": "pr_auc",
+            "Precision": "precision", "Recall": "recall", "Accuracy": "accuracy", "Threshold": None}
+
+
+def _git_json(repo: Path, rev: str, path: str) -> dict:
+    return json.loads(run(repo, "git", "show", f"{rev}:{path}").stdout)
+
+
+def _sha(repo: Path, rev: str) -> str:
+    return run(repo, "git", "rev-parse", rev).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def revisions(pipeline_repo, tmp_path_factory):
+    """(work clone, base sha, head sha, first-commit sha): head = base with a fixed threshold far from the one
+    chosen on validation, so the threshold and the metrics change."""
+    repo = clone_project(pipeline_repo, tmp_path_factory.mktemp("review") / "work")
+    dvc(repo, "add", "-q", "data/raw")  # the images travel through the remote too: a fresh clone has none
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "track the raw images with DVC")
+    base = _sha(repo, "HEAD")
+    chosen = json.loads((repo / "metrics" / "evaluate.json").read_text())["threshold"]
+    set_params(repo, evaluate__threshold_rule="fixed", evaluate__fixed_threshold=0.25 if chosen > 0.5 else 0.75)
+    output = dvc(repo, "repro").stdout
+    assert stages_run(output) == ["evaluate"], output[-2000:]
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "fixed threshold")
+    first = run(repo, "git", "rev-list", "--max-parents=0", "HEAD").stdout.strip()
+    return repo, base, _sha(repo, "HEAD"), first
+
+
+def _rows(report: str) -> dict[str, list[str]]:
+    """Table rows of the markdown report by their first cell."""
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def _cell(metrics: dict, name: str | None) -> str:
+    """What the report must show for one revision: the value, with evaluate's 95 % interval where it has one."""
+    value = metrics["threshold"] if name is None else metrics["test"][name]
+    ci = metrics.get("test_ci95", {}).get(name or "")
+    return f"{value:.3f}" + (f" ({ci['low']:.3f}–{ci['high']:.3f})" if ci else "")
+
+
+def _pictures(folder: Path, report: str) -> list[Path]:
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
+    assert names, report
+    return [folder / name for name in names]
+
+
+def _check_picture(path: Path, *revisions: str) -> None:
+    """A readable PNG whose metadata names every revision that was drawn in it."""
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+        drawn = image.text["Description"]
+        assert len(image.convert("L").getcolors(maxcolors=1 << 16) or range(999)) > 20  # not a blank canvas
+    for rev in revisions:
+        assert rev in drawn, (path.name, drawn)
+
+
+def test_review_of_two_revisions(revisions, tmp_path):
+    repo, base, head, _ = revisions
+    out = tmp_path / "review"
+    glomeruli(repo, "review", base, head, "-o", str(out))
+    report = (out / "report.md").read_text()
+    old, new = _git_json(repo, base, "metrics/evaluate.json"), _git_json(repo, head, "metrics/evaluate.json")
+    assert abs(old["threshold"] - new["threshold"]) > 0.2
+    rows = _rows(report)
+    for label, name in HEADLINE.items():
+        b, h = (old["threshold"], new["threshold"]) if name is None else (old["test"][name], new["test"][name])
+        cells = rows[label]
+        assert cells[0] == _cell(old, name) and cells[1] == _cell(new, name), (label, cells)
+        assert cells[2] == ("=" if b == h else f"{h - b:+.3f}"), (label, cells)
+        expected_mark = "" if name is None or b == h else ("✅ better" if h > b else "❌ worse")
+        assert cells[3] == expected_mark, (label, cells)
+    assert rows["`evaluate.threshold_rule`"] == ["`max_f1`", "`fixed`"]
+    fixed = yaml.safe_load(run(repo, "git", "show", f"{head}:params.yaml").stdout)["evaluate"]["fixed_threshold"]
+    assert rows["`evaluate.fixed_threshold`"] == ["`0.5`", f"`{fixed}`"]
+    assert "**Stages rerun:** `evaluate` (params `evaluate.fixed_threshold`, `evaluate.threshold_rule`)" in report
+    for stage in STAGES[:-1]:
+        assert f"`{stage}`" in report.split("**Unchanged:**")[1].splitlines()[0]
+    # the rest is collapsed: split counts, validation and both training phases
+    details = report.split("<details>")[1]
+    for text in ("metrics/split.json", "`val.f1`", "metrics/train_frozen/metrics.json",
+                 "metrics/finetune/metrics.json"):
+        assert text in details and text not in report.split("<details>")[0]
+    pictures = _pictures(out, report)
+    assert {p.name for p in pictures} == {"confusion.png", "roc_pr.png", "training_curves.png"}
+    for picture in pictures:
+        _check_picture(picture, f"base {base[:7]}", f"head {head[:7]}")
+    assert (out / "dvc_plots" / "index.html").is_file()
+    comment = (out / "comment.md").read_text()
+    assert comment.startswith("<!-- glomeruli-review -->\n") and "@ARTIFACT_URL@" in comment
+    assert "![" not in comment and _rows(comment)["F1"] == rows["F1"]
+
+
+def test_first_pull_request_shows_the_head_alone(revisions, tmp_path):
+    repo, _, head, first = revisions  # the first commit has the pipeline but no dvc.lock or metrics
+    out = tmp_path / "review"
+    glomeruli(repo, "review", first, head, "-o", str(out))
+    report = (out / "report.md").read_text()
+    assert "has no metrics yet" in report
+    new = _git_json(repo, head, "metrics/evaluate.json")
+    rows = _rows(report)
+    assert rows["F1"] == [_cell(new, "f1")] and rows["Threshold"] == [_cell(new, None)]
+    assert "first run of the pipeline" in report
+    for picture in _pictures(out, report):
+        _check_picture(picture, f"head {head[:7]}")
+        assert "base" not in Image.open(picture).text["Description"]
+
+
+def test_review_refuses_unknown_or_foreign_revisions(revisions, tmp_path):
+    repo = revisions[0]
+    result = glomeruli(repo, "review", "no-such-branch", "-o", str(tmp_path / "r"), check=False)
+    assert result.returncode == 1
+    assert "unknown revision 'no-such-branch'" in result.stderr and "Traceback" not in result.stderr
+    empty_tree = run(repo, "git", "hash-object", "-t", "tree", "/dev/null").stdout.strip()
+    foreign = run(repo, "git", "commit-tree", empty_tree, "-m", "no pipeline here").stdout.strip()
+    result = glomeruli(repo, "review", foreign, "-o", str(tmp_path / "r"), check=False)
+    assert result.returncode == 1 and "has no dvc.yaml" in result.stderr, result.stderr
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_remote_round_trip_fresh_clone_reviews_with_every_plot(revisions, tmp_path):
+    repo, base, head, _ = revisions
+    remote = tmp_path / "remote"
+    dvc(repo, "remote", "add", "-d", "--local", "shared", str(remote))
+    dvc(repo, "push", "-q", "--run-cache", "--all-commits")  # as each revision's author did after running it
+    fresh = tmp_path / "fresh"
+    run(tmp_path, "git", "clone", "-q", str(repo), str(fresh))
+    # as CI does: the remote named by a secret, written to the git-ignored .dvc/config.local
+    run(fresh, "bash", str(ROOT / "scripts" / "ci-remote.sh"), DVC_REMOTE_URL=str(remote), PYTHON=sys.executable)
+    # nothing pulled yet: DVC fetches both revisions' cached curves from the remote on demand
+    out = tmp_path / "before-pull"
+    glomeruli(fresh, "review", base, head, "-o", str(out))
+    report = (out / "report.md").read_text()
+    assert "⚠️" not in report, report
+    for picture in _pictures(out, report):
+        _check_picture(picture, f"base {base[:7]}", f"head {head[:7]}")
+
+    dvc(fresh, "pull", "-q", "--run-cache")
+    assert (fresh / "metrics" / "finetune" / "plots" / "metrics" / "val" / "loss.tsv").is_file()
+    status = dvc(fresh, "status").stdout
+    assert "up to date" in status, status
+    assert stages_run(dvc(fresh, "repro").stdout) == []
+    out = tmp_path / "after-pull"
+    glomeruli(fresh, "review", base, "-o", str(out))
+    report = (out / "report.md").read_text()
+    assert "⚠️" not in report, report
+    assert {p.name for p in _pictures(out, report)} == {"confusion.png", "roc_pr.png", "training_curves.png"}
+    for picture in _pictures(out, report):
+        _check_picture(picture, f"base {base[:7]}", "head workspace")
+    assert run(fresh, "git", "status", "--porcelain").stdout == ""  # the remote's config stays uncommitted
+
+
+@pytest.mark.parametrize("workflow", sorted((ROOT / ".github" / "workflows").glob("*.yml")), ids=lambda p: p.name)
+def test_workflows_pass_actionlint(workflow):
+    actionlint = Path(sys.executable).parent / "actionlint"
+    assert actionlint.is_file(), "actionlint missing: .venv/bin/pip install -r requirements-dev.txt"
+    result = subprocess.run([str(actionlint), "-no-color", str(workflow)], capture_output=True, text=True,
+                            env={"PATH": f"{actionlint.parent}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_both_workflows_exist():
+    names = {p.name for p in (ROOT / ".github" / "workflows").glob("*.yml")}
+    assert {"review.yml", "gpu-repro.yml"} <= names
