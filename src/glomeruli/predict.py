@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from glomeruli.atomic import atomic_path, write_json
+from glomeruli.burden import BiopsyBurden, biopsy_burden
+from glomeruli.calibration import apply_temperature
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, load_model_input
 from glomeruli.inference import predict_batch
-from glomeruli.ingest import LabelsCsv, parse_labels_csv
+from glomeruli.ingest import LabelsCsv, compile_group_regex, group_of, parse_labels_csv
 from glomeruli.logs import progress
 from glomeruli.metadata import ModelMetadata, read_metadata
 from glomeruli.model import load_model
@@ -139,7 +141,8 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
                 raise ValueError(f"{model_path} takes {tuple(model.inputs[0].shape[1:3])} inputs but its metadata "
                                  f"says {meta.image_size}; rerun `dvc repro evaluate`")
             threshold = meta.threshold if threshold is None else threshold
-            log.info("predicting %d files in %s with threshold %.4f", len(files), folder, threshold)
+            log.info("predicting %d files in %s with threshold %.4f, temperature %.3f", len(files), folder, threshold,
+                     meta.temperature)
             predictions: list[Prediction] = []
             skipped: list[Skip] = []
             names = iter(files)
@@ -150,7 +153,8 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
                 skipped += [Skip(n, img.reason) for n, img in zip(batch_names, batch) if isinstance(img, Skip)]
                 if good:
                     x = np.stack([img for _, img in good]).astype(np.float32)
-                    probs = predict_batch(model, x, batch_size).reshape(-1)
+                    # calibrated as evaluate calibrated them (models/model.meta.json), so they mean what they say
+                    probs = apply_temperature(predict_batch(model, x, batch_size).reshape(-1), meta.temperature)
                     predictions += [Prediction(n, int(p >= threshold), float(p)) for (n, _), p in zip(good, probs)]
     except BrokenProcessPool as err:
         raise WorkerDied(f"an image decoding process died ({err}): most often out of memory; use fewer "
@@ -184,7 +188,9 @@ class FolderLabels:
 
     @property
     def origin(self) -> list[str]:
-        return ["class folders"] * bool(self.class_dirs) + [self.csv_name] * (self.csv is not None)
+        """Where the labels come from, for messages and the report."""
+        origin = ["class folders"] if self.class_dirs else []
+        return origin + ([self.csv_name] if self.csv is not None else [])
 
     def label_of(self, name: str) -> tuple[int | None, dict | None]:
         """(label, None), (None, None) when nothing labels it, or (None, conflict) when the two disagree."""
@@ -289,3 +295,25 @@ def format_score(report: dict) -> str:
         f"    actual 0 (non-GS)  {cm['tn']:>11}  {cm['fp']:>11}",
         f"    actual 1 (GS)      {cm['fn']:>11}  {cm['tp']:>11}",
     ])
+
+
+# ---------------------------------------------------------------------------------------- per-biopsy burden
+
+def burden_by_biopsy(predictions: list[Prediction], group_regex: str,
+                     labels: FolderLabels | None = None) -> list[BiopsyBurden]:
+    """The evaluate stage's per-biopsy summary (burden.biopsy_burden) of predicted images, the biopsy read
+    from each file name with `group_regex` (ingest.group_regex); the true % too when every image is labelled."""
+    pattern = compile_group_regex(group_regex)
+    base_names = [p.name.rsplit("/", 1)[-1] for p in predictions]
+    biopsies = [group_of(name, pattern) for name in base_names]
+    ungrouped = [p.name for p, b in zip(predictions, biopsies) if not b]
+    if ungrouped:  # as in ingest: such an image is its own biopsy
+        log.warning("%d file name(s) carry no biopsy id (ingest.group_regex = %r), each counted as its own biopsy: "
+                    "%s", len(ungrouped), group_regex, ", ".join(ungrouped[:_FIRST_SHOWN]))
+    biopsies = [b or name for b, name in zip(biopsies, base_names)]
+    true = [labels.label_of(p.name)[0] for p in predictions] if labels is not None else None
+    if true is not None and None in true:
+        log.warning("true %% per biopsy left empty: %d image(s) have no label", true.count(None))
+        true = None
+    return biopsy_burden(np.array(biopsies, dtype=object), np.array([p.probability for p in predictions]),
+                         np.array([p.label for p in predictions]), None if true is None else np.array(true))
