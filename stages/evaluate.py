@@ -15,7 +15,7 @@ def main(params):
     configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
     with engine.scope():  # TensorFlow loads and runs the model in its strategy
         evaluate_model(MODEL, AUGMENTED, SPLIT, params.evaluate, max_pixels=params.ingest.max_pixels,
-                       metrics_path=METRICS, plots_dir=PLOTS,
+                       metrics_path=METRICS, plots_dir=PLOTS, seed=params.seed,
                        curves={"frozen": LIVE_FROZEN, "fine-tune": LIVE_FINETUNE})
 
 

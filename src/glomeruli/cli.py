@@ -32,6 +32,13 @@ def _predict(args: argparse.Namespace) -> int:
     n_pos = sum(p.label for p in predictions)
     log.info("wrote %s: %d images, %d predicted globally sclerotic, %d skipped", output, len(predictions),
              n_pos, len(skipped))
+    if args.by_biopsy:
+        from glomeruli.burden import write_burden_csv
+        from glomeruli.predict import burden_by_biopsy
+
+        rows = burden_by_biopsy(predictions, args.group_regex or _group_regex(args.params), labels)
+        write_burden_csv(Path(args.by_biopsy), rows)
+        log.info("wrote %s: %d biopsies", args.by_biopsy, len(rows))
     if labels is not None:  # a labelled batch: score the model on it, as the evaluate stage does
         score = score_predictions(predictions, labels, threshold)
         print(format_score(score.report))
@@ -51,6 +58,30 @@ def _class_layout(params_path: str | None) -> tuple[dict[str, int], str | None]:
     log.info("no params.yaml here: a labelled folder is one in the CMIL layout (%s/ = 1, %s/ = 0, %s)",
              SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV)
     return {SCLEROTIC_DIR: 1, NON_SCLEROTIC_DIR: 0}, LABELS_CSV
+
+
+def _group_regex(params_path: str | None) -> str:
+    """ingest.group_regex of params.yaml (the biopsy id in file names); the CMIL rule without one."""
+    from glomeruli.burden import CMIL_GROUP_REGEX
+    from glomeruli.params import load_params
+
+    if params_path is not None or Path("params.yaml").is_file():
+        return load_params(params_path or "params.yaml").ingest.group_regex
+    log.info("no params.yaml here: the biopsy id is read from file names with the CMIL rule %s", CMIL_GROUP_REGEX)
+    return CMIL_GROUP_REGEX
+
+
+def _cv_summary(args: argparse.Namespace) -> int:
+    from glomeruli.atomic import write_json
+    from glomeruli.crossval import experiment_runs, folder_run, format_summary, summarize
+
+    runs = ([folder_run(Path(f)) for f in args.folders] if args.folders
+            else experiment_runs(Path(args.repo), args.exp))
+    summary = summarize(runs)
+    print(format_summary(summary))
+    write_json(Path(args.output), summary)
+    log.info("wrote %s", args.output)
+    return 0
 
 
 def _sample_data(args: argparse.Namespace) -> int:
@@ -112,16 +143,6 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if any(f.problem for f in findings) and args.strict else 0
 
 
-def _review(args: argparse.Namespace) -> int:
-    from glomeruli.review import write_review
-
-    out_dir = Path(args.output_dir)
-    review = write_review(Path.cwd(), args.base, args.head, out_dir)
-    log.info("wrote %s (%d pictures): %s -> %s", out_dir / "report.md", len(review.pictures), review.base.label,
-             review.head.label)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glomeruli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,7 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the threshold chosen on validation (not recommended)")
+    p.add_argument("--by-biopsy", metavar="SUMMARY.csv", default=None,
+                   help="also write the per-biopsy summary (glomeruli, predicted %% globally sclerotic by count and by "
+                        "mean probability; the true %% for a labelled folder), biopsy ids read from the file names")
+    p.add_argument("--group-regex", default=None,
+                   help="regex with a named group `group` finding the biopsy id in file names (default: "
+                        "ingest.group_regex of the params file, else the CMIL rule)")
     p.set_defaults(func=_predict)
+    c = sub.add_parser("cv-summary", help="mean ± sd over the K cross-validation folds and the pooled out-of-fold "
+                       "metrics, from the fold runs' DVC experiments (or run folders)")
+    c.add_argument("folders", nargs="*", help="project folders of the fold runs (default: the DVC experiments of "
+                   "--repo on top of its current commit)")
+    c.add_argument("--exp", nargs="+", metavar="NAME", default=None,
+                   help="the experiments to use (default: every finished one; exactly one per fold)")
+    c.add_argument("--repo", default=".", help="the DVC project whose experiments to read (default: here)")
+    c.add_argument("-o", "--output", default="cv_summary.json", help="JSON to write (default: cv_summary.json)")
+    c.set_defaults(func=_cv_summary)
     s = sub.add_parser("sample-data", help="write a synthetic dataset in the CMIL layout (for demos and tests)")
     s.add_argument("out_dir", nargs="?", default="data/sample",
                    help="default data/sample: data/raw is kept for your own images")
@@ -179,11 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", default="params.yaml")
     g.add_argument("--strict", action="store_true", help="exit 1 when a problem is found")
     g.set_defaults(func=_doctor)
-    r = sub.add_parser("review", help="pull-request report of two revisions: metrics, params, stages rerun, pictures")
-    r.add_argument("base", help="the revision to compare with (e.g. origin/main)")
-    r.add_argument("head", nargs="?", default=None, help="the revision under review (default: the workspace)")
-    r.add_argument("-o", "--output-dir", default="review", help="folder for report.md, comment.md and the PNGs")
-    r.set_defaults(func=_review)
     return parser
 
 

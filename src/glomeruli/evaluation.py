@@ -1,10 +1,12 @@
-"""Evaluate stage: threshold chosen on validation, every metric on test, curves and plots for review."""
+"""Evaluate stage: calibration and threshold chosen on validation; on test every metric with its 95 %
+interval, calibration, per-biopsy burden, error and Grad-CAM sheets, curves and plots for review."""
 
 from __future__ import annotations
 
 import csv
 import logging
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import matplotlib
 
@@ -14,12 +16,18 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from glomeruli.atomic import atomic_path, write_json  # noqa: E402
+from glomeruli.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv  # noqa: E402
+from glomeruli.calibration import (N_BINS, apply_temperature, calibration_metrics, fit_temperature,  # noqa: E402
+                                   reliability_bins)
+from glomeruli.gallery import correct_sections, error_sections, plot_tile_sheet  # noqa: E402
+from glomeruli.gradcam import efficientnet_cam_parts, gradcam  # noqa: E402
 from glomeruli.h5store import ImageStore  # noqa: E402
 from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata  # noqa: E402
 from glomeruli.model import load_model  # noqa: E402
 from glomeruli.params import EvaluateParams  # noqa: E402
 from glomeruli.split import read_split  # noqa: E402
+from glomeruli.uncertainty import bootstrap_intervals, format_interval, resample_units  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,12 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str, fixed: flo
 
 def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
     """Every metric users review, from scikit-learn; the positive class is globally sclerotic (1)."""
-    y_pred = (prob >= threshold).astype(int)
+    return prediction_metrics(y_true, prob, (np.asarray(prob) >= threshold).astype(int))
+
+
+def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) -> dict:
+    """binary_metrics from given predicted labels (pooled out-of-fold predictions of models that each
+    had their own threshold)."""
     tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     both_classes = len(np.unique(y_true)) == 2
     return {
@@ -75,6 +88,11 @@ def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> di
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }
+
+
+def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
+    """binary_metrics without the count and the confusion matrix: what gets an interval."""
+    return {k: v for k, v in binary_metrics(y_true, prob, threshold).items() if k not in ("n", "confusion_matrix")}
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -95,8 +113,11 @@ def plot_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, ti
     plt.close(fig)
 
 
-def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndarray, threshold: float) -> None:
-    """CSV data for `dvc plots` (confusion, ROC, PR) and PNG renderings of the same."""
+def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndarray, threshold: float,
+                ci: dict | None = None) -> None:
+    """CSV data for `dvc plots` (confusion, ROC, PR) and PNG renderings of the same; `ci` (metric ->
+    {"low", "high"}) puts the 95 % intervals into the titles."""
+    ci = ci or {}
     folder.mkdir(parents=True, exist_ok=True)
     y_pred = (prob >= threshold).astype(int)
     _write_csv(folder / "confusion.csv", ["id", "actual", "predicted"], zip(ids, y_true.tolist(), y_pred.tolist()))
@@ -107,41 +128,179 @@ def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndar
     _write_csv(folder / "precision_recall.csv", ["recall", "precision", "threshold"],
                zip(np.round(recall[:-1], 6), np.round(precision[:-1], 6), np.round(pr_thr, 6)))
 
-    plot_confusion_matrix(folder / "confusion_matrix.png", y_true, y_pred, f"Test set, threshold {threshold:.3f}")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    m = scalar_metrics(y_true, prob, threshold)
+    plot_confusion_matrix(folder / "confusion_matrix.png", y_true, y_pred,
+                          f"Test set ({len(y_true)} images), threshold {threshold:.3f}"
+                          + ("; 95 % interval in brackets\n" if ci else "\n") +
+                          f"accuracy {format_interval(m['accuracy'], ci.get('accuracy'))}\n"
+                          f"F1 {format_interval(m['f1'], ci.get('f1'))}, "
+                          f"recall {format_interval(m['recall'], ci.get('recall'))}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     skm.RocCurveDisplay.from_predictions(y_true, prob, ax=axes[0], name="test")
     skm.PrecisionRecallDisplay.from_predictions(y_true, prob, ax=axes[1], name="test")
-    axes[0].set_title("ROC")
-    axes[1].set_title("Precision-recall")
+    axes[0].set_title(f"ROC, AUC {format_interval(m['roc_auc'], ci.get('roc_auc'))}", fontsize=10)
+    axes[1].set_title(f"Precision-recall, AP {format_interval(m['pr_auc'], ci.get('pr_auc'))}", fontsize=10)
+    if ci:
+        fig.suptitle("test set; in brackets: 95 % bootstrap interval", fontsize=9, color="0.3")
     fig.tight_layout()
     fig.savefig(folder / "roc_pr.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """The test images' identity, labels and probabilities (calibrated when calibration is on)."""
+
+    rows: np.ndarray  # rows of the augmented store
+    ids: np.ndarray
+    biopsies: np.ndarray
+    labels: np.ndarray
+    raw_probability: np.ndarray  # the model's output
+    probability: np.ndarray  # after temperature scaling (the same when calibration is none)
+
+    @property
+    def names(self) -> np.ndarray:
+        return np.array([PurePosixPath(i).name for i in self.ids], dtype=object)
+
+
+def write_test_predictions(path: Path, test: TestSet, threshold: float, calibrated: bool) -> None:
+    """`name,biopsy,label,probability[,calibrated_probability],predicted`: what `glomeruli cv-summary` pools."""
+    header = ["name", "biopsy", "label", "probability"] + (["calibrated_probability"] if calibrated else [])
+    rows = []
+    for i in range(len(test.rows)):
+        row = [test.names[i], test.biopsies[i], int(test.labels[i]), f"{test.raw_probability[i]:.6f}"]
+        if calibrated:
+            row.append(f"{test.probability[i]:.6f}")
+        rows.append(row + [int(test.probability[i] >= threshold)])
+    _write_csv(path, header + ["predicted"], rows)
+
+
+def _calibration_report(params: EvaluateParams, temperature: float, test: TestSet, intervals: dict) -> dict:
+    report = {"method": params.calibration, "temperature": temperature, "fitted_on": "validation",
+              "bins": N_BINS, **calibration_metrics(test.labels, test.probability)}
+    if params.calibration != "none":
+        uncalibrated = calibration_metrics(test.labels, test.raw_probability)
+        report.update(brier_uncalibrated=uncalibrated["brier"], ece_uncalibrated=uncalibrated["ece"])
+    for name in ("brier", "ece"):
+        if name in intervals:
+            report[f"{name}_ci95"] = intervals[name].to_json()
+    return report
+
+
+def write_reliability(folder: Path, test: TestSet, report: dict) -> None:
+    """reliability.csv (non-empty bins, for `dvc plots`) and reliability.png (diagram + bin counts)."""
+    bins = reliability_bins(test.labels, test.probability)
+    filled = [b for b in bins if b.count]
+    _write_csv(folder / "reliability.csv", ["bin_low", "bin_high", "count", "mean_probability", "fraction_positive"],
+               [(f"{b.low:.2f}", f"{b.high:.2f}", b.count, f"{b.mean_probability:.6f}", f"{b.fraction_positive:.6f}")
+                for b in filled])
+    fig, (ax, bar) = plt.subplots(2, 1, figsize=(5.2, 6.2), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    ax.plot([b.mean_probability for b in filled], [b.fraction_positive for b in filled], "o-", color="tab:blue",
+            label="test set")
+    ax.set(ylabel="observed fraction globally sclerotic", xlim=(0, 1), ylim=(-0.02, 1.02))
+    ax.set_title(f"Reliability ({report['method']}" + (f", T={report['temperature']:.2f}" if report["method"] != "none"
+                                                       else "") + ")\n"
+                 f"ECE {format_interval(report['ece'], report.get('ece_ci95'), 3)}, "
+                 f"Brier {format_interval(report['brier'], report.get('brier_ci95'), 3)}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    bar.bar([(b.low + b.high) / 2 for b in bins], [b.count for b in bins], width=0.09, color="tab:grey")
+    bar.set(xlabel="predicted probability (bin)", ylabel="images", yscale="log" if max(b.count for b in bins) > 50
+            else "linear")
+    fig.tight_layout()
+    fig.savefig(folder / "reliability.png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_error_sheets(folder: Path, model, store_path: Path, test: TestSet, threshold: float,
+                       params: EvaluateParams) -> None:
+    """errors.png (every false negative and positive, up to evaluate.max_error_tiles) and gradcam.png
+    (those and evaluate.gradcam_examples correct cases of each class, with their Grad-CAM overlays)."""
+    errors = error_sections(test.labels, test.probability, threshold, params.max_error_tiles)
+    correct = correct_sections(test.labels, test.probability, threshold, params.gradcam_examples)
+    shown = np.unique(np.concatenate([s.indices for s in errors + correct]).astype(np.int64))
+    with ImageStore(store_path) as store:
+        images = np.zeros((len(test.rows), store.image_size, store.image_size, 3), np.uint8)
+        images[shown] = store.read(test.rows[shown])
+    n_errors = sum(len(s.indices) for s in errors)
+    plot_tile_sheet(folder / "errors.png", f"Test errors at threshold {threshold:.3f} ({n_errors} shown; "
+                    "true class and probability under each image)", errors, images, test.names, test.labels,
+                    test.probability, empty_note="none on the test set")
+    heat = {}
+    if len(shown):
+        maps = gradcam(efficientnet_cam_parts(model), images[shown].astype(np.float32),
+                       towards_positive=test.probability[shown] >= threshold, batch_size=params.batch_size)
+        heat = dict(zip(shown.tolist(), maps))
+    plot_tile_sheet(folder / "gradcam.png", "Grad-CAM (last convolutional layer): red = evidence for the class "
+                    "the model predicted", errors + correct, images, test.names, test.labels, test.probability,
+                    heatmaps=heat, empty_note="none on the test set")
+
+
+def _bootstrap(params: EvaluateParams, test: TestSet, threshold: float, seed: int) -> tuple[dict, dict]:
+    """Intervals of every test metric and of the calibration scores; ({}, {...}) when switched off."""
+    unit, unit_of = resample_units(test.biopsies)
+    info = {"resamples": params.bootstrap_resamples, "level": 0.95, "unit": unit, "units": int(unit_of.max()) + 1,
+            "seed": seed}
+    if params.bootstrap_resamples == 0:
+        return {}, info
+    if info["units"] < 2:
+        log.warning("bootstrap: the test set holds one %s only; no intervals", unit)
+        return {}, info
+
+    def statistic(y, p):
+        return {**scalar_metrics(y, p, threshold), **calibration_metrics(y, p)}
+
+    return bootstrap_intervals(test.labels, test.probability, test.biopsies, statistic,
+                               n_resamples=params.bootstrap_resamples, seed=seed), info
+
+
 def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params: EvaluateParams, *,
-                   max_pixels: int, metrics_path: Path, plots_dir: Path, curves: dict[str, Path]) -> dict:
-    """Threshold on validation, metrics on test; writes metrics JSON, plots and the model's metadata."""
+                   max_pixels: int, metrics_path: Path, plots_dir: Path, curves: dict[str, Path], seed: int = 0) -> dict:
+    """Calibration and threshold on validation; metrics, intervals, calibration, per-biopsy burden and
+    error sheets on test; writes the metrics JSON, plots and the model's metadata."""
     model = load_model(model_path)
     with ImageStore(store_path) as store:
         split = read_split(split_path, len(store.meta))
-        prob = {p: predict_rows(model, StoreRows(store, split.rows(p)), params.batch_size).reshape(-1)
-                for p in ("val", "test")}
+        raw = {p: predict_rows(model, StoreRows(store, split.rows(p)), params.batch_size).reshape(-1)
+               for p in ("val", "test")}
         labels = {p: store.meta.labels[split.rows(p)] for p in ("val", "test")}
-        test_ids = store.meta.ids[split.test]
+        test_ids, test_biopsies = store.meta.ids[split.test], store.meta.groups[split.test]
         image_size, fill = store.image_size, tuple(int(c) for c in store.attrs["fill"])
+    temperature = fit_temperature(labels["val"], raw["val"]) if params.calibration == "temperature" else 1.0
+    prob = {p: apply_temperature(raw[p], temperature) for p in raw}
+    if params.calibration == "temperature":
+        log.info("temperature %.3f fitted on %d validation images", temperature, len(labels["val"]))
     threshold = choose_threshold(labels["val"], prob["val"], params.threshold_rule, params.fixed_threshold)
     log.info("threshold %.4f chosen on %d validation images (%s)", threshold, len(labels["val"]), params.threshold_rule)
-    report = {"threshold": threshold, "threshold_rule": params.threshold_rule,
-              "test": binary_metrics(labels["test"], prob["test"], threshold),
+    test = TestSet(split.test, test_ids, test_biopsies, labels["test"], raw["test"], prob["test"])
+
+    intervals, bootstrap_info = _bootstrap(params, test, threshold, seed)
+    metrics = binary_metrics(test.labels, test.probability, threshold)
+    burden_rows = biopsy_burden(test.biopsies, test.probability, test.probability >= threshold, test.labels)
+    calibration = _calibration_report(params, temperature, test, intervals)
+    report = {"threshold": threshold, "threshold_rule": params.threshold_rule, "test": metrics,
+              "test_ci95": {k: intervals[k].to_json() for k in metrics if k in intervals},
+              "bootstrap": bootstrap_info, "calibration": calibration,
+              "burden": {**burden_summary(burden_rows, params.burden_cutoff), "per_biopsy": "metrics/plots/burden.csv"},
               "val": binary_metrics(labels["val"], prob["val"], threshold)}
-    log.info("test: %s", {k: v for k, v in report["test"].items() if k != "confusion_matrix"})
+    log.info("test: %s", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
     with atomic_path(plots_dir) as tmp:
-        write_plots(tmp, test_ids, labels["test"], prob["test"], threshold)
+        write_plots(tmp, test_ids, test.labels, test.probability, threshold, report["test_ci95"])
+        write_test_predictions(tmp / "test_predictions.csv", test, threshold, params.calibration != "none")
+        write_reliability(tmp, test, calibration)
+        write_burden_csv(tmp / "burden.csv", burden_rows)
+        b = report["burden"]
+        plot_burden(burden_rows, params.burden_cutoff, tmp / "burden.png",
+                    f"Per-biopsy burden, {b['n_biopsies']} test biopsies\nMAE {b['mae_pct_points']:.1f} pp, "
+                    f"{b['wrong_side_of_cutoff']} on the wrong side of {b['cutoff_pct']:g} %")
+        write_error_sheets(tmp, model, store_path, test, threshold, params)
         plot_training_curves(curves, tmp / "training_curves.png")
     write_json(metrics_path, report)
     write_metadata(model_path, ModelMetadata(image_size=image_size, fill=fill, threshold=threshold,
                                              threshold_rule=params.threshold_rule, class_names=CLASS_NAMES,
-                                             model_sha256=file_sha256(model_path), max_pixels=max_pixels))
+                                             model_sha256=file_sha256(model_path), max_pixels=max_pixels,
+                                             temperature=temperature))
     return report
 
 

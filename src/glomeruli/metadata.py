@@ -1,4 +1,5 @@
-"""What travels with a trained model: input size, padding, threshold, class names (models/model.meta.json)."""
+"""What travels with a trained model: input size, padding, threshold, class names, calibration temperature
+(models/model.meta.json)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class ModelMetadata:
     class_names: tuple[str, str]
     model_sha256: str
     max_pixels: int
+    # probabilities = sigmoid(logit / temperature), fitted on validation (1.0: uncalibrated; metadata
+    # written before calibration existed reads as 1.0)
+    temperature: float = 1.0
 
 
 def metadata_path(model_path: Path) -> Path:
@@ -55,12 +59,14 @@ def read_metadata(model_path: Path) -> ModelMetadata:
         meta = ModelMetadata(image_size=int(raw["image_size"]), fill=tuple(int(c) for c in raw["fill"]),
                              threshold=float(raw["threshold"]), threshold_rule=str(raw["threshold_rule"]),
                              class_names=tuple(raw["class_names"]), model_sha256=str(raw["model_sha256"]),
-                             max_pixels=int(raw["max_pixels"]))
+                             max_pixels=int(raw["max_pixels"]), temperature=float(raw.get("temperature", 1.0)))
     except (KeyError, TypeError, ValueError) as err:
         raise MetadataError(f"{path} is incomplete or malformed ({err}); rerun `dvc repro evaluate`") from err
-    if not 0.0 <= meta.threshold <= 1.0 or len(meta.fill) != 3 or len(meta.class_names) != 2:
+    if (not 0.0 <= meta.threshold <= 1.0 or len(meta.fill) != 3 or len(meta.class_names) != 2
+            or not meta.temperature > 0):
         raise MetadataError(f"{path} holds impossible values (threshold {meta.threshold}, fill {meta.fill}, "
-                            f"class names {meta.class_names}); rerun `dvc repro evaluate`")
+                            f"class names {meta.class_names}, temperature {meta.temperature}); "
+                            "rerun `dvc repro evaluate`")
     if meta.class_names != CLASS_NAMES:
         raise MetadataError(f"{path} names classes {meta.class_names}, expected {CLASS_NAMES}")
     if meta.model_sha256 != file_sha256(model_path):

@@ -1,0 +1,99 @@
+"""Do the probabilities mean what they say? Brier score, expected calibration error, reliability
+table, and temperature scaling fitted on validation (applied by evaluate and by `glomeruli predict`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+N_BINS = 10
+# The model's float32 sigmoid saturates: probabilities are clipped so their logits stay finite (|logit| <= ~16).
+_EPS = 1e-7
+# Temperatures outside this range mean the validation set cannot support a fit (e.g. perfectly separated).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def logit(prob: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(prob, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(prob: np.ndarray, temperature: float) -> np.ndarray:
+    """sigmoid(logit(prob) / T): T > 1 softens over-confident probabilities, T = 1 changes nothing."""
+    prob = np.asarray(prob)
+    if temperature == 1.0:
+        return prob.astype(np.float64)
+    return 1.0 / (1.0 + np.exp(-logit(prob) / temperature))
+
+
+def _nll(y_true: np.ndarray, logits: np.ndarray) -> float:
+    # log(1 + exp(-z)) for positives, log(1 + exp(z)) for negatives, computed without overflow
+    signed = np.where(y_true == 1, logits, -logits)
+    return float(np.mean(np.logaddexp(0.0, -signed)))
+
+
+def fit_temperature(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of validation labels (Guo et al. 2017).
+
+    The model outputs probabilities (its last layer is a float32 sigmoid), so the logits are recovered
+    from them; searched over log T, bounded, so a perfectly separated validation set cannot send T to 0.
+    """
+    from scipy.optimize import minimize_scalar  # here, not at the top: `glomeruli predict` imports this module
+
+    y_true = np.asarray(y_true)
+    logits = logit(prob)
+    lo, hi = np.log(TEMPERATURE_BOUNDS)
+    result = minimize_scalar(lambda log_t: _nll(y_true, logits / np.exp(log_t)), bounds=(lo, hi), method="bounded",
+                             options={"xatol": 1e-6})
+    temperature = float(np.exp(result.x))
+    if np.isclose(temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any():
+        log.warning("temperature %.3g sits at its bound %s: the validation set (%d images) is too small or too "
+                    "well separated to calibrate on", temperature, TEMPERATURE_BOUNDS, len(y_true))
+    return temperature
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    low: float
+    high: float
+    count: int
+    mean_probability: float  # nan when the bin is empty
+    fraction_positive: float  # nan when the bin is empty
+
+
+def reliability_bins(y_true: np.ndarray, prob: np.ndarray, n_bins: int = N_BINS) -> list[ReliabilityBin]:
+    """Equal-width probability bins [0, 0.1), ..., [0.9, 1.0]: mean predicted probability vs observed
+    fraction of globally sclerotic glomeruli in each."""
+    y_true, prob = np.asarray(y_true, dtype=np.float64), np.asarray(prob, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.digitize(prob, edges[1:-1], right=False), 0, n_bins - 1)  # 1.0 falls in the last bin
+    bins = []
+    for b in range(n_bins):
+        members = index == b
+        count = int(members.sum())
+        bins.append(ReliabilityBin(float(edges[b]), float(edges[b + 1]), count,
+                                   float(prob[members].mean()) if count else float("nan"),
+                                   float(y_true[members].mean()) if count else float("nan")))
+    return bins
+
+
+def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Sum over bins of (share of images in the bin) x |mean probability - fraction positive|."""
+    bins = reliability_bins(y_true, prob, n_bins)
+    n = sum(b.count for b in bins)
+    return float(sum(b.count / n * abs(b.mean_probability - b.fraction_positive) for b in bins if b.count))
+
+
+def brier_score(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Mean squared difference between probability and label (0 is perfect, 0.25 is a coin)."""
+    from sklearn.metrics import brier_score_loss
+
+    return float(brier_score_loss(y_true, prob, labels=[0, 1]))
+
+
+def calibration_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    return {"brier": brier_score(y_true, prob), "ece": expected_calibration_error(y_true, prob)}

@@ -1,0 +1,105 @@
+"""Errors you can see: which test images the model got wrong (errors.png) and where it looked
+(gradcam.png), as labelled tile sheets."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training boxes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMNS = 6
+TILE_INCHES = 2.0
+SHORT_CLASS = ("non-GS", "GS")  # label 0, 1
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    indices: np.ndarray  # rows of the test arrays shown in this section, in display order
+
+
+def error_sections(labels: np.ndarray, prob: np.ndarray, threshold: float, max_tiles: int) -> list[Section]:
+    """False negatives, then false positives, most confidently wrong first; at most `max_tiles` in all,
+    shared between the two in proportion to their numbers (each keeps at least one when it has any)."""
+    labels, prob = np.asarray(labels), np.asarray(prob)
+    predicted = prob >= threshold
+    fn = np.flatnonzero((labels == 1) & ~predicted)
+    fp = np.flatnonzero((labels == 0) & predicted)
+    fn, fp = fn[np.argsort(prob[fn], kind="stable")], fp[np.argsort(-prob[fp], kind="stable")]
+    total = len(fn) + len(fp)
+    if total > max_tiles:
+        keep_fn = min(len(fn), max(int(round(max_tiles * len(fn) / total)), 1 if len(fn) else 0))
+        keep_fn = min(keep_fn, max_tiles - min(len(fp), 1))
+        fn, fp = fn[:keep_fn], fp[:max_tiles - keep_fn]
+    return [Section(f"False negatives: globally sclerotic called non-GS ({len(fn)} shown of "
+                    f"{int(((labels == 1) & ~predicted).sum())})", fn),
+            Section(f"False positives: non-GS called globally sclerotic ({len(fp)} shown of "
+                    f"{int(((labels == 0) & predicted).sum())})", fp)]
+
+
+def correct_sections(labels: np.ndarray, prob: np.ndarray, threshold: float, per_class: int) -> list[Section]:
+    """`per_class` correctly classified images of each class, spread evenly over their range of
+    probabilities (the most and the least confident included): representative, and no randomness."""
+    labels, prob = np.asarray(labels), np.asarray(prob)
+    predicted = (prob >= threshold).astype(int)
+    sections = []
+    for label, name in ((1, "globally sclerotic"), (0, "non-globally sclerotic")):
+        correct = np.flatnonzero((labels == label) & (predicted == label))
+        correct = correct[np.argsort(-prob[correct], kind="stable")]
+        if len(correct) > per_class:
+            correct = correct[np.unique(np.linspace(0, len(correct) - 1, per_class).round().astype(int))]
+        sections.append(Section(f"Correct {name} ({len(correct)} shown)", correct[:per_class]))
+    return sections
+
+
+def tile_caption(name: str, label: int, probability: float) -> str:
+    """File name (wrapped to fit the tile), true class and probability."""
+    wrapped = "\n".join(textwrap.wrap(name, 26, break_on_hyphens=False)[:2])
+    return f"{wrapped}\ntrue {SHORT_CLASS[int(label)]} \u00b7 p={probability:.3f}"
+
+
+def heat_overlay(heatmap: np.ndarray) -> np.ndarray:
+    """RGBA overlay: jet colours, opacity growing with the heat, so cold regions leave the tissue visible."""
+    rgba = plt.get_cmap("jet")(np.clip(heatmap, 0.0, 1.0))
+    rgba[..., 3] = 0.6 * np.clip(heatmap, 0.0, 1.0)
+    return rgba
+
+
+def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: np.ndarray, names: np.ndarray,
+                    labels: np.ndarray, prob: np.ndarray, heatmaps: dict[int, np.ndarray] | None = None,
+                    empty_note: str = "none") -> None:
+    """Sections of labelled tiles, up to COLUMNS per row; with `heatmaps` (row -> HxW in [0, 1]) each tile
+    carries its Grad-CAM overlay. `images` are the test images (uint8 RGB), indexed like the other arrays."""
+    columns = min(COLUMNS, max([3] + [len(s.indices) for s in sections]))
+    rows_per_section = [max(1, -(-len(s.indices) // columns)) for s in sections]
+    tile_h = TILE_INCHES + 0.55  # room for a three-line caption
+    header, title_h = 0.4, 0.45
+    heights = [title_h] + [r * tile_h + header for r in rows_per_section]
+    fig = plt.figure(figsize=(columns * TILE_INCHES, sum(heights)))
+    subfigs = fig.subfigures(len(heights), 1, height_ratios=heights)
+    subfigs[0].suptitle(title, fontsize=10, x=0.01, ha="left", y=0.7)
+    for subfig, section, n_rows in zip(subfigs[1:], sections, rows_per_section):
+        subfig.suptitle(section.title, fontsize=9.5, fontweight="bold", x=0.01, ha="left", y=0.995)
+        axes = np.atleast_1d(subfig.subplots(n_rows, columns)).reshape(-1)
+        for ax in axes:
+            ax.axis("off")
+        if not len(section.indices):
+            axes[0].text(0.0, 0.5, empty_note, fontsize=9, transform=axes[0].transAxes)
+        for ax, i in zip(axes, section.indices):
+            ax.imshow(images[i])
+            caption = tile_caption(str(names[i]), int(labels[i]), float(prob[i]))
+            if heatmaps is not None:
+                ax.imshow(heat_overlay(heatmaps[i]))
+                if not heatmaps[i].max() > 0:
+                    caption += " \u00b7 no evidence"
+            ax.set_title(caption, fontsize=6.5, pad=3)
+        subfig.subplots_adjust(left=0.01, right=0.99, top=1 - header / (n_rows * tile_h + header), bottom=0.02,
+                               wspace=0.06, hspace=0.42)
+    fig.savefig(out_png, dpi=110, metadata={"Software": None})
+    plt.close(fig)
