@@ -193,3 +193,32 @@ def test_workflows_pass_actionlint(workflow):
 def test_both_workflows_exist():
     names = {p.name for p in (ROOT / ".github" / "workflows").glob("*.yml")}
     assert {"review.yml", "gpu-repro.yml"} <= names
+
+
+def test_report_puts_intervals_beside_the_headline_and_knows_each_direction():
+    """Evaluate's intervals, calibration and burden (issue 10's keys), rendered without a pipeline."""
+    from glomeruli.review import Change, Review, Revision, render_report
+
+    values = [("test.f1", 0.5, 0.6), ("test_ci95.f1.low", 0.3, 0.45), ("test_ci95.f1.high", 0.7, 0.75),
+              ("threshold", 0.4, 0.4), ("test.loss", 0.4, 0.3), ("calibration.brier", 0.2, 0.15),
+              ("calibration.ece", 0.05, 0.08), ("calibration.temperature", 1.0, 1.3), ("burden.mae_pct_points", 4.0, 5.5),
+              ("burden.wrong_side_of_cutoff", 2, 1), ("burden.n_biopsies", 9, 9), ("val.recall", 0.9, 0.8)]
+    evaluate = {key: Change(key, base, head) for key, base, head in values}
+    review = Review(Revision("main", "a" * 40), Revision("workspace"), True, {"metrics/evaluate.json": evaluate},
+                    [], [], [])
+    report = render_report(review)
+    headline, details = report.split("<details>")
+    rows = _rows(headline)
+    assert rows["F1"] == ["0.500 (0.300–0.700)", "0.600 (0.450–0.750)", "+0.100", "✅ better"]
+    assert rows["Threshold"] == ["0.400", "0.400", "=", ""]
+    assert rows["ROC-AUC"] == ["—", "—", "=", ""]  # not in this evaluate.json
+    rows = _rows(details)
+    assert rows["`test.loss`"][2:] == ["-0.100", "✅ better"]
+    assert rows["`calibration.brier`"][2:] == ["-0.050", "✅ better"]
+    assert rows["`calibration.ece`"][2:] == ["+0.030", "❌ worse"]
+    assert rows["`calibration.temperature`"][2:] == ["+0.300", ""]
+    assert rows["`burden.mae_pct_points`"][2:] == ["+1.500", "❌ worse"]
+    assert rows["`burden.wrong_side_of_cutoff`"][2:] == ["-1", "✅ better"]
+    assert rows["`burden.n_biopsies`"][2:] == ["=", ""]
+    assert rows["`val.recall`"][2:] == ["-0.100", "❌ worse"]
+    assert "test_ci95" not in report

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 EVALUATE = "metrics/evaluate.json"
 SPLIT = "metrics/split.json"
-PHASE_SUMMARIES = {"metrics/train_frozen/metrics.json": "Training, frozen phase (last epoch)",
-                   "metrics/finetune/metrics.json": "Training, fine-tune phase (best epoch)"}
+PHASE_SUMMARIES = {"metrics/train_frozen/metrics.json": "Training summary, frozen phase",
+                   "metrics/finetune/metrics.json": "Training summary, fine-tune phase"}
 # The marker that finds this report's earlier pull-request comment, so CI updates it instead of adding one.
 COMMENT_MARKER = "<!-- glomeruli-review -->"
 ARTIFACT_URL_PLACEHOLDER = "@ARTIFACT_URL@"
@@ -318,7 +318,8 @@ def draw_roc_pr(data: PlotData, sides: list[tuple[str, Revision]], path: Path) -
 
 
 def draw_training_curves(data: PlotData, sides: list[tuple[str, Revision]], path: Path) -> bool:
-    """Loss and accuracy per epoch of both training phases, the revisions overlaid (train solid, val dashed)."""
+    """Loss and accuracy per epoch of both training phases, the revisions overlaid (train: solid line and
+    circles, val: dashed line and squares)."""
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.4), squeeze=False)
     drawn = []
     for row, phase in enumerate(("frozen", "fine-tune")):
@@ -326,11 +327,11 @@ def draw_training_curves(data: PlotData, sides: list[tuple[str, Revision]], path
             ax, epochs = axes[row][col], set()
             for side, rev in sides:
                 rows = data.of(CURVE_PLOTS[(phase, metric)], rev)
-                for split, ls in (("train", "-"), ("val", "--")):
+                for split, ls, marker in (("train", "-", "o"), ("val", "--", "s")):
                     points = sorted((int(r["step"]) + 1, float(r[metric])) for r in rows
                                     if r.get("filename", "").startswith(f"{split}/"))
                     if points:
-                        ax.plot(*zip(*points), ls=ls, marker="o", **STYLES[side])
+                        ax.plot(*zip(*points), ls=ls, marker=marker, **STYLES[side])
                         epochs.update(p[0] for p in points)
                         if f"{side} {rev.label}" not in drawn:
                             drawn.append(f"{side} {rev.label}")
@@ -345,7 +346,8 @@ def draw_training_curves(data: PlotData, sides: list[tuple[str, Revision]], path
         plt.close(fig)
         return False
     handles = [plt.Line2D([], [], marker="o", **STYLES[label.split()[0]], label=label) for label in drawn]
-    handles += [plt.Line2D([], [], color="0.3", ls=ls, label=split) for split, ls in (("train", "-"), ("val", "--"))]
+    handles += [plt.Line2D([], [], color="0.3", ls=ls, marker=marker, label=split)
+                for split, ls, marker in (("train", "-", "o"), ("val", "--", "s"))]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.suptitle("Training curves (per epoch)", fontsize=12)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -377,7 +379,7 @@ def metric_direction(key: str) -> int:
     last = parts[-1]
     if last in _HIGHER_BETTER:
         return 1
-    if last in _LOWER_BETTER or last.endswith(("_mae", "_error", "_loss")) or last.startswith("mae"):
+    if last in _LOWER_BETTER or last.endswith(("_mae", "_error", "_loss")) or last.startswith(("mae", "wrong_")):
         return -1
     return 0
 
@@ -495,7 +497,8 @@ def render_report(review: Review, *, pictures_link: str | None = None) -> str:
     out += _table(headline, review, labels=dict(HEADLINE), metrics=evaluate)
     notes = ["better/worse follows each metric's direction"] if review.base_has_metrics else []
     if has_ci:
-        notes.append("(low–high): 95 % bootstrap interval over biopsies")
+        unit = evaluate.get("bootstrap.unit")
+        notes.append("(low–high): 95 % bootstrap interval" + (f", resampling {unit.head}s" if unit and unit.head else ""))
     out += ["", f"<sub>{'; '.join(notes)}.</sub>" if notes else "", ""]
 
     out += ["### Parameters changed", ""]
