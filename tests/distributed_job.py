@@ -90,7 +90,8 @@ def run(devices: int | str) -> None:
     with engine.scope(), ImageStore(Path(cfg["store"])) as store:
         split = read_split(Path(cfg["split"]), len(store.meta))
         data = load_phase_data(store, split, runtime.memory_budget_gb)
-        for cache in (True, False):
+        caches = cfg.get("caches", [True, False])  # cached first: fine-tuning starts from the cached run's model
+        for cache in caches:
             configure(7, "float32", "auto")
             model = gm.build_model(cfg["image_size"], "none", cfg["dropout"])
             train_frozen(model, data, frozen_p, replace(runtime, cache_features=cache), seed=7, callbacks=[])
@@ -100,7 +101,7 @@ def run(devices: int | str) -> None:
             if cache:
                 frozen_path = out / f"frozen-{devices}-{engine.process_index}.keras"
                 model.save(frozen_path)
-        for cache in (True, False):
+        for cache in caches:
             configure(11, "float32", "auto")
             model = gm.load_model(frozen_path)
             finetune(model, data, fine_p, replace(runtime, cache_features=cache), seed=11, callbacks=[])

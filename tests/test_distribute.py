@@ -70,10 +70,11 @@ def _load(inputs: dict, name: str, devices, process: int = 0) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def _assert_same_training(one: dict, many: dict) -> None:
-    keys = [k for k in one if k.startswith(("frozen_", "finetune_"))]
-    for phase in ("frozen_cached", "frozen_full", "finetune_cached", "finetune_full"):
-        assert any(k.startswith(phase) for k in keys), phase
+def _assert_same_training(one: dict, many: dict,
+                          runs=("frozen_cached", "frozen_full", "finetune_cached", "finetune_full")) -> None:
+    keys = [k for k in one if k.startswith(tuple(f"{run}_" for run in runs))]
+    for run in runs:
+        assert any(k.startswith(run) for k in keys), run
     for key in [*keys, "predict_rows", "predict_batch"]:
         np.testing.assert_allclose(many[key], one[key], **TOLERANCE, err_msg=key)
     assert one["predict_rows"].shape == (len(one["predict_rows"]), 1) and one["predict_batch"].shape == (3, 1)
@@ -131,10 +132,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_jax_processes_train_like_one(job_inputs, jax_runs):
     """Two processes, one CPU device each, local coordinator (Keras' variables, as a launcher sets them);
-    memory budget 0: each process streams only its share of every batch from the HDF5 store."""
+    memory budget 0: each process streams only its share of every batch from the HDF5 store (and spills
+    the activation cache to HDF5). Both phases on their caches, the stages' default."""
     port = _free_port()
     jobs = [_run_job(job_inputs, "two-processes", backend="jax", local_devices=1, devices=["auto"], dropout=0.3,
-                     memory_gb=0.0, env={"KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+                     memory_gb=0.0, caches=[True], env={"KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
                                          "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
                                          "KERAS_DISTRIBUTION_PROCESS_ID": str(p)})
             for p in range(2)]
@@ -143,6 +145,6 @@ def test_two_jax_processes_train_like_one(job_inputs, jax_runs):
     processes = [_load(job_inputs, "two-processes", "auto", p) for p in range(2)]
     for result in processes:
         assert int(result["n_devices"]) == 2
-        _assert_same_training(one, result)
+        _assert_same_training(one, result, runs=("frozen_cached", "finetune_cached"))
     for key in processes[0]:  # every process holds the same result
         np.testing.assert_array_equal(processes[0][key], processes[1][key], err_msg=key)
