@@ -42,6 +42,28 @@ def test_batch_size_that_does_not_divide_is_refused_naming_key_and_sizes():
         check_batch_size("finetune.batch_size", 30, Engine("jax", 4))
 
 
+def test_more_devices_than_the_machine_has_is_refused():
+    from glomeruli.distribute import current, start
+
+    with pytest.raises(DistributeError, match=r"`runtime.devices` = 64 but this machine has 1 "):
+        start(64)
+    assert not current().distributed
+
+
+def test_several_processes_on_tensorflow_stop_with_one_line(monkeypatch):
+    import keras
+
+    from glomeruli.distribute import start
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the TensorFlow engine's refusal")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_JOB_ADDRESSES", "127.0.0.1:1")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("KERAS_DISTRIBUTION_PROCESS_ID", "0")
+    with pytest.raises(DistributeError, match="supported on JAX only"):
+        start("auto")
+
+
 @pytest.fixture(scope="module")
 def job_inputs(tiny_data, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("distribute")
