@@ -22,6 +22,7 @@ import numpy as np
 from glomeruli.burden import biopsy_burden, burden_summary
 from glomeruli.calibration import calibration_metrics
 from glomeruli.errors import UserError
+from glomeruli.metrics import prediction_metrics
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ def fold_metrics(report: dict) -> dict[str, float]:
 def pooled_metrics(runs: list[FoldRun]) -> dict:
     """Metrics of every fold's test predictions together: each image predicted once, by the model that
     never saw it, at that model's threshold (calibrated probabilities when the runs calibrated)."""
-    from glomeruli.evaluation import prediction_metrics  # scikit-learn metrics; keeps the CLI start light
-
     rows = [row for r in runs for row in r.predictions]
     labels = np.array([int(row["label"]) for row in rows])
     prob = np.array([float(row.get("calibrated_probability") or row["probability"]) for row in rows])

@@ -19,10 +19,10 @@ from glomeruli.atomic import atomic_path, write_json  # noqa: E402
 from glomeruli.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv  # noqa: E402
 from glomeruli.calibration import (N_BINS, apply_temperature, calibration_metrics, fit_temperature,  # noqa: E402
                                    reliability_bins)
-from glomeruli.gallery import correct_sections, error_sections, plot_tile_sheet  # noqa: E402
-from glomeruli.gradcam import efficientnet_cam_parts, gradcam  # noqa: E402
+from glomeruli.gallery import write_error_sheets  # noqa: E402
 from glomeruli.h5store import ImageStore  # noqa: E402
 from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
+from glomeruli.metrics import binary_metrics, prediction_metrics, scalar_metrics  # noqa: E402, F401 (re-exported)
 from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata  # noqa: E402
 from glomeruli.model import load_model  # noqa: E402
 from glomeruli.params import EvaluateParams  # noqa: E402
@@ -64,35 +64,6 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str, fixed: flo
     edges = np.clip([float(below.max()), min(float(thresholds[run_top]), 1.0)], 1e-7, 1 - 1e-7)
     centre = float(np.mean(np.log(edges / (1 - edges))))
     return float(1 / (1 + np.exp(-centre)))
-
-
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
-    """Every metric users review, from scikit-learn; the positive class is globally sclerotic (1)."""
-    return prediction_metrics(y_true, prob, (np.asarray(prob) >= threshold).astype(int))
-
-
-def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) -> dict:
-    """binary_metrics from given predicted labels (pooled out-of-fold predictions of models that each
-    had their own threshold)."""
-    tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
-    both_classes = len(np.unique(y_true)) == 2
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "loss": float(skm.log_loss(y_true, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
-        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(y_true, prob)) if both_classes else float("nan"),
-        "pr_auc": float(skm.average_precision_score(y_true, prob)) if both_classes else float("nan"),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
-    }
-
-
-def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
-    """binary_metrics without the count and the confusion matrix: what gets an interval."""
-    return {k: v for k, v in binary_metrics(y_true, prob, threshold).items() if k not in ("n", "confusion_matrix")}
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
@@ -213,30 +184,6 @@ def write_reliability(folder: Path, test: TestSet, report: dict) -> None:
     plt.close(fig)
 
 
-def write_error_sheets(folder: Path, model, store_path: Path, test: TestSet, threshold: float,
-                       params: EvaluateParams) -> None:
-    """errors.png (every false negative and positive, up to evaluate.max_error_tiles) and gradcam.png
-    (those and evaluate.gradcam_examples correct cases of each class, with their Grad-CAM overlays)."""
-    errors = error_sections(test.labels, test.probability, threshold, params.max_error_tiles)
-    correct = correct_sections(test.labels, test.probability, threshold, params.gradcam_examples)
-    shown = np.unique(np.concatenate([s.indices for s in errors + correct]).astype(np.int64))
-    with ImageStore(store_path) as store:
-        images = np.zeros((len(test.rows), store.image_size, store.image_size, 3), np.uint8)
-        images[shown] = store.read(test.rows[shown])
-    n_errors = sum(len(s.indices) for s in errors)
-    plot_tile_sheet(folder / "errors.png", f"Test errors at threshold {threshold:.3f} ({n_errors} shown; "
-                    "true class and probability under each image)", errors, images, test.names, test.labels,
-                    test.probability, empty_note="none on the test set")
-    heat = {}
-    if len(shown):
-        maps = gradcam(efficientnet_cam_parts(model), images[shown].astype(np.float32),
-                       towards_positive=test.probability[shown] >= threshold, batch_size=params.batch_size)
-        heat = dict(zip(shown.tolist(), maps))
-    plot_tile_sheet(folder / "gradcam.png", "Grad-CAM (last convolutional layer): red = evidence for the class "
-                    "the model predicted", errors + correct, images, test.names, test.labels, test.probability,
-                    heatmaps=heat, empty_note="none on the test set")
-
-
 def _bootstrap(params: EvaluateParams, test: TestSet, threshold: float, seed: int) -> tuple[dict, dict]:
     """Intervals of every test metric and of the calibration scores; ({}, {...}) when switched off."""
     unit, unit_of = resample_units(test.biopsies)
@@ -294,7 +241,8 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
         plot_burden(burden_rows, params.burden_cutoff, tmp / "burden.png",
                     f"Per-biopsy burden, {b['n_biopsies']} test biopsies\nMAE {b['mae_pct_points']:.1f} pp, "
                     f"{b['wrong_side_of_cutoff']} on the wrong side of {b['cutoff_pct']:g} %")
-        write_error_sheets(tmp, model, store_path, test, threshold, params)
+        write_error_sheets(tmp, model, store_path, test, threshold, max_tiles=params.max_error_tiles,
+                           per_class=params.gradcam_examples, batch_size=params.batch_size)
         plot_training_curves(curves, tmp / "training_curves.png")
     write_json(metrics_path, report)
     write_metadata(model_path, ModelMetadata(image_size=image_size, fill=fill, threshold=threshold,

@@ -13,6 +13,9 @@ matplotlib.use("Agg")  # no display on training boxes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from glomeruli.gradcam import efficientnet_cam_parts, gradcam  # noqa: E402
+from glomeruli.h5store import ImageStore  # noqa: E402
+
 COLUMNS = 6
 TILE_INCHES = 2.0
 SHORT_CLASS = ("non-GS", "GS")  # label 0, 1
@@ -103,3 +106,27 @@ def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: 
                                wspace=0.06, hspace=0.42)
     fig.savefig(out_png, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+def write_error_sheets(folder: Path, model, store_path: Path, test, threshold: float, *, max_tiles: int,
+                       per_class: int, batch_size: int) -> None:
+    """errors.png (every false negative and positive, up to `max_tiles`) and gradcam.png (those and
+    `per_class` correct cases of each class, with their Grad-CAM overlays). `test`: evaluation.TestSet."""
+    errors = error_sections(test.labels, test.probability, threshold, max_tiles)
+    correct = correct_sections(test.labels, test.probability, threshold, per_class)
+    shown = np.unique(np.concatenate([s.indices for s in errors + correct]).astype(np.int64))
+    with ImageStore(store_path) as store:
+        images = np.zeros((len(test.rows), store.image_size, store.image_size, 3), np.uint8)
+        images[shown] = store.read(test.rows[shown])
+    n_errors = sum(len(s.indices) for s in errors)
+    plot_tile_sheet(folder / "errors.png", f"Test errors at threshold {threshold:.3f} ({n_errors} shown; "
+                    "true class and probability under each image)", errors, images, test.names, test.labels,
+                    test.probability, empty_note="none on the test set")
+    heat = {}
+    if len(shown):
+        maps = gradcam(efficientnet_cam_parts(model), images[shown].astype(np.float32),
+                       towards_positive=test.probability[shown] >= threshold, batch_size=batch_size)
+        heat = dict(zip(shown.tolist(), maps))
+    plot_tile_sheet(folder / "gradcam.png", "Grad-CAM (last convolutional layer): red = evidence for the class "
+                    "the model predicted", errors + correct, images, test.names, test.labels, test.probability,
+                    heatmaps=heat, empty_note="none on the test set")

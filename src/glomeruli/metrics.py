@@ -1,0 +1,36 @@
+"""Test-set metrics users review, all from scikit-learn (no Keras: `glomeruli cv-summary` and the bootstrap
+import this alone); the positive class is globally sclerotic (1)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+    """Every metric users review, from scikit-learn; the positive class is globally sclerotic (1)."""
+    return prediction_metrics(y_true, prob, (np.asarray(prob) >= threshold).astype(int))
+
+
+def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) -> dict:
+    """binary_metrics from given predicted labels (pooled out-of-fold predictions of models that each
+    had their own threshold)."""
+    tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    both_classes = len(np.unique(y_true)) == 2
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "loss": float(skm.log_loss(y_true, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
+        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
+        "roc_auc": float(skm.roc_auc_score(y_true, prob)) if both_classes else float("nan"),
+        "pr_auc": float(skm.average_precision_score(y_true, prob)) if both_classes else float("nan"),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
+    """binary_metrics without the count and the confusion matrix: what gets an interval."""
+    return {k: v for k, v in binary_metrics(y_true, prob, threshold).items() if k not in ("n", "confusion_matrix")}

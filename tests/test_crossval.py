@@ -1,0 +1,178 @@
+"""Cross-validation: folds disjoint by biopsy that cover every image once; `glomeruli cv-summary` against
+hand-computed mean, sd and pooled values, from run folders and from real DVC experiments."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glomeruli import cli
+from glomeruli.crossval import CrossValidationError, experiment_runs, folder_run, summarize
+from glomeruli.h5store import RecordMeta
+from glomeruli.params import SplitParams
+from glomeruli.split import fold_assignment, split_records
+
+
+def clustered_meta(n_biopsies: int = 15, seed: int = 0) -> RecordMeta:
+    """Biopsies of 3-9 originals with mixed labels, each original with 0-2 augmented copies."""
+    rng = np.random.default_rng(seed)
+    ids, sources, groups, labels, augmented = [], [], [], [], []
+    for b in range(n_biopsies):
+        share = rng.uniform(0.1, 0.6)
+        for i in range(int(rng.integers(3, 10))):
+            label = int(rng.uniform() < share)
+            source = f"B{b:02d}_PAS_{i}.png"
+            for copy in range(1 + int(rng.integers(0, 3))):
+                ids.append(source if copy == 0 else f"{source}#aug{copy}")
+                sources.append(source)
+                groups.append(f"B{b:02d}")
+                labels.append(label)
+                augmented.append(copy > 0)
+    return RecordMeta(np.array(ids, dtype=object), np.array(sources, dtype=object), np.array(groups, dtype=object),
+                      np.array(labels), np.array(augmented))
+
+
+def test_folds_are_disjoint_by_biopsy_and_cover_every_image_once():
+    meta = clustered_meta()
+    k, seed = 5, 3
+    params = [SplitParams(group_by="biopsy", folds=k, fold=f, val_fraction=0.15) for f in range(k)]
+    fold_of = fold_assignment(meta, params[0], seed)
+    originals = np.flatnonzero(~meta.is_augmented)
+    assert (fold_of[meta.is_augmented] == -1).all() and set(fold_of[originals]) == set(range(k))
+    for biopsy in set(meta.groups):  # a biopsy lies in one fold
+        assert len(set(fold_of[originals][meta.groups[originals] == biopsy])) == 1
+    tests = []
+    for p in params:
+        split = split_records(meta, p, seed)
+        assert split.test.tolist() == originals[fold_of[originals] == p.fold].tolist()
+        parts = {name: set(meta.groups[split.rows(name)]) for name in ("train", "val", "test")}
+        assert not parts["train"] & parts["val"] and not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
+        assert not meta.is_augmented[split.test].any() and not meta.is_augmented[split.val].any()
+        tests.append(split.test)
+    every_test = np.concatenate(tests)
+    assert sorted(every_test.tolist()) == originals.tolist()  # each original is a test image exactly once
+    assert fold_assignment(meta, params[3], seed).tolist() == fold_of.tolist()  # independent of the chosen fold
+
+
+# Three fold runs by hand. Pooled rows (label, calibrated probability, predicted):
+#   fold 0: a1 A (1, .9, 1), a2 A (0, .2, 0), b1 B (0, .7, 1)
+#   fold 1: c1 C (1, .4, 0), c2 C (1, .8, 1), d1 D (0, .1, 0)
+#   fold 2: e1 E (0, .3, 0), e2 E (1, .6, 1)
+PREDICTIONS = {
+    0: [("a1", "A", 1, 0.9, 1), ("a2", "A", 0, 0.2, 0), ("b1", "B", 0, 0.7, 1)],
+    1: [("c1", "C", 1, 0.4, 0), ("c2", "C", 1, 0.8, 1), ("d1", "D", 0, 0.1, 0)],
+    2: [("e1", "E", 0, 0.3, 0), ("e2", "E", 1, 0.6, 1)],
+}
+FOLD_F1, FOLD_ACCURACY, FOLD_ECE = (0.5, 0.7, 0.9), (0.6, 0.8, 0.7), (0.1, 0.2, 0.6)
+
+
+def fold_files(fold: int, folds: int = 3) -> dict[str, str]:
+    test = {"n": len(PREDICTIONS[fold]), "accuracy": FOLD_ACCURACY[fold], "loss": 0.4, "precision": 0.5,
+            "recall": 0.5, "f1": FOLD_F1[fold], "roc_auc": 0.8, "pr_auc": 0.7, "balanced_accuracy": 0.6,
+            "confusion_matrix": {"tn": 1, "fp": 0, "fn": 1, "tp": 1}}
+    report = {"threshold": 0.5, "test": test, "calibration": {"brier": 0.2, "ece": FOLD_ECE[fold]},
+              "burden": {"cutoff_pct": 20.0, "mae_pct_points": 10.0 * fold, "wrong_side_of_cutoff": fold}}
+    lines = ["name,biopsy,label,probability,calibrated_probability,predicted"]
+    # raw probabilities differ from the calibrated ones: pooling must use the calibrated
+    lines += [f"{n},{b},{y},0.5,{p},{d}" for n, b, y, p, d in PREDICTIONS[fold]]
+    return {"metrics/split.json": json.dumps({"fold": fold, "folds": folds, "group_by": "biopsy"}),
+            "metrics/evaluate.json": json.dumps(report),
+            "metrics/plots/test_predictions.csv": "\n".join(lines) + "\n"}
+
+
+def write_run(folder: Path, fold: int, folds: int = 3) -> Path:
+    for rel, text in fold_files(fold, folds).items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    return folder
+
+
+def check_hand_computed(summary: dict) -> None:
+    assert summary["folds"] == 3 and [r["fold"] for r in summary["runs"]] == [0, 1, 2]
+    assert summary["mean"]["f1"] == pytest.approx(0.7) and summary["sd"]["f1"] == pytest.approx(0.2)
+    assert summary["mean"]["accuracy"] == pytest.approx(0.7) and summary["sd"]["accuracy"] == pytest.approx(0.1)
+    assert summary["mean"]["ece"] == pytest.approx(0.3) and summary["sd"]["ece"] == pytest.approx(np.sqrt(0.07))
+    assert summary["mean"]["burden_mae_pct_points"] == pytest.approx(10.0)
+    pooled = summary["pooled"]
+    assert pooled["n"] == 8 and pooled["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert pooled["accuracy"] == pytest.approx(0.75) and pooled["f1"] == pytest.approx(0.75)
+    assert pooled["roc_auc"] == pytest.approx(14 / 16)  # positive above negative in 14 of the 16 pairs
+    assert pooled["brier"] == pytest.approx(1.2 / 8)  # .1² .2² .7² .6² .2² .1² .3² .4²
+    # per biopsy true vs predicted %: A 50/50, B 0/100, C 100/50, D 0/0, E 50/50
+    assert pooled["burden_mae_pct_points"] == pytest.approx(30.0) and pooled["burden_wrong_side_of_cutoff"] == 1
+    assert pooled["burden_biopsies"] == 5
+
+
+def test_cv_summary_from_folders_by_hand(tmp_path, capsys):
+    folders = [write_run(tmp_path / f"fold{k}", k) for k in (2, 0, 1)]
+    check_hand_computed(summarize([folder_run(f) for f in folders]))
+    out = tmp_path / "cv.json"
+    assert cli.main(["cv-summary", *map(str, folders), "-o", str(out)]) == 0
+    check_hand_computed(json.loads(out.read_text()))
+    printed = capsys.readouterr().out
+    assert "3-fold cross-validation (8 test images" in printed and "0.700 ± 0.200" in printed
+
+
+def test_cv_summary_refuses_incomplete_or_overlapping_runs(tmp_path):
+    runs = {k: folder_run(write_run(tmp_path / f"f{k}", k)) for k in range(3)}
+    with pytest.raises(CrossValidationError, match=r"fold\(s\) \[2\] of 3 have no run"):
+        summarize([runs[0], runs[1]])
+    with pytest.raises(CrossValidationError, match="more than one run for fold"):
+        summarize([runs[0], runs[1], runs[2], folder_run(write_run(tmp_path / "again", 1))])
+    with pytest.raises(CrossValidationError, match="different split.folds"):
+        summarize([runs[0], runs[1], folder_run(write_run(tmp_path / "k4", 2, folds=4))])
+    overlap = write_run(tmp_path / "overlap", 2)
+    csv_path = overlap / "metrics/plots/test_predictions.csv"
+    csv_path.write_text(csv_path.read_text().replace("e1,", "a1,"))
+    with pytest.raises(CrossValidationError, match="a1 is a test image of folds 0 and 2"):
+        summarize([runs[0], runs[1], folder_run(overlap)])
+
+
+STAGE = """
+import json, pathlib, sys, yaml
+sys.path.insert(0, {tests!r})
+from test_crossval import fold_files
+split = yaml.safe_load(open("params.yaml"))["split"]
+for rel, text in fold_files(split["fold"], split["folds"]).items():
+    pathlib.Path(rel).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(rel).write_text(text)
+"""
+
+
+@pytest.mark.slow
+def test_cv_summary_reads_the_folds_dvc_experiments(tmp_path):
+    """A real DVC project whose one stage writes a fold's files: each fold run as `dvc exp run -S split.fold=K`."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    (repo / "make.py").write_text(STAGE.format(tests=str(Path(__file__).parent)))
+    (repo / "params.yaml").write_text("split:\n  folds: 3\n  fold: 0\n")
+    (repo / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          fold:
+            cmd: python make.py
+            deps: [make.py]
+            params: [split]
+            outs:
+              - metrics/split.json: {cache: false}
+              - metrics/evaluate.json: {cache: false}
+              - metrics/plots: {cache: false}
+        """))
+
+    def run(*args):
+        result = subprocess.run(args, cwd=repo, capture_output=True, text=True,
+                                env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+                                     "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x",
+                                     "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@x"})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    run("git", "init", "-q", "-b", "main")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "project")
+    for fold in range(3):
+        run(sys.executable, "-m", "dvc", "exp", "run", "-q", "-S", f"split.fold={fold}")
+    check_hand_computed(summarize(experiment_runs(repo)))

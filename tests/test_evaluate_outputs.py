@@ -1,0 +1,114 @@
+"""The evaluate stage's review outputs after a real `dvc repro` (session fixture pipeline_repo, read only):
+intervals, calibration, per-biopsy burden, test predictions, error and Grad-CAM sheets, declared plots."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from glomeruli import cli
+from glomeruli.burden import biopsy_burden
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def outputs(pipeline_repo):
+    report = json.loads((pipeline_repo / "metrics/evaluate.json").read_text())
+    meta = json.loads((pipeline_repo / "models/model.meta.json").read_text())
+
+    def table(name):
+        with open(pipeline_repo / "metrics/plots" / name) as f:
+            return list(csv.DictReader(f))
+
+    return report, meta, table
+
+
+def test_report_shape_intervals_and_calibration(outputs):
+    report, meta, _ = outputs
+    test = report["test"]
+    assert set(test["confusion_matrix"]) == {"tn", "fp", "fn", "tp"} and sum(test["confusion_matrix"].values()) == test["n"]
+    scalars = {k for k in test if k not in ("n", "confusion_matrix")}
+    assert set(report["test_ci95"]) == scalars
+    for name, interval in report["test_ci95"].items():
+        if interval["low"] is not None:
+            assert interval["low"] <= test[name] + 1e-9 and test[name] <= interval["high"] + 1e-9, name
+    assert report["bootstrap"]["resamples"] == 200 and report["bootstrap"]["unit"] == "biopsy"
+    calibration = report["calibration"]
+    assert calibration["method"] == "temperature" and calibration["temperature"] == meta["temperature"] > 0
+    assert 0 <= calibration["brier"] <= 1 and 0 <= calibration["ece"] <= 1
+    assert meta["threshold"] == report["threshold"]
+
+
+def test_test_predictions_match_the_report(outputs):
+    report, meta, table = outputs
+    rows = table("test_predictions.csv")
+    assert len(rows) == report["test"]["n"] and len({r["name"] for r in rows}) == len(rows)
+    raw = np.array([float(r["probability"]) for r in rows])
+    calibrated = np.array([float(r["calibrated_probability"]) for r in rows])
+    p = np.clip(raw, 1e-7, 1 - 1e-7)
+    by_hand = 1 / (1 + np.exp(-np.log(p / (1 - p)) / meta["temperature"]))
+    np.testing.assert_allclose(calibrated, by_hand, atol=2e-6)
+    labels, predicted = np.array([int(r["label"]) for r in rows]), np.array([int(r["predicted"]) for r in rows])
+    assert (predicted == (calibrated >= report["threshold"] - 1e-6)).all()
+    assert int(((labels == 1) & (predicted == 1)).sum()) == report["test"]["confusion_matrix"]["tp"]
+    assert int(((labels == 0) & (predicted == 1)).sum()) == report["test"]["confusion_matrix"]["fp"]
+    assert all(r["name"].startswith(r["biopsy"] + "_PAS_") for r in rows)
+
+
+def test_burden_and_reliability_tables(outputs):
+    report, _, table = outputs
+    rows = table("test_predictions.csv")
+    burden = table("burden.csv")
+    expected = biopsy_burden(np.array([r["biopsy"] for r in rows]), np.array([float(r["calibrated_probability"]) for r in rows]),
+                             np.array([int(r["predicted"]) for r in rows]), np.array([int(r["label"]) for r in rows]))
+    assert [b["biopsy"] for b in burden] == [e.biopsy for e in expected]
+    assert [float(b["true_pct"]) for b in burden] == pytest.approx([e.true_pct for e in expected], abs=0.005)
+    assert [float(b["predicted_pct"]) for b in burden] == pytest.approx([e.predicted_pct for e in expected], abs=0.005)
+    errors = [abs(float(b["predicted_pct"]) - float(b["true_pct"])) for b in burden]
+    assert report["burden"]["mae_pct_points"] == pytest.approx(np.mean(errors), abs=0.01)
+    assert report["burden"]["n_biopsies"] == len(burden) and report["burden"]["n_glomeruli"] == report["test"]["n"]
+    assert sum(int(r["count"]) for r in table("reliability.csv")) == report["test"]["n"]
+
+
+def test_pictures_exist_and_dvc_declares_the_plots(pipeline_repo):
+    plots = pipeline_repo / "metrics/plots"
+    for name in ("errors.png", "gradcam.png", "reliability.png", "burden.png", "confusion_matrix.png", "roc_pr.png"):
+        assert (plots / name).read_bytes()[:4] == b"\x89PNG", name
+    declared = set()
+    for entry in yaml.safe_load((pipeline_repo / "dvc.yaml").read_text())["plots"]:
+        if isinstance(entry, str):
+            declared.add(entry)
+        else:
+            (spec,) = entry.values()
+            declared.update(spec["y"])
+    for name in ("reliability.csv", "burden.csv", "reliability.png", "burden.png", "errors.png", "gradcam.png"):
+        assert f"metrics/plots/{name}" in declared, name
+
+
+def test_predict_by_biopsy_on_the_trained_model(pipeline_repo, tmp_path, outputs):
+    report, _, table = outputs
+    rows = table("test_predictions.csv")
+    folder = tmp_path / "new"
+    folder.mkdir()
+    chosen = rows[:6]
+    for r in chosen:
+        source = next((pipeline_repo / "data/raw").rglob(r["name"]))
+        shutil.copy(source, folder / r["name"])
+    out, summary = tmp_path / "evaluation.csv", tmp_path / "biopsies.csv"
+    assert cli.main(["predict", str(folder), "--model", str(pipeline_repo / "models/model.keras"), "-o", str(out),
+                     "--by-biopsy", str(summary), "--params", str(pipeline_repo / "params.yaml"), "--workers", "1",
+                     "--devices", "1"]) == 0
+    with open(summary) as f:
+        by_biopsy = list(csv.DictReader(f))
+    biopsies = sorted({r["biopsy"] for r in chosen})
+    assert [b["biopsy"] for b in by_biopsy] == biopsies and all(b["true_pct"] == "" for b in by_biopsy)
+    for b in by_biopsy:  # the probabilities and labels evaluate wrote for the same images
+        mine = [r for r in chosen if r["biopsy"] == b["biopsy"]]
+        assert int(b["glomeruli"]) == len(mine)
+        assert float(b["predicted_pct"]) == pytest.approx(100 * np.mean([int(r["predicted"]) for r in mine]), abs=0.01)
+        assert float(b["mean_probability_pct"]) == pytest.approx(
+            100 * np.mean([float(r["calibrated_probability"]) for r in mine]), abs=0.01)
