@@ -98,8 +98,9 @@ def test_review_of_two_revisions(revisions, tmp_path):
         b, h = (old["threshold"], new["threshold"]) if name is None else (old["test"][name], new["test"][name])
         cells = rows[label]
         assert cells[0] == _cell(old, name) and cells[1] == _cell(new, name), (label, cells)
-        assert cells[2] == ("=" if b == h else f"{h - b:+.3f}"), (label, cells)
-        expected_mark = "" if name is None or b == h else ("✅ better" if h > b else "❌ worse")
+        same = abs(h - b) < 1e-9
+        assert cells[2] == ("=" if same else f"{h - b:+.3f}"), (label, cells)
+        expected_mark = "" if name is None or same else ("✅ better" if h > b else "❌ worse")
         assert cells[3] == expected_mark, (label, cells)
     assert rows["`evaluate.threshold_rule`"] == ["`max_f1`", "`fixed`"]
     fixed = yaml.safe_load(run(repo, "git", "show", f"{head}:params.yaml").stdout)["evaluate"]["fixed_threshold"]
@@ -202,7 +203,9 @@ def test_report_puts_intervals_beside_the_headline_and_knows_each_direction():
     values = [("test.f1", 0.5, 0.6), ("test_ci95.f1.low", 0.3, 0.45), ("test_ci95.f1.high", 0.7, 0.75),
               ("threshold", 0.4, 0.4), ("test.loss", 0.4, 0.3), ("calibration.brier", 0.2, 0.15),
               ("calibration.ece", 0.05, 0.08), ("calibration.temperature", 1.0, 1.3), ("burden.mae_pct_points", 4.0, 5.5),
-              ("burden.wrong_side_of_cutoff", 2, 1), ("burden.n_biopsies", 9, 9), ("val.recall", 0.9, 0.8)]
+              ("burden.wrong_side_of_cutoff", 2, 1), ("burden.n_biopsies", 9, 9), ("val.recall", 0.9, 0.8),
+              ("calibration.brier_ci95.low", 0.1, 0.1), ("calibration.brier_ci95.high", 0.3, 0.2),
+              ("val.roc_auc", 0.968, 0.968 + 1e-16)]
     evaluate = {key: Change(key, base, head) for key, base, head in values}
     review = Review(Revision("main", "a" * 40), Revision("workspace"), True, {"metrics/evaluate.json": evaluate},
                     [], [], [])
@@ -214,11 +217,12 @@ def test_report_puts_intervals_beside_the_headline_and_knows_each_direction():
     assert rows["ROC-AUC"] == ["—", "—", "=", ""]  # not in this evaluate.json
     rows = _rows(details)
     assert rows["`test.loss`"][2:] == ["-0.100", "✅ better"]
-    assert rows["`calibration.brier`"][2:] == ["-0.050", "✅ better"]
+    assert rows["`calibration.brier`"] == ["0.200 (0.100–0.300)", "0.150 (0.100–0.200)", "-0.050", "✅ better"]
+    assert rows["`val.roc_auc`"][2:] == ["=", ""]  # floating-point noise is no change
     assert rows["`calibration.ece`"][2:] == ["+0.030", "❌ worse"]
     assert rows["`calibration.temperature`"][2:] == ["+0.300", ""]
     assert rows["`burden.mae_pct_points`"][2:] == ["+1.500", "❌ worse"]
     assert rows["`burden.wrong_side_of_cutoff`"][2:] == ["-1", "✅ better"]
     assert rows["`burden.n_biopsies`"][2:] == ["=", ""]
     assert rows["`val.recall`"][2:] == ["-0.100", "❌ worse"]
-    assert "test_ci95" not in report
+    assert "ci95" not in report  # every interval sits beside its number

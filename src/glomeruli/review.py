@@ -34,6 +34,7 @@ PHASE_SUMMARIES = {"metrics/train_frozen/metrics.json": "Training summary, froze
 # The marker that finds this report's earlier pull-request comment, so CI updates it instead of adding one.
 COMMENT_MARKER = "<!-- glomeruli-review -->"
 ARTIFACT_URL_PLACEHOLDER = "@ARTIFACT_URL@"
+FIRST_RUN = "first run of the pipeline"
 
 # Headline: the test-set numbers a reviewer decides on, in this order.
 HEADLINE = (("test.balanced_accuracy", "Balanced accuracy"), ("test.f1", "F1"), ("test.roc_auc", "ROC-AUC"),
@@ -54,7 +55,7 @@ STYLES = {"base": dict(color="tab:orange", lw=4.5, ms=9, alpha=0.55, zorder=2),
 
 _HIGHER_BETTER = {"accuracy", "balanced_accuracy", "f1", "roc_auc", "pr_auc", "precision", "recall", "auc",
                   "sensitivity", "specificity", "tp", "tn", "kappa", "agreement", "r2"}
-_LOWER_BETTER = {"loss", "brier", "ece", "mae", "rmse", "mse", "error", "fp", "fn"}
+_LOWER_BETTER = {"loss", "brier", "ece", "mae", "rmse", "mse", "error", "fp", "fn", "wrong"}
 
 
 class ReviewError(UserError):
@@ -204,7 +205,7 @@ def stages_rerun(base_lock: dict, head_lock: dict) -> tuple[list[StageRerun], li
     for name, new in head_lock.items():
         old = base_lock.get(name)
         if old is None:
-            reran.append(StageRerun(name, "new in this revision" if base_lock else "first run of the pipeline"))
+            reran.append(StageRerun(name, "new in this revision" if base_lock else FIRST_RUN))
             continue
         old_params, new_params = _flat_params(old.get("params")), _flat_params(new.get("params"))
         reasons = []
@@ -298,7 +299,8 @@ def draw_roc_pr(data: PlotData, sides: list[tuple[str, Revision]], path: Path) -
         recall, precision = (np.array([float(r[k]) for r in pr_rows]) for k in ("recall", "precision"))
         # ROC rows run up from (0, 0); PR rows (scikit-learn's order) run from recall 1 down to 0
         style = {k: v for k, v in STYLES[side].items() if k != "ms"}
-        roc.plot(fpr, tpr, label=f"{side} {rev.label}", drawstyle="steps-post", **style)
+        auc = float(np.trapezoid(tpr, fpr))  # the curve's own area (the table has scikit-learn's)
+        roc.plot(fpr, tpr, label=f"{side} {rev.label}, AUC {auc:.3f}", drawstyle="steps-post", **style)
         pr.plot(recall, precision, label=f"{side} {rev.label}", drawstyle="steps-post", **style)
         drawn.append(f"{side} {rev.label}")
     if not drawn:
@@ -377,9 +379,10 @@ def metric_direction(key: str) -> int:
     if any("ci95" in p for p in parts) or parts[0] in ("n", "step"):
         return 0
     last = parts[-1]
+    first_word = last.split("_")[0]  # brier_uncalibrated, mae_pct_points, wrong_side_of_cutoff
     if last in _HIGHER_BETTER:
         return 1
-    if last in _LOWER_BETTER or last.endswith(("_mae", "_error", "_loss")) or last.startswith(("mae", "wrong_")):
+    if last in _LOWER_BETTER or first_word in _LOWER_BETTER or last.endswith(("_mae", "_error", "_loss")):
         return -1
     return 0
 
@@ -396,6 +399,14 @@ def fmt_value(value: object) -> str:
     return f"{value:.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:.2e}"
 
 
+def _same(change: Change) -> bool:
+    """Equal, or equal but for floating-point noise (a rerun that sums in another order)."""
+    delta = change.delta
+    if delta is None:
+        return change.base == change.head
+    return abs(delta) <= 1e-9 * max(1.0, abs(float(change.base)), abs(float(change.head)))
+
+
 def _fmt_param(value: object) -> str:
     """A parameter as written in params.yaml (a learning rate stays 1e-05, not 0.000)."""
     return "—" if value is None else f"`{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
@@ -403,7 +414,7 @@ def _fmt_param(value: object) -> str:
 
 def fmt_delta(change: Change) -> str:
     delta = change.delta
-    if change.base == change.head:
+    if _same(change):
         return "="
     if delta is None:
         return "changed"
@@ -416,23 +427,34 @@ def verdict(change: Change) -> str:
     delta, direction = change.delta, metric_direction(change.key)
     if delta is None or direction == 0:
         return ""
-    if abs(delta) < 1e-12:
+    if _same(change):
         return ""
     return "✅ better" if delta * direction > 0 else "❌ worse"
 
 
+def interval_keys(key: str) -> list[tuple[str, str]]:
+    """Where evaluate writes a number's 95 % interval: `test_ci95.f1.low` for `test.f1`, `brier_ci95.low`
+    beside `calibration.brier`."""
+    candidates = [f"{key}_ci95"]
+    if key.startswith("test."):
+        candidates.insert(0, f"test_ci95.{key[len('test.'):]}")
+    return [(f"{c}.low", f"{c}.high") for c in candidates]
+
+
 def _with_interval(value: object, metrics: dict[str, Change], key: str, side: str) -> str:
-    """A headline value with its 95 % interval where evaluate wrote one (test_ci95.<metric>.low/high)."""
-    name = key.split(".", 1)[-1]
-    low, high = metrics.get(f"test_ci95.{name}.low"), metrics.get(f"test_ci95.{name}.high")
-    if value is None or low is None or high is None:
-        return fmt_value(value)
-    lo, hi = getattr(low, side), getattr(high, side)
-    return fmt_value(value) if lo is None or hi is None else f"{fmt_value(value)} ({fmt_value(lo)}–{fmt_value(hi)})"
+    """A value, followed by its 95 % interval (low–high) where evaluate wrote one."""
+    for low_key, high_key in interval_keys(key):
+        low, high = metrics.get(low_key), metrics.get(high_key)
+        if value is not None and low is not None and high is not None:
+            lo, hi = getattr(low, side), getattr(high, side)
+            if lo is not None and hi is not None:
+                return f"{fmt_value(value)} ({fmt_value(lo)}–{fmt_value(hi)})"
+    return fmt_value(value)
 
 
-def _table(changes: list[Change], review: Review, labels: dict[str, str] | None = None,
-           metrics: dict[str, Change] | None = None) -> list[str]:
+def _table(changes: list[Change], review: Review, metrics: dict[str, Change],
+           labels: dict[str, str] | None = None) -> list[str]:
+    """base | head | change | mark rows (the head alone when the base has no metrics)."""
     labels = labels or {}
     if review.base_has_metrics:
         lines = [f"| | base `{review.base.label}` | head `{review.head.label}` | change | |", "|---|--:|--:|--:|---|"]
@@ -440,10 +462,7 @@ def _table(changes: list[Change], review: Review, labels: dict[str, str] | None 
         lines = [f"| | head `{review.head.label}` |", "|---|--:|"]
     for c in changes:
         name = labels.get(c.key, f"`{c.key}`")
-        if metrics is not None:
-            base, head = _with_interval(c.base, metrics, c.key, "base"), _with_interval(c.head, metrics, c.key, "head")
-        else:
-            base, head = fmt_value(c.base), fmt_value(c.head)
+        base, head = _with_interval(c.base, metrics, c.key, "base"), _with_interval(c.head, metrics, c.key, "head")
         if review.base_has_metrics:
             lines.append(f"| {name} | {base} | {head} | {fmt_delta(c)} | {verdict(c)} |")
         else:
@@ -451,28 +470,32 @@ def _table(changes: list[Change], review: Review, labels: dict[str, str] | None 
     return lines
 
 
-def _details_sections(review: Review) -> list[tuple[str, list[Change]]]:
+def _without_intervals(metrics: dict[str, Change]) -> dict[str, Change]:
+    """The numbers of a metrics file less the interval bounds, which are shown beside their numbers."""
+    bounds = {k for key in metrics for pair in interval_keys(key) for k in pair if k in metrics}
+    return {k: c for k, c in metrics.items() if k not in bounds}
+
+
+def _details_sections(review: Review) -> list[tuple[str, list[Change], dict[str, Change]]]:
     """Everything but the headline, grouped: evaluate's other numbers, split counts, per-phase summaries."""
-    evaluate = dict(review.metrics.get(EVALUATE, {}))
+    full = review.metrics.get(EVALUATE, {})
+    evaluate = _without_intervals(full)
     for key, _ in HEADLINE:
         evaluate.pop(key, None)
-    for key in [k for k in evaluate if k.startswith("test_ci95.") and f"test.{k.split('.')[1]}" in dict(HEADLINE)]:
-        evaluate.pop(key)  # shown beside the headline values
     sections = []
     for prefix, title in EVALUATE_GROUPS:
         group = [c for k, c in evaluate.items() if k.startswith(prefix)]
         if group:
-            sections.append((f"{title} (`{EVALUATE}`: `{prefix[:-1]}`)", group))
+            sections.append((f"{title} (`{EVALUATE}`: `{prefix[:-1]}`)", group, full))
         evaluate = {k: c for k, c in evaluate.items() if not k.startswith(prefix)}
     if evaluate:
-        sections.append((f"Other numbers of `{EVALUATE}`", list(evaluate.values())))
-    if SPLIT in review.metrics:
-        sections.append((f"Split counts (`{SPLIT}`)", list(review.metrics[SPLIT].values())))
-    for path, title in PHASE_SUMMARIES.items():
+        sections.append((f"Other numbers of `{EVALUATE}`", list(evaluate.values()), full))
+    named = [(SPLIT, f"Split counts (`{SPLIT}`)")] + [(p, f"{t} (`{p}`)") for p, t in PHASE_SUMMARIES.items()]
+    named += [(p, f"`{p}`") for p in sorted(set(review.metrics) - {EVALUATE, SPLIT, *PHASE_SUMMARIES})]
+    for path, title in named:
         if path in review.metrics:
-            sections.append((f"{title} (`{path}`)", list(review.metrics[path].values())))
-    for path in sorted(set(review.metrics) - {EVALUATE, SPLIT, *PHASE_SUMMARIES}):
-        sections.append((f"`{path}`", list(review.metrics[path].values())))
+            metrics = review.metrics[path]
+            sections.append((title, list(_without_intervals(metrics).values()), metrics))
     return sections
 
 
@@ -494,11 +517,11 @@ def render_report(review: Review, *, pictures_link: str | None = None) -> str:
     has_ci = any(k.startswith("test_ci95.") for k in evaluate)
     out += [f"### Test set{sizes}", ""]
     headline = [evaluate.get(key) or Change(key, None, None) for key, _ in HEADLINE]
-    out += _table(headline, review, labels=dict(HEADLINE), metrics=evaluate)
+    out += _table(headline, review, evaluate, labels=dict(HEADLINE))
     notes = ["better/worse follows each metric's direction"] if review.base_has_metrics else []
     if has_ci:
         unit = evaluate.get("bootstrap.unit")
-        notes.append("(low–high): 95 % bootstrap interval" + (f", resampling {unit.head}s" if unit and unit.head else ""))
+        notes.append("(low–high): 95 % bootstrap interval" + (f", resampled by {unit.head}" if unit and unit.head else ""))
     out += ["", f"<sub>{'; '.join(notes)}.</sub>" if notes else "", ""]
 
     out += ["### Parameters changed", ""]
@@ -508,7 +531,9 @@ def render_report(review: Review, *, pictures_link: str | None = None) -> str:
     else:
         out.append("None (`dvc params diff` is empty).")
     out.append("")
-    if review.reran:
+    if review.reran and all(s.because == FIRST_RUN for s in review.reran):
+        out.append(f"**Stages run:** all {len(review.reran)} ({FIRST_RUN}: the base has no `dvc.lock`).")
+    elif review.reran:
         out.append("**Stages rerun:** " + "; ".join(f"`{s.name}` ({s.because})" for s in review.reran) + ".")
     else:
         out.append("**Stages rerun:** none (`dvc.lock` is the same).")
@@ -530,8 +555,8 @@ def render_report(review: Review, *, pictures_link: str | None = None) -> str:
 
     out += ["<details>", "<summary>Everything else: validation, calibration, burden, split counts, "
             "training summaries</summary>", ""]
-    for title, changes in _details_sections(review):
-        out += [f"#### {title}", ""] + _table(changes, review) + [""]
+    for title, changes, metrics in _details_sections(review):
+        out += [f"#### {title}", ""] + _table(changes, review, metrics) + [""]
     out += ["</details>", ""]
     return "\n".join(out)
 
