@@ -42,6 +42,22 @@ def test_batch_size_that_does_not_divide_is_refused_naming_key_and_sizes():
         check_batch_size("finetune.batch_size", 30, Engine("jax", 4))
 
 
+def test_launchers_that_ask_for_several_processes(monkeypatch):
+    from glomeruli.distribute import KERAS_MULTIPROCESS_VARS, _multiprocess_requested
+
+    for name in (*KERAS_MULTIPROCESS_VARS, "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert _multiprocess_requested() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # the batch script of a 2-task job: runs once, no job to join
+    assert _multiprocess_requested() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # inside `srun`: one of 2 tasks
+    assert _multiprocess_requested() == "slurm"
+    for name, value in zip(KERAS_MULTIPROCESS_VARS, ("10.0.0.1:1234", "2", "1")):
+        monkeypatch.setenv(name, value)
+    assert _multiprocess_requested() == "keras"
+
+
 def test_more_devices_than_the_machine_has_is_refused():
     from glomeruli.distribute import current, start
 

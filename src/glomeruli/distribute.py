@@ -109,7 +109,8 @@ def _multiprocess_requested() -> str | None:
     """Which launcher asks for several processes: Keras' variables, or a Slurm job step of several tasks."""
     if all(os.environ.get(v) for v in KERAS_MULTIPROCESS_VARS) and int(os.environ[KERAS_MULTIPROCESS_VARS[1]]) > 1:
         return "keras"
-    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    # An srun job step of several tasks (not SLURM_NTASKS: the batch script itself runs once, not per task).
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         return "slurm"
     return None
 
@@ -129,8 +130,8 @@ def _start_jax(requested: str | int) -> Engine:
 
     launcher = _multiprocess_requested()
     if launcher is not None and not jax.distributed.is_initialized():
-        log.info("starting %s processes (%s launcher)", os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
-                 or os.environ.get("SLURM_NTASKS"), launcher)
+        log.info("joining a job of %s processes (%s launcher)", os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
+                 or os.environ.get("SLURM_STEP_NUM_TASKS"), launcher)
         if launcher == "keras":
             keras.distribution.initialize()  # jax.distributed.initialize with the coordinator of the job
         else:
