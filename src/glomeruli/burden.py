@@ -16,6 +16,7 @@ import numpy as np
 from glomeruli.atomic import atomic_path
 
 CMIL_GROUP_REGEX = r"^(?P<group>.+?)_PAS_"  # the shipped ingest.group_regex: the biopsy id before _PAS_
+MAX_LISTED = 20  # biopsies named beside the scatter plot; beyond that burden.csv lists them
 CSV_COLUMNS = ("biopsy", "glomeruli", "true_pct", "predicted_pct", "mean_probability_pct", "error_pct_points")
 
 
@@ -98,7 +99,9 @@ def plot_burden(rows: list[BiopsyBurden], cutoff: float, out_png: Path, title: s
     sizes = np.array([r.glomeruli for r in rows], dtype=np.float64)
     area = 30 + 400 * sizes / max(sizes.max(), 1)
     cutoff_pct = 100 * cutoff
-    fig, ax = plt.subplots(figsize=(6.2, 5.6))
+    listed = len(rows) <= MAX_LISTED
+    fig = plt.figure(figsize=(9.0 if listed else 6.0, 5.6))
+    ax = fig.add_axes([0.08, 0.1, 0.52 if listed else 0.84, 0.78], anchor="W")
     ax.fill_between([0, cutoff_pct], cutoff_pct, 100, color="tab:red", alpha=0.07, lw=0)
     ax.fill_between([cutoff_pct, 100], 0, cutoff_pct, color="tab:red", alpha=0.07, lw=0)
     ax.plot([0, 100], [0, 100], color="grey", lw=1, ls=":", label="perfect")
@@ -107,15 +110,22 @@ def plot_burden(rows: list[BiopsyBurden], cutoff: float, out_png: Path, title: s
     ax.scatter(true, count, s=area, alpha=0.6, color="tab:blue", edgecolor="k", lw=0.5,
                label="count above threshold")
     ax.scatter(true, mean_prob, s=area, facecolor="none", edgecolor="tab:orange", lw=1.2, label="mean probability")
-    if len(rows) <= 15:  # ids stay readable only for a handful of biopsies
-        for r in rows:
-            ax.annotate(r.biopsy, (r.true_pct, r.predicted_pct), xytext=(6, 4), textcoords="offset points",
-                        fontsize=7, color="0.25")
+    if listed:  # numbers by the points (one label for points that coincide), the ids in a list beside the plot
+        at: dict[tuple[float, float], list[int]] = {}
+        for number, r in enumerate(rows, 1):
+            at.setdefault((round(r.true_pct), round(r.predicted_pct)), []).append(number)
+        width = max(len(r.biopsy) for r in rows)
+        for (x, y), numbers in at.items():  # labels lean inwards near the right and top edges
+            ax.annotate(",".join(map(str, numbers)), (x, y), xytext=(-7 if x > 85 else 7, -11 if y > 90 else 5),
+                        textcoords="offset points", fontsize=8, color="0.15", ha="right" if x > 85 else "left")
+        lines = [f"{'':>2} {'biopsy':<{width}} {'glom.':>5}  true \u2192 predicted %"]
+        lines += [f"{n:>2} {r.biopsy:<{width}} {r.glomeruli:>5}  {r.true_pct:>4.0f} \u2192 {r.predicted_pct:>4.0f}"
+                  for n, r in enumerate(rows, 1)]
+        fig.text(0.6, 0.88, "\n".join(lines), fontsize=7.5, va="top", family="monospace")
     ax.set(xlim=(-3, 103), ylim=(-3, 103), xlabel="true % globally sclerotic (labels)",
            ylabel="predicted % globally sclerotic", title=title)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", markerscale=0.5)
-    fig.tight_layout()
     fig.savefig(out_png, dpi=120, metadata={"Software": None})
     plt.close(fig)

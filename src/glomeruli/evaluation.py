@@ -167,8 +167,12 @@ def write_reliability(folder: Path, test: TestSet, report: dict) -> None:
                 for b in filled])
     fig, (ax, bar) = plt.subplots(2, 1, figsize=(5.2, 6.2), height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    if report["method"] != "none":  # what calibration changed: the model's own probabilities, faintly
+        raw = [b for b in reliability_bins(test.labels, test.raw_probability) if b.count]
+        ax.plot([b.mean_probability for b in raw], [b.fraction_positive for b in raw], "s--", color="0.6", ms=4,
+                label=f"uncalibrated (ECE {report['ece_uncalibrated']:.3f})")
     ax.plot([b.mean_probability for b in filled], [b.fraction_positive for b in filled], "o-", color="tab:blue",
-            label="test set")
+            label="test set" + (", calibrated" if report["method"] != "none" else ""))
     ax.set(ylabel="observed fraction globally sclerotic", xlim=(0, 1), ylim=(-0.02, 1.02))
     ax.set_title(f"Reliability ({report['method']}" + (f", T={report['temperature']:.2f}" if report["method"] != "none"
                                                        else "") + ")\n"

@@ -80,20 +80,21 @@ def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: 
     """Sections of labelled tiles, up to COLUMNS per row; with `heatmaps` (row -> HxW in [0, 1]) each tile
     carries its Grad-CAM overlay. `images` are the test images (uint8 RGB), indexed like the other arrays."""
     columns = min(COLUMNS, max([3] + [len(s.indices) for s in sections]))
-    rows_per_section = [max(1, -(-len(s.indices) // columns)) for s in sections]
+    rows_per_section = [-(-len(s.indices) // columns) for s in sections]
     tile_h = TILE_INCHES + 0.55  # room for a three-line caption
-    header, title_h = 0.4, 0.45
-    heights = [title_h] + [r * tile_h + header for r in rows_per_section]
+    header, title_h, empty_h = 0.4, 0.45, 0.35
+    heights = [title_h] + [(r * tile_h if r else empty_h) + header for r in rows_per_section]
     fig = plt.figure(figsize=(columns * TILE_INCHES, sum(heights)))
     subfigs = fig.subfigures(len(heights), 1, height_ratios=heights)
     subfigs[0].suptitle(title, fontsize=10, x=0.01, ha="left", y=0.7)
     for subfig, section, n_rows in zip(subfigs[1:], sections, rows_per_section):
         subfig.suptitle(section.title, fontsize=9.5, fontweight="bold", x=0.01, ha="left", y=0.995)
+        if not n_rows:  # nothing to show: one line, not a row of empty tiles
+            subfig.text(0.01, 0.2, empty_note, fontsize=9)
+            continue
         axes = np.atleast_1d(subfig.subplots(n_rows, columns)).reshape(-1)
         for ax in axes:
             ax.axis("off")
-        if not len(section.indices):
-            axes[0].text(0.0, 0.5, empty_note, fontsize=9, transform=axes[0].transAxes)
         for ax, i in zip(axes, section.indices):
             ax.imshow(images[i])
             caption = tile_caption(str(names[i]), int(labels[i]), float(prob[i]))
