@@ -81,30 +81,31 @@ def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: 
     carries its Grad-CAM overlay. `images` are the test images (uint8 RGB), indexed like the other arrays."""
     columns = min(COLUMNS, max([3] + [len(s.indices) for s in sections]))
     rows_per_section = [-(-len(s.indices) // columns) for s in sections]
-    tile_h = TILE_INCHES + 0.55  # room for a three-line caption
-    header, title_h, empty_h = 0.4, 0.45, 0.35
-    heights = [title_h] + [(r * tile_h if r else empty_h) + header for r in rows_per_section]
+    # inches: every row is a caption band above a tile; a section adds its title band and a bottom margin
+    caption, header, margin, title_h, empty_h = 0.55, 0.3, 0.15, 0.45, 0.45
+    heights = [title_h] + [header + (r * (caption + TILE_INCHES) if r else empty_h) + margin for r in rows_per_section]
     fig = plt.figure(figsize=(columns * TILE_INCHES, sum(heights)))
     subfigs = fig.subfigures(len(heights), 1, height_ratios=heights)
     subfigs[0].suptitle(title, fontsize=10, x=0.01, ha="left", y=0.7)
     for subfig, section, n_rows in zip(subfigs[1:], sections, rows_per_section):
         subfig.suptitle(section.title, fontsize=9.5, fontweight="bold", x=0.01, ha="left", y=0.995)
         if not n_rows:  # nothing to show: one line, not a row of empty tiles
-            subfig.text(0.01, 0.2, empty_note, fontsize=9)
+            subfig.text(0.01, 0.45, empty_note, fontsize=9)
             continue
         axes = np.atleast_1d(subfig.subplots(n_rows, columns)).reshape(-1)
         for ax in axes:
             ax.axis("off")
         for ax, i in zip(axes, section.indices):
             ax.imshow(images[i])
-            caption = tile_caption(str(names[i]), int(labels[i]), float(prob[i]))
+            text = tile_caption(str(names[i]), int(labels[i]), float(prob[i]))
             if heatmaps is not None:
                 ax.imshow(heat_overlay(heatmaps[i]))
                 if not heatmaps[i].max() > 0:
-                    caption += " \u00b7 no evidence"
-            ax.set_title(caption, fontsize=6.5, pad=3)
-        subfig.subplots_adjust(left=0.01, right=0.99, top=1 - header / (n_rows * tile_h + header), bottom=0.02,
-                               wspace=0.06, hspace=0.42)
+                    text += " \u00b7 no evidence"
+            ax.set_title(text, fontsize=6.5, pad=3)
+        height = header + n_rows * (caption + TILE_INCHES) + margin
+        subfig.subplots_adjust(left=0.01, right=0.99, top=1 - (header + caption) / height, bottom=margin / height,
+                               wspace=0.06, hspace=caption / TILE_INCHES)
     fig.savefig(out_png, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
