@@ -1,4 +1,5 @@
-"""Augment stage: every original plus K random variants per image (K by class), offline and seeded."""
+"""Augmentation: the augment stage (every original plus K seeded variants per image, K by class, offline) and
+online augmentation for fine-tuning (fresh variants every epoch); both draw with `augment_image`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,29 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentPa
         noisy = out.astype(np.float32) + rng.normal(0.0, params.noise_std, out.shape).astype(np.float32)
         out = np.clip(np.rint(noisy), 0, 255)
     return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+# A fifth entropy word keeps online draws apart from the stage's (seed, image, copy) streams.
+ONLINE_STREAM = 1
+
+
+@dataclass(frozen=True)
+class OnlineAugment:
+    """Fine-tuning's fresh variants: record r of epoch e is augment_image(image, rng(seed, e, r)), the same
+    transforms as the augment stage, so a batch depends only on (seed, epoch, record): reruns and resumed
+    runs see the same images whatever the thread that drew them."""
+
+    params: AugmentParams
+    fill: tuple[int, int, int]
+    seed: int
+
+    def rng(self, epoch: int, record: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, int(record), ONLINE_STREAM, 0])
+
+    def images(self, images: np.ndarray, records: np.ndarray, epoch: int) -> np.ndarray:
+        """uint8 (n, S, S, 3) in, the same shape and dtype out."""
+        return np.stack([augment_image(image, self.rng(epoch, record), self.params, self.fill)
+                         for image, record in zip(images, records)]) if len(images) else images
 
 
 def plan_variants(labels: np.ndarray, copies_per_class: dict[int, int]) -> Plan:

@@ -20,6 +20,9 @@ POOL_NAME = "avg_pool"
 HEAD_NAME = "head"
 IMAGENET_FILE = "efficientnetb3_notop.h5"
 DOWNLOAD_TIMEOUT_S = 60
+# BatchNormalization's moving statistics when it trains from scratch: Keras' 0.99 needs ~500 steps to
+# forget the initial mean 0 / variance 1, longer than a CPU run lasts; 0.9 follows within ~50 steps.
+FROM_SCRATCH_BN_MOMENTUM = 0.9
 
 
 class WeightsError(UserError, RuntimeError):
@@ -56,26 +59,30 @@ def _base(image_size: int, weights: str) -> keras.Model:
 
 @keras.saving.register_keras_serializable(package="glomeruli")
 class InferenceMode(keras.layers.Layer):
-    """Runs the wrapped model with training=False in every phase.
+    """Runs the wrapped model with training=False, unless `train_statistics` is on and Keras is fitting.
 
-    BatchNormalization keeps its moving statistics and drop-connect stays off, so frozen layers give
-    fixed outputs (which makes caching exact) while unfrozen ones still receive gradients. Keras 3
-    functional models override a `training=False` given at graph-building time with fit's
-    training=True, hence this wrapper (its call takes no `training` argument to override).
+    Off (the default, and always over pretrained weights): BatchNormalization keeps its moving statistics and
+    drop-connect stays off, so frozen layers give fixed outputs (which makes caching exact) while unfrozen ones
+    still receive gradients. Keras 3 functional models override a `training=False` given at graph-building time
+    with fit's training=True, hence this wrapper. On (fine-tuning from scratch): fit runs the base in training
+    mode (trainable BatchNormalization uses and updates batch statistics, drop-connect on); evaluation and
+    prediction still run it in inference mode. The switch is saved with the model.
     """
 
-    def __init__(self, inner: keras.Model, **kwargs):
+    def __init__(self, inner: keras.Model, train_statistics: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.inner = inner
+        self.train_statistics = bool(train_statistics)
 
-    def call(self, inputs):
-        return self.inner(inputs, training=False)
+    def call(self, inputs, training=None):
+        return self.inner(inputs, training=bool(training) and self.train_statistics)
 
     def compute_output_shape(self, input_shape):
         return self.inner.compute_output_shape(input_shape)
 
     def get_config(self):
-        return {**super().get_config(), "inner": keras.saving.serialize_keras_object(self.inner)}
+        return {**super().get_config(), "inner": keras.saving.serialize_keras_object(self.inner),
+                "train_statistics": self.train_statistics}
 
     @classmethod
     def from_config(cls, config):
@@ -93,8 +100,10 @@ def build_model(image_size: int, weights: str, dropout: float) -> keras.Model:
         keras.Input(features.shape[1:]),
         # Standardises features with train-set statistics (adapt_head): their scale differs by orders
         # of magnitude between ImageNet and untrained bases, and a fixed layer keeps caching exact.
-        keras.layers.Normalization(axis=-1, name="head_norm"),
-        keras.layers.Dropout(dropout, name="head_dropout"),
+        # The whole head computes in float32 under mixed precision: bfloat16 keeps 8 bits of mantissa,
+        # too few for standardising features and for the sigmoid near 0 and 1.
+        keras.layers.Normalization(axis=-1, name="head_norm", dtype="float32"),
+        keras.layers.Dropout(dropout, name="head_dropout", dtype="float32"),
         keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability"),
     ], name=HEAD_NAME)
     return keras.Model(inputs, head(features), name="glomeruli_b3")
@@ -110,30 +119,62 @@ def freeze_base(model: keras.Model) -> None:
 
 
 def _block_number(layer_name: str) -> int | None:
-    """EfficientNet layer names: stem_*, block1a_* ... block7b_*, top_*."""
+    """EfficientNet layer names: stem_* (0), block1a_* ... block7b_*, top_* (8)."""
     if layer_name.startswith("top_"):
         return N_EFFICIENTNET_BLOCKS + 1
+    if layer_name.startswith("stem_"):
+        return 0
     match = re.match(r"block(\d)", layer_name)
     return int(match.group(1)) if match else None
 
 
-def first_unfrozen_block(n_blocks: int) -> int:
-    return N_EFFICIENTNET_BLOCKS + 1 - n_blocks
+def first_unfrozen_block(n_blocks: int | str) -> int:
+    """`all`: the stem (0) too."""
+    return 0 if n_blocks == "all" else N_EFFICIENTNET_BLOCKS + 1 - n_blocks
 
 
-def unfreeze_top_blocks(model: keras.Model, n_blocks: int) -> list[str]:
-    """Unfreeze the top `n_blocks` blocks and top_ layers; BatchNormalization stays frozen."""
+def unfreeze_top_blocks(model: keras.Model, n_blocks: int | str, *, train_statistics: bool = False) -> list[str]:
+    """Unfreeze the top `n_blocks` blocks and top_ layers (`all`: every layer, stem included).
+
+    BatchNormalization stays frozen unless `train_statistics` (from scratch: its statistics were never
+    learnt), which also makes fit run the base in training mode (InferenceMode) with BatchNormalization's
+    moving statistics following at FROM_SCRATCH_BN_MOMENTUM.
+    """
     base = base_of(model)
     base.trainable = True
     first = first_unfrozen_block(n_blocks)
     unfrozen = []
     for layer in base.layers:
         block = _block_number(layer.name)
-        layer.trainable = (block is not None and block >= first
-                           and not isinstance(layer, keras.layers.BatchNormalization))
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = block is not None and block >= first and (train_statistics or not is_bn)
+        if is_bn and layer.trainable:
+            layer.momentum = FROM_SCRATCH_BN_MOMENTUM
         if layer.trainable and layer.weights:
             unfrozen.append(layer.name)
+    model.get_layer(BACKBONE_NAME).train_statistics = train_statistics
     return unfrozen
+
+
+def calibrate_batchnorm(model: keras.Model, images: np.ndarray) -> int:
+    """Set every BatchNormalization's moving statistics to those of `images` run in training mode.
+
+    From scratch the moving statistics are Keras' initial mean 0 / variance 1, so inference mode (evaluation,
+    the frozen phase's features) and training mode (fine-tuning from scratch) see activations of entirely
+    different scales; one pass with momentum 0 makes them agree before the first step. Layers left frozen keep
+    these statistics from then on (normalised activations instead of the initial, meaningless ones); trainable
+    ones go on following the batches. Returns the layer count.
+    """
+    layers = [layer for layer in base_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [(layer.momentum, layer.trainable) for layer in layers]
+    for layer in layers:
+        layer.momentum, layer.trainable = 0.0, True  # a frozen BatchNormalization ignores training=True
+    try:
+        base_of(model)(keras.ops.convert_to_tensor(images, dtype="float32"), training=True)
+    finally:
+        for layer, (momentum, trainable) in zip(layers, saved):
+            layer.momentum, layer.trainable = momentum, trainable
+    return len(layers)
 
 
 def feature_model(model: keras.Model) -> keras.Model:
@@ -169,7 +210,7 @@ def split_at_block(model: keras.Model, n_blocks: int) -> tuple[keras.Model, kera
     return bottom, top
 
 
-def compile_model(model: keras.Model, lr: float) -> None:
+def compile_model(model: keras.Model, lr: float | keras.optimizers.schedules.LearningRateSchedule) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import zipfile
@@ -29,16 +30,21 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from glomeruli import distribute
 from glomeruli.atomic import OutputWriteError, atomic_path, is_out_of_space
+from glomeruli.augment import OnlineAugment
 from glomeruli.errors import UserError
 from glomeruli.h5store import ImageStore, close_h5
 from glomeruli.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict_batch, predict_rows
 from glomeruli.metadata import file_sha256
-from glomeruli.model import adapt_head, compile_model, feature_model, freeze_base, head_of, split_at_block, unfreeze_top_blocks
+from glomeruli.model import (adapt_head, calibrate_batchnorm, compile_model, feature_model, freeze_base, head_of,
+                             split_at_block, unfreeze_top_blocks)
 from glomeruli.params import FinetuneParams, Params, RuntimeParams, TrainParams, as_dict
 from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
 from glomeruli.split import Split, read_split
 
 log = logging.getLogger(__name__)
+
+
+BN_CALIBRATION_IMAGES = 128  # one training-mode pass sets BatchNormalization's statistics before fine-tuning from scratch
 
 
 class Batches(keras.utils.PyDataset):
@@ -51,6 +57,11 @@ class Batches(keras.utils.PyDataset):
         self.weights = weights
         self.epoch = epoch  # the first epoch's order; a resumed run starts at its first epoch left
         self._order = self._permutation()
+        self._sync_rows()
+
+    def _sync_rows(self) -> None:
+        if isinstance(self.x, OnlineRows):  # its images are drawn for this epoch
+            self.x.epoch = self.epoch
 
     def _permutation(self) -> np.ndarray:
         if self.seed is None:
@@ -82,6 +93,27 @@ class Batches(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         self.epoch += 1
         self._order = self._permutation()
+        self._sync_rows()
+
+
+class OnlineRows:
+    """Training rows augmented afresh every epoch (finetune.online_augment), drawn inside the input pipeline.
+
+    Row r of epoch e is `augment.augment_image` of the original image with a generator seeded by (seed, e, r),
+    so a batch is a function of (seed, epoch, rows) alone: prefetching threads may draw batches in any order,
+    and a resumed run (Batches starts at its first epoch left) sees the images the killed one would have.
+    """
+
+    def __init__(self, rows: Rows, augment: OnlineAugment):
+        self.rows, self.augment, self.epoch = rows, augment, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        # Rows hold the store's uint8 pixels as float32: the cast back is exact.
+        images = self.rows.read(indices).astype(np.uint8)
+        return self.augment.images(images, np.asarray(indices), self.epoch).astype(np.float32)
 
 
 def sample_weights(labels: np.ndarray, rule: str) -> np.ndarray | None:
@@ -200,13 +232,33 @@ class PhaseData:
     y_val: np.ndarray
 
 
-def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list) -> keras.callbacks.History:
-    compile_model(model, params.lr)
+def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """`finetune.lr_schedule: cosine`: linear warm-up from 0 to lr over `warmup_epochs` (clamped to the run),
+    then cosine decay to 0 by the last step (Keras' CosineDecay). A function of the optimizer's iteration
+    count, which Resume saves, so a resumed run continues on the same curve. Otherwise the constant lr."""
+    if getattr(params, "lr_schedule", "constant") != "cosine":
+        return params.lr
+    total = params.epochs * steps_per_epoch
+    warmup = min(params.warmup_epochs, params.epochs) * steps_per_epoch
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(params.lr, decay_steps=total)
+    # All warm-up (warmup_epochs >= epochs): the decay never starts (CosineDecay needs decay_steps >= 1).
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=max(1, total - warmup), warmup_target=params.lr,
+                                                  warmup_steps=warmup)
+
+
+def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list,
+         workers: int = 1) -> keras.callbacks.History:
+    """`workers` > 1: that many threads prepare training batches ahead of the model (online augmentation)."""
+    steps_per_epoch = math.ceil(len(data.y_train) / params.batch_size)
+    compile_model(model, learning_rate(params, steps_per_epoch))
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
     resume = next((c for c in callbacks if isinstance(c, Resume)), None)
     first_epoch = resume.restore(model, stop, params.epochs) if resume is not None else 0
+    prefetch = {"workers": workers, "use_multiprocessing": False, "max_queue_size": 2 * workers} if workers > 1 else {}
     train = Batches(data.x_train, data.y_train, params.batch_size,
-                    weights=sample_weights(data.y_train.astype(int), params.class_weight), seed=seed, epoch=first_epoch)
+                    weights=sample_weights(data.y_train.astype(int), params.class_weight), seed=seed, epoch=first_epoch,
+                    **prefetch)
     val = Batches(data.x_val, data.y_val, params.batch_size)
     # The snapshot goes last: it records the early-stopping decision and the curves of the epoch just ended.
     ordered = [stop, *(c for c in callbacks if c is not resume), *([resume] if resume is not None else [])]
@@ -216,9 +268,15 @@ def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int,
                      shuffle=False, verbose=2 if log.isEnabledFor(logging.INFO) else 0)
 
 
-def load_phase_data(store: ImageStore, split: Split, memory_budget_gb: float) -> PhaseData:
+def load_phase_data(store: ImageStore, split: Split, memory_budget_gb: float, *, originals: bool = False) -> PhaseData:
+    """`originals`: each training record reads its original image instead (online augmentation draws every
+    copy afresh from the original, so the augment stage's copies only keep their oversampling)."""
     labels = store.meta.labels
-    return PhaseData(image_rows(store, split.train, memory_budget_gb), labels[split.train],
+    train = split.train
+    if originals:
+        index_of = {record_id: i for i, record_id in enumerate(store.meta.ids)}
+        train = np.array([index_of[source] for source in store.meta.source_ids[split.train]], dtype=np.int64)
+    return PhaseData(image_rows(store, train, memory_budget_gb), labels[split.train],
                      image_rows(store, split.val, memory_budget_gb), labels[split.val])
 
 
@@ -264,12 +322,43 @@ def _cache_activations(bottom: keras.Model, rows: Rows, batch_size: int, budget_
 
 
 def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtime: RuntimeParams, *,
-             seed: int, callbacks: list) -> keras.callbacks.History:
-    """Unfreeze the top blocks (BatchNormalization stays frozen) and train at a lower rate."""
-    unfrozen = unfreeze_top_blocks(model, params.unfreeze_blocks)
-    log.info("fine-tuning %d layers of the top %d block(s)", len(unfrozen), params.unfreeze_blocks)
-    if not runtime.cache_features:
-        return _fit(model, data, params, seed=seed, callbacks=callbacks)
+             seed: int, callbacks: list, from_scratch: bool = False,
+             augment: OnlineAugment | None = None) -> keras.callbacks.History:
+    """Unfreeze the top blocks (`all`: every layer) and train at a lower rate.
+
+    `from_scratch` (model.weights: none): BatchNormalization trains too, and fit runs the base in training mode;
+    over pretrained weights it stays frozen. `params.online_augment` needs `augment` and `data` read with
+    `load_phase_data(..., originals=True)`. The activation cache is used only when everything below the
+    trained layers gives fixed activations; otherwise the log says why it is off.
+    """
+    unfrozen = unfreeze_top_blocks(model, params.unfreeze_blocks, train_statistics=from_scratch)
+    log.info("fine-tuning %d layers (unfreeze_blocks: %s)%s", len(unfrozen), params.unfreeze_blocks,
+             ", BatchNormalization included (from scratch)" if from_scratch else "")
+    if from_scratch:
+        # Training-mode and inference-mode activations must agree from the first step (see calibrate_batchnorm);
+        # the head's standardisation then follows the recalibrated features.
+        sample = np.sort(np.random.default_rng([seed, 11]).permutation(len(data.x_train))[:BN_CALIBRATION_IMAGES])
+        n_bn = calibrate_batchnorm(model, data.x_train.read(sample))
+        adapt_head(model, predict_rows(feature_model(model), data.x_train, params.batch_size))
+        log.info("BatchNormalization: moving statistics of %d layers set from %d training images, head "
+                 "standardisation re-adapted", n_bn, len(sample))
+    workers = 1
+    if params.online_augment:
+        if augment is None:
+            raise ValueError("finetune.online_augment needs the augment settings (augment=OnlineAugment(...))")
+        workers = max(2, min(8, runtime.workers or (os.cpu_count() or 2)))
+        data = PhaseData(OnlineRows(data.x_train, augment), data.y_train, data.x_val, data.y_val)
+        log.info("online augmentation: fresh variants of every training image each epoch, drawn by %d threads "
+                 "ahead of the model", workers)
+    not_fixed = [reason for reason, applies in (
+        ("every layer trains (unfreeze_blocks: all)", params.unfreeze_blocks == "all"),
+        ("from scratch the base runs in training mode (drop-connect on, BatchNormalization statistics updated)",
+         from_scratch),
+        ("online augmentation draws new images every epoch", params.online_augment)) if applies]
+    if runtime.cache_features and not_fixed:
+        log.info("activation cache off, nothing below the trained layers is fixed: %s", "; ".join(not_fixed))
+    if not runtime.cache_features or not_fixed:
+        return _fit(model, data, params, seed=seed, callbacks=callbacks, workers=workers)
     bottom, top = split_at_block(model, params.unfreeze_blocks)
     spill_dir = Path(tempfile.mkdtemp(prefix="glomeruli-activations-"))
     try:
@@ -340,7 +429,8 @@ def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Mode
     with distribute.current().scope(), ImageStore(AUGMENTED) as store:
         split = read_split(SPLIT, len(store.meta))
         model = make_model(store.image_size)
-        data = load_phase_data(store, split, params.runtime.memory_budget_gb)
+        online = phase == "finetune" and params.finetune.online_augment
+        data = load_phase_data(store, split, params.runtime.memory_budget_gb, originals=online)
         checkpoint = _checkpoint_dir(phase, params)
         # A killed run resumes from its last completed epoch, curves included (see Resume).
         resume = Resume(checkpoint)
@@ -349,8 +439,12 @@ def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Mode
                 shutil.copytree(resume.live_snapshot, tmp_live)
             resume.live_dir = tmp_live
             with _live(tmp_live, resume.completed if resume.live_snapshot is not None else 0) as live:
+                # The frozen model's weights came from model.weights: from scratch, fine-tuning trains BatchNormalization.
+                extra = {} if phase != "finetune" else {
+                    "from_scratch": params.model.weights == "none",
+                    "augment": OnlineAugment(params.augment, params.preprocess.fill, params.seed)}
                 train(model, data, phase_params, params.runtime, seed=params.seed,
-                      callbacks=[LiveLogger(live), resume])
+                      callbacks=[LiveLogger(live), resume], **extra)
     with atomic_path(out_model) as tmp:
         model.save(tmp)
     # Done: drop this phase's resume state, and any a run with other settings left behind.

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Training recipes compared on the hard synthetic set (issue 11), at CPU size, without ImageNet weights.
+
+    .venv/bin/python bench/recipes.py                      # the table of bench/RESULTS.md (~25 min on 2 cores)
+    .venv/bin/python bench/recipes.py --n-images 160 --size 48 --recipes a,c   # a quick look
+
+The set: `glomeruli sample-data --structure-only` (colour, brightness and nucleus count do not separate the
+classes; only the tuft's structure does), preprocessed, augmented and split by biopsy with the package's own
+functions and the shipped params.yaml (sizes and epochs overridden below). Recipes, each from the same seed:
+
+  a  head on the frozen random base (train_frozen only)
+  b  today's fine-tune: a, then the top block unfrozen, BatchNormalization frozen, constant lr 1e-4, 4 epochs
+     (the demo's CPU settings before issue 11)
+  c  from scratch: a, then every layer (stem included) trained with BatchNormalization in training mode,
+     warm-up then cosine decay
+  d  c plus online augmentation (fresh variants every epoch)
+
+The threshold is chosen on validation (max F1); balanced accuracy and ROC-AUC are measured on test with 95 %
+bootstrap intervals that resample whole biopsies (glomeruli.uncertainty when present). Wall time includes the
+frozen phase. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from glomeruli.augment import OnlineAugment, augment_store  # noqa: E402
+from glomeruli.backend import configure  # noqa: E402
+from glomeruli.evaluation import binary_metrics, choose_threshold  # noqa: E402
+from glomeruli.h5store import ImageStore  # noqa: E402
+from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
+from glomeruli.ingest import IngestConfig, ingest_dataset  # noqa: E402
+from glomeruli.model import build_model, load_model  # noqa: E402
+from glomeruli.params import parse_params, read_yaml  # noqa: E402
+from glomeruli.preprocess import preprocess_images  # noqa: E402
+from glomeruli.sample_data import generate_sample_dataset  # noqa: E402
+from glomeruli.split import split_records  # noqa: E402
+from glomeruli.training import finetune, load_phase_data, train_frozen  # noqa: E402
+
+RECIPES = {
+    "a": "head on the frozen random base",
+    "b": "today's fine-tune (top block, BN frozen, lr 1e-4 constant)",
+    "c": "from scratch: every layer + BatchNormalization, warm-up + cosine",
+    "d": "c + online augmentation",
+}
+RESAMPLES = 2000
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def shipped_params() -> dict:
+    """params.yaml as committed (a demo's `dvc exp run -S` overrides may sit in the working copy)."""
+    out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    text = out.stdout if out.returncode == 0 and out.stdout.strip() else (ROOT / "params.yaml").read_text()
+    return read_yaml(io.StringIO(text))
+
+
+def make_params(args):
+    raw = shipped_params()
+    raw["preprocess"]["image_size"] = args.size
+    raw["model"]["weights"] = "none"
+    raw["runtime"].update(workers=1, memory_budget_gb=2)
+    raw["split"].update(group_by="biopsy", folds=5, fold=0, val_fraction=0.2)
+    raw["train_frozen"].update(epochs=30, lr=3e-3, patience=6, batch_size=32)
+    raw["finetune"].update(batch_size=32)
+    return parse_params(raw)
+
+
+def build_data(args, params, work: Path):
+    """Hard set -> ingest -> preprocess -> augment -> split (biopsy), the package's own functions."""
+    raw = work / "raw"
+    generate_sample_dataset(raw, args.n_images, seed=args.seed, difficulty=0.3, size_range=(64, 160),
+                            sclerotic_fraction=args.sclerotic_fraction, structure_only=True, workers=1,
+                            progress=False)
+    config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=params.ingest.labels_csv,
+                          group_regex=params.ingest.group_regex, max_pixels=params.ingest.max_pixels,
+                          max_unreadable_fraction=params.ingest.max_unreadable_fraction, workers=1)
+    rows = ingest_dataset(raw, config).rows
+    preprocessed, augmented = work / "preprocessed.h5", work / "augmented.h5"
+    preprocess_images(raw, rows, preprocessed, size=args.size, fill=params.preprocess.fill,
+                      max_pixels=params.ingest.max_pixels, workers=1)
+    meta = augment_store(preprocessed, augmented, params.augment, seed=params.seed, workers=1)
+    return augmented, split_records(meta, params.split, params.seed)
+
+
+def intervals(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, threshold: float, seed: int) -> dict:
+    """95 % bootstrap intervals (whole biopsies resampled) of balanced accuracy and ROC-AUC."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    def statistic(yy, pp):
+        auc = roc_auc_score(yy, pp) if len(np.unique(yy)) == 2 else float("nan")
+        return {"balanced_accuracy": balanced_accuracy_score(yy, pp >= threshold), "roc_auc": auc}
+
+    try:
+        from glomeruli.uncertainty import bootstrap_intervals
+
+        found = bootstrap_intervals(y, prob, groups, statistic, n_resamples=RESAMPLES, seed=seed)
+        return {k: [v.low, v.high] for k, v in found.items()}
+    except ImportError:  # before glomeruli.uncertainty existed: the same percentile bootstrap by biopsy
+        rng = np.random.default_rng(seed)
+        units = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+        draws = {"balanced_accuracy": [], "roc_auc": []}
+        for _ in range(RESAMPLES):
+            rows = np.concatenate([units[u] for u in rng.integers(0, len(units), len(units))])
+            for k, v in statistic(y[rows], prob[rows]).items():
+                draws[k].append(v)
+        return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+
+
+def finetune_params(params, recipe: str, args):
+    ft = params.finetune
+    if recipe == "b":
+        return replace(ft, unfreeze_blocks=1, epochs=4, lr=1e-4, lr_schedule="constant", warmup_epochs=0,
+                       patience=4, online_augment=False)
+    return replace(ft, unfreeze_blocks="all", epochs=args.scratch_epochs, lr=args.scratch_lr, lr_schedule="cosine",
+                   batch_size=args.scratch_batch,
+                   warmup_epochs=1, patience=args.scratch_epochs, online_augment=recipe == "d")
+
+
+def run_recipe(recipe: str, args, params, augmented: Path, split, frozen: Path, frozen_seconds: float) -> dict:
+    configure(params.seed, "float32", "auto")
+    start = time.perf_counter()
+    with ImageStore(augmented) as store:
+        if recipe != "a":
+            model = load_model(frozen)
+            ft = finetune_params(params, recipe, args)
+            data = load_phase_data(store, split, 2.0, originals=ft.online_augment)
+            finetune(model, data, ft, params.runtime, seed=params.seed, callbacks=[], from_scratch=recipe != "b",
+                     augment=OnlineAugment(params.augment, params.preprocess.fill, params.seed))
+        else:
+            model = load_model(frozen)
+        trained = time.perf_counter() - start
+        val = predict_rows(model, StoreRows(store, split.val), 64).ravel()
+        test = predict_rows(model, StoreRows(store, split.test), 64).ravel()
+        labels, groups = store.meta.labels, store.meta.groups
+    threshold = choose_threshold(labels[split.val], val, "max_f1")
+    y_test = labels[split.test]
+    metrics = binary_metrics(y_test, test, threshold)
+    ci = intervals(y_test, test, np.asarray(groups[split.test]), threshold, params.seed)
+    return {"recipe": recipe, "description": RECIPES[recipe], "balanced_accuracy": metrics["balanced_accuracy"],
+            "balanced_accuracy_ci": ci["balanced_accuracy"], "roc_auc": metrics["roc_auc"], "roc_auc_ci": ci["roc_auc"],
+            "threshold": threshold, "wall_s": round(frozen_seconds + (trained if recipe != "a" else 0.0), 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-images", type=int, default=500)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--sclerotic-fraction", type=float, default=0.35)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scratch-epochs", type=int, default=12, help="fine-tune epochs of recipes c and d")
+    ap.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of recipes c and d")
+    ap.add_argument("--scratch-batch", type=int, default=32, help="fine-tune batch size of recipes c and d")
+    ap.add_argument("--recipes", default="a,b,c,d")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/glomeruli-recipes"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipes.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("glomeruli.training").setLevel(logging.INFO)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    params = make_params(args)
+    log(f"hard set: {args.n_images} images, {args.size} px, split by biopsy")
+    augmented, split = build_data(args, params, args.work)
+    with ImageStore(augmented) as store:
+        labels = store.meta.labels
+    log(f"train {len(split.train)} records (with copies), val {len(split.val)}, test {len(split.test)} "
+        f"({int(labels[split.test].sum())} sclerotic)")
+    # Recipe a's model is every other recipe's starting point: train it once, time it once.
+    configure(params.seed, "float32", "auto")
+    start = time.perf_counter()
+    model = build_model(args.size, "none", params.model.dropout)
+    with ImageStore(augmented) as store:
+        train_frozen(model, load_phase_data(store, split, 2.0), params.train_frozen, params.runtime,
+                     seed=params.seed, callbacks=[])
+    frozen_seconds = time.perf_counter() - start
+    frozen = args.work / "frozen.keras"
+    model.save(frozen)
+    rows = []
+    for recipe in args.recipes.split(","):
+        log(f"recipe {recipe}: {RECIPES[recipe]}")
+        rows.append(run_recipe(recipe, args, params, augmented, split, frozen, frozen_seconds))
+        log(json.dumps(rows[-1]))
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "n_images": args.n_images, "size": args.size, "sclerotic_fraction": args.sclerotic_fraction,
+              "scratch_epochs": args.scratch_epochs, "scratch_lr": args.scratch_lr, "scratch_batch": args.scratch_batch,
+              "n_train": int(len(split.train)), "n_val": int(len(split.val)), "n_test": int(len(split.test)),
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print("\n| recipe | test balanced accuracy (95 % CI) | test ROC-AUC (95 % CI) | wall time |\n|---|---|---|---|")
+    for r in rows:
+        ba, auc = r["balanced_accuracy_ci"], r["roc_auc_ci"]
+        print(f"| ({r['recipe']}) {r['description']} | {r['balanced_accuracy']:.3f} ({ba[0]:.3f}-{ba[1]:.3f}) | "
+              f"{r['roc_auc']:.3f} ({auc[0]:.3f}-{auc[1]:.3f}) | {r['wall_s'] / 60:.1f} min |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
