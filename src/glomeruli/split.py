@@ -56,6 +56,25 @@ def _fold_mask(labels: np.ndarray, groups: np.ndarray, n_splits: int, fold: int,
     raise AssertionError("unreachable: fold < n_splits is validated with the params")
 
 
+def _validation_mask(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """One stratified group fold of the non-test data as validation: the first (in the seeded order) that
+    holds both classes and leaves both in train. With few biopsies a class can sit in one or two groups,
+    so fold 0 alone can miss it; the test fold, by contrast, is fixed by `split.fold`."""
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise SplitError(f"only {n_groups} groups for {n_splits} folds of the non-test data (validation); add "
+                         "images, or lower split.folds / split.val_fraction, or use split.group_by: image")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    candidates = []
+    for _, held in folds.split(np.zeros(len(labels)), labels, groups):
+        mask = np.zeros(len(labels), dtype=bool)
+        mask[held] = True
+        candidates.append(mask)
+        if set(labels[mask].tolist()) == {0, 1} and set(labels[~mask].tolist()) == {0, 1}:
+            return mask
+    return candidates[0]  # no fold holds both classes: split_records says so, naming the way out
+
+
 def fold_assignment(meta: RecordMeta, params: SplitParams, seed: int) -> np.ndarray:
     """The cross-validation fold (0..K-1) of every original record, -1 for augmented copies.
 
@@ -81,8 +100,7 @@ def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
     rest = np.flatnonzero(~test)
     val_share = params.val_fraction / (1 - 1 / params.folds)
     val = np.zeros(len(originals), dtype=bool)
-    val[rest[_fold_mask(labels[rest], groups[rest], max(2, round(1 / val_share)), 0, seed + 1,
-                        "non-test data (validation)")]] = True
+    val[rest[_validation_mask(labels[rest], groups[rest], max(2, round(1 / val_share)), seed + 1)]] = True
 
     source_partition = {}
     for i, row in enumerate(originals):
