@@ -90,6 +90,7 @@ def build_data(args, params, work: Path):
     raw = work / "raw"
     generate_sample_dataset(raw, args.n_images, seed=args.seed, difficulty=0.3, size_range=(64, 160),
                             sclerotic_fraction=args.sclerotic_fraction, structure_only=True, workers=1,
+                            n_biopsies=args.n_biopsies,
                             progress=False)
     config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=params.ingest.labels_csv,
                           group_regex=params.ingest.group_regex, max_pixels=params.ingest.max_pixels,
@@ -166,6 +167,7 @@ def main() -> int:
     ap.add_argument("--n-images", type=int, default=500)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--sclerotic-fraction", type=float, default=0.35)
+    ap.add_argument("--n-biopsies", type=int, default=None, help="default: one per 12 images, as sample-data")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scratch-epochs", type=int, default=12, help="fine-tune epochs of recipes c and d")
     ap.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of recipes c and d")
@@ -201,7 +203,7 @@ def main() -> int:
         rows.append(run_recipe(recipe, args, params, augmented, split, frozen, frozen_seconds))
         log(json.dumps(rows[-1]))
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "n_images": args.n_images, "size": args.size, "sclerotic_fraction": args.sclerotic_fraction,
+              "n_images": args.n_images, "n_biopsies": args.n_biopsies, "size": args.size, "sclerotic_fraction": args.sclerotic_fraction,
               "scratch_epochs": args.scratch_epochs, "scratch_lr": args.scratch_lr, "scratch_batch": args.scratch_batch,
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "n_test": int(len(split.test)),
               "rows": rows}
