@@ -94,8 +94,9 @@ def test_head_is_float32_under_mixed_bfloat16():
         assert [layer.name for layer in layers] == ["head_norm", "head_dropout", "probability"]
         for layer in layers:
             assert layer.compute_dtype == "float32", layer.name
-            # Normalization's sample count is an int64 variable; every floating one is float32.
-            assert all(w.dtype in ("float32", "int64") for w in layer.weights), layer.name
+            # Normalization's sample count is an integer variable; every floating one is float32.
+            assert all(w.dtype == "float32" for w in layer.weights if "float" in str(w.dtype)), layer.name
+            assert layer.weights or layer.name == "head_dropout"
         features = np.random.default_rng(0).normal(size=(4, head_of(model).input_shape[-1])).astype(np.float32)
         assert keras.ops.convert_to_numpy(head_of(model).layers[0](features)).dtype == np.float32
     finally:
