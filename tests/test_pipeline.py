@@ -3,38 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import shipped_params_raw, shipped_params_text
+import project
 from glomeruli.h5store import ImageStore
-from project import clone_project
 from glomeruli.params import load_params
+from project import STAGES, clone_project, stages_run
 
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "preprocess", "augment", "split", "train_frozen", "finetune", "evaluate")
 TEST_METRICS = ("accuracy", "loss", "precision", "recall", "f1", "roc_auc", "pr_auc", "balanced_accuracy")
 
 pytestmark = pytest.mark.slow
 
 
-def _env(repo: Path) -> dict:
-    env = dict(os.environ)
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(repo / "src"),
-               DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost",
-               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost", GLOMERULI_LOG_LEVEL="WARNING")
-    return env
-
-
 def run(repo: Path, *args: str) -> str:
-    result = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    result = project.run(repo, *args)
     return result.stdout + result.stderr
 
 
@@ -42,16 +28,8 @@ def dvc(repo: Path, *args: str) -> str:
     return run(repo, sys.executable, "-m", "dvc", *args)
 
 
-def stages_run(output: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in output]
-
-
 def set_param(repo: Path, key: str, value) -> None:
-    path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    section, name = key.split(".")
-    raw[section][name] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    project.set_params(repo, **{key.replace(".", "__"): value})
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +123,7 @@ def test_misspelt_key_stops_dvc_repro_with_one_line(pipeline_repo, tmp_path):
     clone = clone_project(pipeline_repo, tmp_path / "clone")
     text = (clone / "params.yaml").read_text().replace("train_frozen:\n", "train_frozen:\n  epocs: 3\n", 1)
     (clone / "params.yaml").write_text(text)
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=clone, env=_env(clone), capture_output=True,
-                            text=True)
+    result = project.dvc(clone, "repro", check=False, GLOMERULI_LOG_LEVEL="INFO")
     assert result.returncode != 0
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if " ERROR glomeruli" in line]

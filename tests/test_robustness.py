@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import yaml
 
+import project
 from conftest import shipped_params_raw, shipped_params_text
 from glomeruli.atomic import OutputWriteError, atomic_path, is_out_of_space
 from glomeruli.params import ParamsError, parse_params, read_yaml
@@ -81,20 +82,11 @@ if os.environ.get("GLOMERULI_TEST_SLOW"):
 # ------------------------------------------------------------------------------------------- helpers
 
 def _env(repo: Path, **extra: str) -> dict:
-    env = dict(os.environ)
-    env.pop("KERAS_BACKEND", None)
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(repo / "src"),
-               DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@localhost",
-               GIT_COMMITTER_NAME="ci", GIT_COMMITTER_EMAIL="ci@localhost", GLOMERULI_LOG_LEVEL="INFO")
-    env.update(extra)
-    return env
+    return project.project_env(repo, **{"GLOMERULI_LOG_LEVEL": "INFO", **extra})
 
 
 def run(repo: Path, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=repo, env=_env(repo, **extra_env), capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
+    return project.run(repo, *args, check=check, **{"GLOMERULI_LOG_LEVEL": "INFO", **extra_env})
 
 
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -102,35 +94,16 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 def make_project(folder: Path, *, n_images: int = 60, commit: bool = True, **settings) -> Path:
-    """A git + DVC project with this pipeline, tiny settings and synthetic data (nothing run yet)."""
-    folder.mkdir(parents=True)
-    for item in ("dvc.yaml", "params.yaml", "stages", "src", "pyproject.toml", ".dvcignore"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, folder / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, folder / item)
-    raw = shipped_params_raw()
-    raw["preprocess"]["image_size"] = 32
-    raw["model"]["weights"] = "none"
-    raw["split"].update(val_fraction=0.2, folds=5, group_by="image")
-    # patience >= epochs: early stopping never cuts a run short, so every run has all its epochs
-    raw["train_frozen"].update(epochs=FROZEN_EPOCHS, batch_size=16, patience=FROZEN_EPOCHS)
-    raw["finetune"].update(epochs=FINETUNE_EPOCHS, batch_size=16, unfreeze_blocks=1, patience=FINETUNE_EPOCHS)
-    raw["runtime"].update(workers=1, memory_budget_gb=1)
-    for key, value in settings.items():
-        section, name = key.split("__")
-        raw[section][name] = value
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run(folder, sys.executable, "-m", "glomeruli.cli", "sample-data", "data/raw", "-n", str(n_images), "--seed", "1",
-        "--size-range", "48", "96", "--workers", "1")
-    (folder / ".gitignore").write_text("/data/raw/\n")
-    if commit:
-        run(folder, "git", "init", "-q", "-b", "main")
-        dvc(folder, "init", "-q")
-        run(folder, "git", "add", "-A")
-        run(folder, "git", "commit", "-qm", "pipeline")
-    return folder
+    """A git + DVC project with this pipeline, tiny settings and synthetic data (nothing run yet).
+
+    patience >= epochs: early stopping never cuts a run short, so every run has all its epochs."""
+    tiny = dict(preprocess__image_size=32, model__weights="none", split__val_fraction=0.2, split__folds=5,
+                split__group_by="image", train_frozen__epochs=FROZEN_EPOCHS, train_frozen__batch_size=16,
+                train_frozen__patience=FROZEN_EPOCHS, finetune__epochs=FINETUNE_EPOCHS, finetune__batch_size=16,
+                finetune__unfreeze_blocks=1, finetune__patience=FINETUNE_EPOCHS, runtime__workers=1,
+                runtime__memory_budget_gb=1)
+    return project.make_project(folder, shipped_params_raw(), n_images=n_images, seed=1, commit=commit,
+                                **{**tiny, **settings})
 
 
 def declared_outputs(repo: Path) -> list[str]:
