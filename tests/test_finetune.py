@@ -35,13 +35,27 @@ def _bn_state(model: keras.Model) -> dict[str, list[np.ndarray]]:
             for layer in base_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)}
 
 
-def _finetune_top_block(tiny_data, model: keras.Model, *, from_scratch: bool, caplog) -> None:
+class _AtEpochEnd(keras.callbacks.Callback):
+    """Records the model's BatchNormalization state and a kernel as training left them, before early stopping
+    may hand back the starting weights (fine-tuning keeps the start when no epoch beats it on validation)."""
+
+    def __init__(self, model: keras.Model):
+        super().__init__()
+        self.watched, self.bn, self.kernel = model, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bn, self.kernel = _bn_state(self.watched), _kernel(self.watched, "block7a_project_conv")
+
+
+def _finetune_top_block(tiny_data, model: keras.Model, *, from_scratch: bool, caplog) -> _AtEpochEnd:
     p = tiny_data.params
+    trained = _AtEpochEnd(model)
     params = replace(p.finetune, unfreeze_blocks=1, epochs=1, batch_size=16, lr=1e-3, lr_schedule="constant",
                      online_augment=False)
     with tiny_data.store() as store, caplog.at_level(logging.INFO, logger="glomeruli.training"):
         finetune(model, _small_phase(tiny_data, store), params, replace(p.runtime, cache_features=True), seed=3,
-                 callbacks=[], from_scratch=from_scratch)
+                 callbacks=[trained], from_scratch=from_scratch)
+    return trained
 
 
 def _kernel(model: keras.Model, layer: str) -> np.ndarray:
@@ -53,14 +67,14 @@ def test_batchnorm_trains_from_scratch_and_stays_fixed_over_pretrained_weights(t
     configure(3, "float32", "auto")
     scratch = build_model(32, "none", 0.3)
     before_bn, before_kernel = _bn_state(scratch), _kernel(scratch, "block7a_project_conv")
-    _finetune_top_block(tiny_data, scratch, from_scratch=True, caplog=caplog)
-    after_bn = _bn_state(scratch)
+    trained = _finetune_top_block(tiny_data, scratch, from_scratch=True, caplog=caplog)
+    after_bn = trained.bn
     for name in ("block7a_bn", "top_bn"):  # gamma, beta, moving mean, moving variance all trained
         assert all(not np.allclose(a, b) for a, b in zip(before_bn[name], after_bn[name])), name
     # A frozen block's BatchNormalization is not trained (gamma, beta), but its statistics are set once from data.
     gamma, beta, mean, variance = (np.array_equal(a, b) for a, b in zip(before_bn["block1a_bn"], after_bn["block1a_bn"]))
     assert gamma and beta and not mean and not variance
-    assert not np.allclose(before_kernel, _kernel(scratch, "block7a_project_conv"))
+    assert not np.allclose(before_kernel, trained.kernel)
     assert "activation cache off" in caplog.text and "from scratch the base runs in training mode" in caplog.text
     assert scratch.get_layer("backbone").get_config()["train_statistics"] is True  # saved with the model
 
@@ -70,10 +84,10 @@ def test_batchnorm_trains_from_scratch_and_stays_fixed_over_pretrained_weights(t
     pretrained = build_model(32, str(weights), 0.3)
     before_bn, before_kernel = _bn_state(pretrained), _kernel(pretrained, "block7a_project_conv")
     caplog.clear()
-    _finetune_top_block(tiny_data, pretrained, from_scratch=False, caplog=caplog)
-    after_bn = _bn_state(pretrained)
+    trained = _finetune_top_block(tiny_data, pretrained, from_scratch=False, caplog=caplog)
+    after_bn = trained.bn
     assert all(np.array_equal(a, b) for name in before_bn for a, b in zip(before_bn[name], after_bn[name]))
-    assert not np.allclose(before_kernel, _kernel(pretrained, "block7a_project_conv")), "the top block did not train"
+    assert not np.allclose(before_kernel, trained.kernel), "the top block did not train"
     assert "activation cache off" not in caplog.text  # everything below the top block is fixed: cached
 
     # unfreeze_blocks: all trains the stem too; BatchNormalization only from scratch.

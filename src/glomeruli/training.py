@@ -247,12 +247,41 @@ def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.op
                                                   warmup_steps=warmup)
 
 
+class EarlyStoppingFrom(keras.callbacks.EarlyStopping):
+    """Early stopping on val_loss that counts the model a phase starts from (`start`: its val loss and weights)
+    as a candidate: a fine-tuning that never beats it on validation hands it back, not its least bad epoch."""
+
+    def __init__(self, start: tuple[float, list] | None = None, **kwargs):
+        super().__init__(monitor="val_loss", restore_best_weights=True, **kwargs)
+        self.start = start
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.start is not None:
+            self.best, self.best_weights = self.start
+            self.best_epoch = -1
+
+    def on_train_end(self, logs=None):
+        if self.start is not None and self.best_epoch == -1:
+            log.warning("no epoch beat the starting model's validation loss (%.4f): it is kept unchanged",
+                        self.start[0])
+        super().on_train_end(logs)
+
+
+def starting_point(model: keras.Model, x_val: Rows, y_val: np.ndarray, batch_size: int) -> tuple[float, list]:
+    """Validation loss (binary cross-entropy, as fit reports it) and weights of `model` as it is now."""
+    prob = np.clip(predict_rows(model, x_val, batch_size).reshape(-1).astype(np.float64), 1e-7, 1 - 1e-7)
+    y = y_val.astype(np.float64)
+    return float(-np.mean(y * np.log(prob) + (1 - y) * np.log1p(-prob))), model.get_weights()
+
+
 def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list,
-         workers: int = 1) -> keras.callbacks.History:
-    """`workers` > 1: that many threads prepare training batches ahead of the model (online augmentation)."""
+         workers: int = 1, start: tuple[float, list] | None = None) -> keras.callbacks.History:
+    """`workers` > 1: that many threads prepare training batches ahead of the model (online augmentation).
+    `start`: the starting model's (val loss, weights), kept if no epoch beats it (see EarlyStoppingFrom)."""
     steps_per_epoch = math.ceil(len(data.y_train) / params.batch_size)
     compile_model(model, learning_rate(params, steps_per_epoch))
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.patience, restore_best_weights=True)
+    stop = EarlyStoppingFrom(start, patience=params.patience)
     resume = next((c for c in callbacks if isinstance(c, Resume)), None)
     first_epoch = resume.restore(model, stop, params.epochs) if resume is not None else 0
     prefetch = {"workers": workers, "use_multiprocessing": False, "max_queue_size": 2 * workers} if workers > 1 else {}
@@ -331,6 +360,9 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
     `load_phase_data(..., originals=True)`. The activation cache is used only when everything below the
     trained layers gives fixed activations; otherwise the log says why it is off.
     """
+    # Fine-tuning must never hand back a model worse on validation than the frozen phase's (a short run, or
+    # from scratch, where recalibrated BatchNormalization first moves every feature under the trained head).
+    start = starting_point(model, data.x_val, data.y_val, params.batch_size)
     unfrozen = unfreeze_top_blocks(model, params.unfreeze_blocks, train_statistics=from_scratch)
     log.info("fine-tuning %d layers (unfreeze_blocks: %s)%s", len(unfrozen), params.unfreeze_blocks,
              ", BatchNormalization included (from scratch)" if from_scratch else "")
@@ -358,7 +390,7 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
     if runtime.cache_features and not_fixed:
         log.info("activation cache off, nothing below the trained layers is fixed: %s", "; ".join(not_fixed))
     if not runtime.cache_features or not_fixed:
-        return _fit(model, data, params, seed=seed, callbacks=callbacks, workers=workers)
+        return _fit(model, data, params, seed=seed, callbacks=callbacks, workers=workers, start=start)
     bottom, top = split_at_block(model, params.unfreeze_blocks)
     spill_dir = Path(tempfile.mkdtemp(prefix="glomeruli-activations-"))
     try:
@@ -366,7 +398,8 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
         x_train, used = _cache_activations(bottom, data.x_train, params.batch_size, budget, spill_dir)
         x_val, _ = _cache_activations(bottom, data.x_val, params.batch_size, budget - used, spill_dir)
         cached = PhaseData(x_train, data.y_train, x_val, data.y_val)
-        return _fit(top, cached, params, seed=seed, callbacks=callbacks)
+        return _fit(top, cached, params, seed=seed, callbacks=callbacks,
+                    start=(start[0], top.get_weights()))
     finally:
         for rows in (locals().get("x_train"), locals().get("x_val")):
             if isinstance(rows, H5Rows):
