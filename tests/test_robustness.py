@@ -338,7 +338,7 @@ def test_split_too_small_for_both_classes_is_refused_before_training(tmp_path):
     assert "Traceback" not in output
     errors = [line for line in output.splitlines() if "stage split failed" in line]
     assert len(errors) == 1, output[-3000:]
-    assert re.search(r"split\.(val|test)_fraction", errors[0]), errors[0]
+    assert re.search(r"split\.(val_fraction|folds)", errors[0]), errors[0]
     assert not (repo / "data/processed/split.json").exists() and leftovers(repo) == []
 
 
