@@ -113,7 +113,7 @@ def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
         if present != {0, 1}:
             knob = "split.folds" if partition == "test" else "split.val_fraction"
             raise SplitError(
-                f"the {partition} partition holds only label(s) {sorted(present)}: too few images or "
+                f"the {partition} partition holds only label(s) {sorted(present)}: too few "
                 f"{'biopsies' if params.group_by == 'biopsy' else 'images'} per class; add data or change {knob}"
                 + ("" if params.group_by == "image" else ", or use split.group_by: image"))
     return split
