@@ -309,25 +309,10 @@ def load_phase_data(store: ImageStore, split: Split, memory_budget_gb: float, *,
                      image_rows(store, split.val, memory_budget_gb), labels[split.val])
 
 
-def calibrate_from_scratch(model: keras.Model, x_train: Rows, seed: int) -> int:
-    """From scratch: set BatchNormalization's statistics from one training-mode pass over a seeded sample.
-
-    Both phases call it with the same sample, so the frozen phase's head learns on the features fine-tuning
-    starts from (where BatchNormalization then trains), and fine-tuning's call changes nothing.
-    """
-    sample = np.sort(np.random.default_rng([seed, 11]).permutation(len(x_train))[:BN_CALIBRATION_IMAGES])
-    n_bn = calibrate_batchnorm(model, x_train.read(sample))
-    log.info("BatchNormalization: moving statistics of %d layers set from %d training images", n_bn, len(sample))
-    return n_bn
-
-
 def train_frozen(model: keras.Model, data: PhaseData, params: TrainParams, runtime: RuntimeParams, *,
-                 seed: int, callbacks: list, from_scratch: bool = False) -> keras.callbacks.History:
-    """Train the head with the base frozen (on cached base features unless runtime.cache_features is off).
-    `from_scratch`: the random base's BatchNormalization statistics are calibrated first (see above)."""
+                 seed: int, callbacks: list) -> keras.callbacks.History:
+    """Train the head with the base frozen (on cached base features unless runtime.cache_features is off)."""
     freeze_base(model)
-    if from_scratch:
-        calibrate_from_scratch(model, data.x_train, seed)
     extractor = feature_model(model)
     log.info("computing base features of %d train records", len(data.x_train))
     train_features = predict_rows(extractor, data.x_train, params.batch_size)
@@ -384,8 +369,11 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
     if from_scratch:
         # Training-mode and inference-mode activations must agree from the first step (see calibrate_batchnorm);
         # the head's standardisation then follows the recalibrated features.
-        calibrate_from_scratch(model, data.x_train, seed)
+        sample = np.sort(np.random.default_rng([seed, 11]).permutation(len(data.x_train))[:BN_CALIBRATION_IMAGES])
+        n_bn = calibrate_batchnorm(model, data.x_train.read(sample))
         adapt_head(model, predict_rows(feature_model(model), data.x_train, params.batch_size))
+        log.info("BatchNormalization: moving statistics of %d layers set from %d training images, head "
+                 "standardisation re-adapted", n_bn, len(sample))
     workers = 1
     if params.online_augment:
         if augment is None:
@@ -485,9 +473,9 @@ def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Mode
             resume.live_dir = tmp_live
             with _live(tmp_live, resume.completed if resume.live_snapshot is not None else 0) as live:
                 # The frozen model's weights came from model.weights: from scratch, fine-tuning trains BatchNormalization.
-                extra = {"from_scratch": params.model.weights == "none"}
-                if phase == "finetune":
-                    extra["augment"] = OnlineAugment(params.augment, params.preprocess.fill, params.seed)
+                extra = {} if phase != "finetune" else {
+                    "from_scratch": params.model.weights == "none",
+                    "augment": OnlineAugment(params.augment, params.preprocess.fill, params.seed)}
                 train(model, data, phase_params, params.runtime, seed=params.seed,
                       callbacks=[LiveLogger(live), resume], **extra)
     with atomic_path(out_model) as tmp:
