@@ -23,4 +23,18 @@ echo "CPU overrides applied:    git diff params.yaml"
 echo "Sample data:              data/sample (tracked by DVC; it and the run's lock and metrics are staged, so"
 echo "                          queued experiments work: dvc exp run --queue -S evaluate.threshold_rule=youden)"
 echo "Your own data next:       unzip it into data/raw, then: glomeruli use-data data/raw"
-dvc metrics show metrics/evaluate.json
+echo
+python - <<'PY'
+import json
+m = json.load(open("metrics/evaluate.json"))
+ci = m.get("test_ci95", {})
+print(f"Test set ({m['test']['n']} images, {m.get('bootstrap', {}).get('units', '?')} biopsies), threshold "
+      f"{m['threshold']:.3f} chosen on validation; 95 % intervals resampling whole biopsies:")
+for key in ("balanced_accuracy", "f1", "roc_auc", "pr_auc", "precision", "recall"):
+    low_high = f"  ({ci[key]['low']:.3f}-{ci[key]['high']:.3f})" if key in ci else ""
+    print(f"  {key:<18} {m['test'][key]:.3f}{low_high}")
+if "burden" in m:
+    b = m["burden"]
+    print(f"  per-biopsy % sclerotic: mean abs. error {b['mae_pct_points']:.1f} points, "
+          f"{b['wrong_side_of_cutoff']} of {b['n_biopsies']} biopsies on the wrong side of {b['cutoff_pct']:.0f} %")
+PY
