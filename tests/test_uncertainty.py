@@ -79,3 +79,7 @@ def test_undefined_resamples_are_left_out(caplog):
     groups = np.array(["a", "a", "b", "b"])  # a resample of one biopsy holds one class: no ROC-AUC
     intervals = bootstrap_intervals(y, p, groups, lambda a, b: scalar_metrics(a, b, 0.5), n_resamples=50, seed=0)
     assert intervals["roc_auc"].low == pytest.approx(1.0) and intervals["accuracy"].high == 1.0
+    # Perfect predictions: resamples holding only biopsy "a" have no positive, so no recall, F1 or precision;
+    # counted as 0 they would pull each interval's low end down to 0.
+    for name in ("recall", "f1", "precision", "balanced_accuracy"):
+        assert intervals[name].low == pytest.approx(1.0) and intervals[name].high == pytest.approx(1.0), name

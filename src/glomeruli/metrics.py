@@ -32,5 +32,17 @@ def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray)
 
 
 def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
-    """binary_metrics without the count and the confusion matrix: what gets an interval."""
-    return {k: v for k, v in binary_metrics(y_true, prob, threshold).items() if k not in ("n", "confusion_matrix")}
+    """binary_metrics without the count and the confusion matrix: what gets an interval.
+
+    A metric undefined on these rows is NaN, so the bootstrap leaves the resample out, instead of scikit-learn's
+    zero_division 0, which would drag the interval's low end to 0 whenever a resample of biopsies holds no
+    sclerotic glomerulus: recall, F1, ROC/PR-AUC and balanced accuracy need both classes, precision needs a
+    predicted positive.
+    """
+    metrics = {k: v for k, v in binary_metrics(y_true, prob, threshold).items() if k not in ("n", "confusion_matrix")}
+    y_true = np.asarray(y_true)
+    if len(np.unique(y_true)) < 2:
+        metrics.update(dict.fromkeys(("recall", "f1", "roc_auc", "pr_auc", "balanced_accuracy"), float("nan")))
+    if not (np.asarray(prob) >= threshold).any():
+        metrics["precision"] = float("nan")
+    return metrics
