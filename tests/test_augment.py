@@ -1,5 +1,8 @@
 """Augment stage: originals plus K real (never identical) variants per image, K by class, seeded."""
 
+import shutil
+
+import h5py
 import numpy as np
 
 from glomeruli.augment import augment_image, augment_store
@@ -37,3 +40,12 @@ def test_augment_image_keeps_shape_dtype_and_changes_pixels(tiny_data):
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     out = augment_image(image, np.random.default_rng(1), tiny_data.params.augment, (0, 0, 0))
     assert out.shape == image.shape and out.dtype == np.uint8 and not np.array_equal(out, image)
+
+
+def test_input_store_is_closed_after_a_one_worker_run(tiny_data, tmp_path):
+    p = tiny_data.params
+    source = tmp_path / "pre.h5"
+    shutil.copy(tiny_data.preprocessed, source)
+    augment_store(source, tmp_path / "aug.h5", p.augment, seed=p.seed, workers=1)
+    with h5py.File(source, "w"):  # h5py refuses to truncate a file this process still holds open
+        pass

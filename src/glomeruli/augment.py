@@ -119,6 +119,13 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
     images = ordered_map(_render, range(len(plan)), workers, initializer=_init,
                          initargs=(in_path, plan, params, fill, seed), result_shape=(size, size, 3),
                          result_dtype=np.uint8)
-    with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
-        writer.append(progress(images, len(plan), "augment"))
+    try:
+        with StoreWriter(out_path, out_meta, size, {**attrs, "stage": "augment", "seed": seed}) as writer:
+            writer.append(progress(images, len(plan), "augment"))
+    finally:
+        # One worker renders in this process: close its handle on the input, which would otherwise stay
+        # open after the stage (and stop this process from rewriting that file).
+        if _job.get("store") is not None:
+            _job["store"].close()
+            _job["store"] = None
     return out_meta
