@@ -34,20 +34,30 @@ def test_tensorflow_is_imported_only_by_the_backend_adapter():
     assert offenders == []
 
 
+def jax_env(tmp_path: Path) -> dict:
+    """Environment of a process on JAX with TensorFlow made unimportable (a sitecustomize in tmp_path)."""
+    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    return dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}",
+                JAX_PLATFORMS="cpu")
+
+
+def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run this suite's tests `args` on JAX with TensorFlow made unimportable; asserts they pass."""
+    env = jax_env(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                             "-W", "ignore::DeprecationWarning"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_training_path_under_jax_without_tensorflow(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}",
-               JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_training.py", "tests/test_model.py",
-         "tests/test_predict.py", "-k", "not learns", "-W", "ignore::DeprecationWarning"],
-        cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    result = pytest_under_jax(tmp_path, "tests/test_training.py", "tests/test_model.py", "tests/test_predict.py",
+                              "-k", "not learns")
     assert " passed" in result.stdout and "failed" not in result.stdout
     probe = subprocess.run([sys.executable, "-c", "import keras, glomeruli.training, glomeruli.model, sys; "
                             "print(keras.backend.backend(), 'tensorflow' in sys.modules)"],
-                           cwd=ROOT, env=env, capture_output=True, text=True)
+                           cwd=ROOT, env=jax_env(tmp_path), capture_output=True, text=True)
     assert probe.stdout.split() == ["jax", "False"], probe.stderr[-2000:]
 
 

@@ -1,11 +1,6 @@
 """Grad-CAM is right, not just present: on images whose class evidence sits in a known region, the heat
 falls there; on both backends (JAX in a subprocess, without TensorFlow, as on our GPU boxes)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
@@ -15,7 +10,6 @@ from glomeruli.gallery import correct_sections, error_sections
 from glomeruli.gradcam import CamParts, efficientnet_cam_parts, gradcam
 from glomeruli.model import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE, PATCH = 24, 6
 
 
@@ -94,14 +88,7 @@ def test_sheets_pick_every_error_and_spread_correct_cases():
 
 @pytest.mark.slow
 def test_gradcam_under_jax_without_tensorflow(tmp_path):
-    from test_backends import NO_TENSORFLOW
+    from test_backends import pytest_under_jax
 
-    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}",
-               JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gradcam.py", "-k",
-         "localises", "-W", "ignore::DeprecationWarning"],
-        cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    result = pytest_under_jax(tmp_path, "tests/test_gradcam.py", "-k", "localises")
     assert "1 passed" in result.stdout
