@@ -153,7 +153,10 @@ def test_resume_key_follows_the_store_content_not_its_size(tmp_path, monkeypatch
     assert changed_key != key
 
 
-def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp_path, caplog):
+@pytest.mark.parametrize("from_scratch", [False, True], ids=["top-block", "from-scratch"])
+def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp_path, caplog, from_scratch):
+    """Weights and predictions: from scratch, fine-tuning re-adapts the head's standardisation before it starts,
+    and a model handed back must predict as the frozen one did, not with the re-adapted statistics."""
     p = tiny_data.params
     _frozen_model(tiny_data, True).save(tmp_path / "frozen.keras")
     configure(11, "float32", "auto")
@@ -161,8 +164,12 @@ def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp
     with tiny_data.store() as store:
         data = load_phase_data(store, tiny_data.split, 1.0)
         # A learning rate this large wrecks every epoch: the starting model must come back unchanged.
-        finetune(model, data, replace(p.finetune, epochs=2, batch_size=8, unfreeze_blocks=1, lr=5.0,
-                                      lr_schedule="constant", warmup_epochs=0), p.runtime, seed=11, callbacks=[])
-    for got, frozen in zip(model.get_weights(), load_model(tmp_path / "frozen.keras").get_weights()):
-        np.testing.assert_array_equal(got, frozen)
+        finetune(model, data, replace(p.finetune, epochs=2, batch_size=8, unfreeze_blocks="all" if from_scratch else 1,
+                                      lr=5.0, lr_schedule="constant", warmup_epochs=0), p.runtime, seed=11,
+                 callbacks=[], from_scratch=from_scratch)
+        frozen = load_model(tmp_path / "frozen.keras")
+        for got, expected in zip(model.get_weights(), frozen.get_weights()):
+            np.testing.assert_array_equal(got, expected)
+        rows = StoreRows(store, tiny_data.split.val)
+        np.testing.assert_allclose(predict_rows(model, rows, 16), predict_rows(frozen, rows, 16), rtol=1e-5, atol=1e-6)
     assert "no epoch beat the starting model's validation loss" in caplog.text

@@ -191,6 +191,25 @@ def adapt_head(model: keras.Model, train_features: np.ndarray) -> None:
     head_of(model).get_layer("head_norm").adapt(train_features)
 
 
+def sync_normalization(model: keras.Model) -> None:
+    """Recompute every adapted Normalization layer's mean and variance from its variables.
+
+    Keras' Normalization keeps them as tensors derived at `adapt` time: `set_weights` or `assign` (early
+    stopping's restore, a resumed run) change the variables but not what the layer computes with, so a model
+    handed back that way would predict with the statistics of its last `adapt` (and differ from its saved file).
+    """
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.Normalization) and layer.built:
+            layer.finalize_state()
+
+
+def _all_layers(layer) -> list:
+    found = [layer]
+    for child in getattr(layer, "layers", []) + ([layer.inner] if isinstance(layer, InferenceMode) else []):
+        found += _all_layers(child)
+    return found
+
+
 def split_at_block(model: keras.Model, n_blocks: int) -> tuple[keras.Model, keras.Model]:
     """(bottom, top): image -> activations entering the first unfrozen block -> probability.
 

@@ -36,7 +36,7 @@ from glomeruli.h5store import ImageStore, close_h5
 from glomeruli.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict_batch, predict_rows
 from glomeruli.metadata import file_sha256
 from glomeruli.model import (adapt_head, calibrate_batchnorm, compile_model, feature_model, freeze_base, head_of,
-                             split_at_block, unfreeze_top_blocks)
+                             split_at_block, sync_normalization, unfreeze_top_blocks)
 from glomeruli.params import FinetuneParams, Params, RuntimeParams, TrainParams, as_dict
 from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
 from glomeruli.split import Split, read_split
@@ -189,6 +189,7 @@ class Resume(keras.callbacks.Callback):
                             "`dvc repro` to train this phase from its first epoch") from err
         for variable, value in zip(targets, arrays):
             variable.assign(value)
+        sync_normalization(model)
         log.info("resuming after epoch %d of %d from %s", self.completed, epochs, self.latest)
         return epochs if self.state.get("stopped") else min(self.completed, epochs)
 
@@ -266,6 +267,7 @@ class EarlyStoppingFrom(keras.callbacks.EarlyStopping):
             log.warning("no epoch beat the starting model's validation loss (%.4f): it is kept unchanged",
                         self.start[0])
         super().on_train_end(logs)
+        sync_normalization(self.model)  # restored weights include the head's standardisation
 
 
 def starting_point(model: keras.Model, x_val: Rows, y_val: np.ndarray, batch_size: int) -> tuple[float, list]:
