@@ -163,13 +163,18 @@ def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp
     model = load_model(tmp_path / "frozen.keras")
     with tiny_data.store() as store:
         data = load_phase_data(store, tiny_data.split, 1.0)
+        rows = StoreRows(store, tiny_data.split.val)
+
+        class PredictEachEpoch(keras.callbacks.Callback):  # traces predict while the head is re-adapted
+            def on_epoch_end(self, epoch, logs=None):
+                predict_rows(model, rows, 16)
+
         # A learning rate this large wrecks every epoch: the starting model must come back unchanged.
         finetune(model, data, replace(p.finetune, epochs=2, batch_size=8, unfreeze_blocks="all" if from_scratch else 1,
                                       lr=5.0, lr_schedule="constant", warmup_epochs=0), p.runtime, seed=11,
-                 callbacks=[], from_scratch=from_scratch)
+                 callbacks=[PredictEachEpoch()], from_scratch=from_scratch)
         frozen = load_model(tmp_path / "frozen.keras")
         for got, expected in zip(model.get_weights(), frozen.get_weights()):
             np.testing.assert_array_equal(got, expected)
-        rows = StoreRows(store, tiny_data.split.val)
         np.testing.assert_allclose(predict_rows(model, rows, 16), predict_rows(frozen, rows, 16), rtol=1e-5, atol=1e-6)
     assert "no epoch beat the starting model's validation loss" in caplog.text

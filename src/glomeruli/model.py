@@ -197,10 +197,14 @@ def sync_normalization(model: keras.Model) -> None:
     Keras' Normalization keeps them as tensors derived at `adapt` time: `set_weights` or `assign` (early
     stopping's restore, a resumed run) change the variables but not what the layer computes with, so a model
     handed back that way would predict with the statistics of its last `adapt` (and differ from its saved file).
+    Traced predict/evaluate functions hold those tensors as constants, so they are dropped too.
     """
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.Normalization) and layer.built:
             layer.finalize_state()
+    for traced in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, traced):
+            setattr(model, traced, None)
 
 
 def _all_layers(layer) -> list:

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 
 BN_CALIBRATION_IMAGES = 128  # one training-mode pass sets BatchNormalization's statistics before fine-tuning from scratch
+# EfficientNetB3 from random initialisation learns no structure from images this small: at 64 px its last blocks
+# work on 2x2 maps and it memorises the training images (bench/RESULTS.md, training recipes); at 128 px it learns.
+FROM_SCRATCH_MIN_IMAGE_SIZE = 128
 
 
 class Batches(keras.utils.PyDataset):
@@ -368,6 +371,11 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
     unfrozen = unfreeze_top_blocks(model, params.unfreeze_blocks, train_statistics=from_scratch)
     log.info("fine-tuning %d layers (unfreeze_blocks: %s)%s", len(unfrozen), params.unfreeze_blocks,
              ", BatchNormalization included (from scratch)" if from_scratch else "")
+    if from_scratch and model.inputs[0].shape[1] < FROM_SCRATCH_MIN_IMAGE_SIZE:
+        log.warning("training EfficientNetB3 from scratch at %d px: below %d px it memorises the training images "
+                    "instead of learning their structure (bench/RESULTS.md); set preprocess.image_size to %d or more, "
+                    "or use pretrained weights (model.weights)", model.inputs[0].shape[1], FROM_SCRATCH_MIN_IMAGE_SIZE,
+                    FROM_SCRATCH_MIN_IMAGE_SIZE)
     if from_scratch:
         # Training-mode and inference-mode activations must agree from the first step (see calibrate_batchnorm);
         # the head's standardisation then follows the recalibrated features.
