@@ -1,18 +1,17 @@
 #!/usr/bin/env python
 """Training recipes compared on the hard synthetic set (issue 11), at CPU size, without ImageNet weights.
 
-    .venv/bin/python bench/recipes.py                      # the table of bench/RESULTS.md (~25 min on 2 cores)
-    .venv/bin/python bench/recipes.py --n-images 160 --size 48 --recipes a,c   # a quick look
+    .venv/bin/python bench/recipes.py --n-biopsies 125     # run 3 of bench/RESULTS.md (~16 min on 2 cores)
+    .venv/bin/python bench/recipes.py --n-images 200 --scratch-epochs 4 --recipes a,c   # a quick look
 
 The set: `glomeruli sample-data --structure-only` (colour, brightness and nucleus count do not separate the
 classes; only the tuft's structure does), preprocessed, augmented and split by biopsy with the package's own
 functions and the shipped params.yaml (sizes and epochs overridden below). Recipes, each from the same seed:
 
   a  head on the frozen random base (train_frozen only)
-  b  today's fine-tune: a, then the top block unfrozen, BatchNormalization frozen, constant lr 1e-4, 4 epochs
-     (the demo's CPU settings before issue 11)
+  b  the demo's fine-tune: a, then the top block unfrozen, BatchNormalization frozen, constant lr 1e-4, 4 epochs
   c  from scratch: a, then every layer (stem included) trained with BatchNormalization in training mode,
-     warm-up then cosine decay
+     warm-up then cosine decay: the recommended offline recipe, glomeruli.workspace.FROM_SCRATCH_OVERRIDES
   d  c plus online augmentation (fresh variants every epoch)
 
 The threshold is chosen on validation (max F1); balanced accuracy and ROC-AUC are measured on test with 95 %
@@ -53,6 +52,7 @@ from glomeruli.preprocess import preprocess_images  # noqa: E402
 from glomeruli.sample_data import generate_sample_dataset  # noqa: E402
 from glomeruli.split import split_records  # noqa: E402
 from glomeruli.training import finetune, load_phase_data, train_frozen  # noqa: E402
+from glomeruli.workspace import FROM_SCRATCH_OVERRIDES as SCRATCH  # noqa: E402
 
 RECIPES = {
     "a": "head on the frozen random base",
@@ -80,7 +80,8 @@ def make_params(args):
     raw["model"]["weights"] = "none"
     raw["runtime"].update(workers=1, memory_budget_gb=2)
     raw["split"].update(group_by="biopsy", folds=5, fold=0, val_fraction=0.2)
-    raw["train_frozen"].update(epochs=30, lr=3e-3, patience=6, batch_size=32)
+    raw["train_frozen"].update(epochs=SCRATCH["train_frozen.epochs"], lr=SCRATCH["train_frozen.lr"],
+                               patience=SCRATCH["train_frozen.patience"], batch_size=32)
     raw["finetune"].update(batch_size=32)
     return parse_params(raw)
 
@@ -132,9 +133,10 @@ def finetune_params(params, recipe: str, args):
     if recipe == "b":
         return replace(ft, unfreeze_blocks=1, epochs=4, lr=1e-4, lr_schedule="constant", warmup_epochs=0,
                        patience=4, online_augment=False)
-    return replace(ft, unfreeze_blocks="all", epochs=args.scratch_epochs, lr=args.scratch_lr, lr_schedule="cosine",
-                   batch_size=args.scratch_batch,
-                   warmup_epochs=1, patience=args.scratch_epochs, online_augment=recipe == "d")
+    return replace(ft, unfreeze_blocks=SCRATCH["finetune.unfreeze_blocks"], epochs=args.scratch_epochs,
+                   lr=args.scratch_lr, lr_schedule=SCRATCH["finetune.lr_schedule"], batch_size=args.scratch_batch,
+                   warmup_epochs=SCRATCH["finetune.warmup_epochs"], patience=args.scratch_epochs,
+                   online_augment=recipe == "d")
 
 
 def run_recipe(recipe: str, args, params, augmented: Path, split, frozen: Path, frozen_seconds: float) -> dict:
@@ -165,12 +167,12 @@ def run_recipe(recipe: str, args, params, augmented: Path, split, frozen: Path, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-images", type=int, default=500)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=SCRATCH["preprocess.image_size"])
     ap.add_argument("--sclerotic-fraction", type=float, default=0.35)
     ap.add_argument("--n-biopsies", type=int, default=None, help="default: one per 12 images, as sample-data")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scratch-epochs", type=int, default=12, help="fine-tune epochs of recipes c and d")
-    ap.add_argument("--scratch-lr", type=float, default=1e-3, help="peak learning rate of recipes c and d")
+    ap.add_argument("--scratch-epochs", type=int, default=SCRATCH["finetune.epochs"], help="fine-tune epochs of recipes c and d")
+    ap.add_argument("--scratch-lr", type=float, default=SCRATCH["finetune.lr"], help="peak learning rate of recipes c and d")
     ap.add_argument("--scratch-batch", type=int, default=32, help="fine-tune batch size of recipes c and d")
     ap.add_argument("--recipes", default="a,b,c,d")
     ap.add_argument("--work", type=Path, default=Path("/tmp/glomeruli-recipes"))

@@ -65,10 +65,11 @@ class TinyData:
 
 def build_tiny_data(folder: Path, *, n_images: int, size: int, seed: int = 0, difficulty: float = 0.3,
                     group_by: str = "image", structure_only: bool = False, sclerotic_fraction: float = 0.18,
-                    n_biopsies: int | None = None, **param_overrides) -> TinyData:
+                    n_biopsies: int | None = None, size_range: tuple[int, int] = (48, 128),
+                    **param_overrides) -> TinyData:
     """Sample data -> ingest -> preprocess -> augment -> split, with the package's own functions."""
     raw = folder / "raw"
-    generate_sample_dataset(raw, n_images, seed=seed, difficulty=difficulty, size_range=(48, 128), progress=False,
+    generate_sample_dataset(raw, n_images, seed=seed, difficulty=difficulty, size_range=size_range, progress=False,
                             structure_only=structure_only, sclerotic_fraction=sclerotic_fraction, n_biopsies=n_biopsies)
     params = small_params(**{"preprocess.image_size": size, "split.group_by": group_by, **param_overrides})
     config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=params.ingest.labels_csv,

@@ -17,7 +17,8 @@ import yaml
 from conftest import shipped_params_raw, shipped_params_text
 from glomeruli.errors import UserError
 from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
-from glomeruli.workspace import set_data_source
+from glomeruli.params import parse_params
+from glomeruli.workspace import FROM_SCRATCH_OVERRIDES, from_scratch_command, set_data_source
 from project import ROOT, dvc, glomeruli, run
 
 pytestmark = pytest.mark.slow
@@ -135,3 +136,30 @@ def test_doctor_says_what_it_sees(tmp_path):
     assert "tensorflow" in lines["keras"] and "cpu" in lines["devices"]
     assert "float32" in lines["dtype"] and "not cached" in lines["ImageNet"] and lines["ImageNet"].startswith("!!")
     assert "data/raw does not exist" in lines["data"]
+    assert "dvc exp run -S preprocess.image_size=128 -S model.weights=none" in lines["ImageNet"]
+
+
+def test_doctor_flags_training_from_scratch_below_128_px(tmp_path):
+    raw = shipped_params_raw()
+    raw["model"]["weights"], raw["preprocess"]["image_size"] = "none", 64
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run([sys.executable, "-m", "glomeruli.cli", "doctor"], cwd=tmp_path, capture_output=True,
+                            text=True)
+    line = next(line for line in result.stdout.splitlines() if "model weights" in line)
+    assert line.startswith("!!") and "none at 64 px" in line and "memorises" in line, result.stdout
+    assert from_scratch_command() in line
+
+
+def test_from_scratch_recipe_is_valid_params_and_the_readme_shows_it():
+    """The recipe as `-S key=value` overrides of the shipped params.yaml, one line in the README."""
+    raw = shipped_params_raw()
+    for key, value in FROM_SCRATCH_OVERRIDES.items():
+        section, name = key.split(".")
+        assert name in raw[section], key
+        raw[section][name] = value
+    params = parse_params(raw)
+    assert params.model.weights == "none" and params.finetune.unfreeze_blocks == "all"
+    assert params.preprocess.image_size >= 128
+    command = from_scratch_command()
+    assert command.startswith("dvc exp run -S preprocess.image_size=128 -S model.weights=none -S")
+    assert command in (ROOT / "README.md").read_text(encoding="utf-8")

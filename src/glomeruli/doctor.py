@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glomeruli.errors import UserError
-from glomeruli.params import load_params
+from glomeruli.params import FROM_SCRATCH_MIN_IMAGE_SIZE, load_params
 from glomeruli.sample_data import MARKER_FILE
+from glomeruli.workspace import from_scratch_command
 
 IMAGENET_WEIGHTS_FILE = "efficientnetb3_notop.h5"
 
@@ -79,8 +80,14 @@ def diagnose(params_path: Path = Path("params.yaml")) -> list[Finding]:
             findings.append(Finding("ImageNet weights", f"cached: {cached} ({cached.stat().st_size / 2**20:.0f} MB)"))
         else:
             findings.append(Finding("ImageNet weights", f"not cached ({cached} missing): the first training run "
-                                    "downloads them (43 MB); offline, copy the file there by hand or set "
-                                    "model.weights to a file or none", problem=True))
+                                    "downloads them (43 MB); offline, copy the file there by hand, set "
+                                    "model.weights to a weights file, or train from scratch with the recipe the "
+                                    f"benchmark supports: `{from_scratch_command()}`", problem=True))
+    elif weights == "none" and params.preprocess.image_size < FROM_SCRATCH_MIN_IMAGE_SIZE:
+        findings.append(Finding("model weights", f"none at {params.preprocess.image_size} px: from scratch below "
+                                f"{FROM_SCRATCH_MIN_IMAGE_SIZE} px EfficientNetB3 memorises its training images "
+                                f"instead of learning them; the recipe the benchmark supports: `{from_scratch_command()}`",
+                                problem=True))
     else:
         findings.append(Finding("model weights", f"{weights} (model.weights)"))
 

@@ -14,6 +14,9 @@ from glomeruli.errors import UserError
 
 # EfficientNetB3 has seven blocks; its stem downsamples 32x, so very small inputs break it.
 N_EFFICIENTNET_BLOCKS = 7
+# EfficientNetB3 from random initialisation learns no structure from images this small: at 64 px its last blocks
+# work on 2x2 maps and it memorises the training images (bench/RESULTS.md, training recipes); at 128 px it learns.
+FROM_SCRATCH_MIN_IMAGE_SIZE = 128
 MIN_IMAGE_SIZE = 32
 
 

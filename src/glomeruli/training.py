@@ -37,7 +37,8 @@ from glomeruli.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict
 from glomeruli.metadata import file_sha256
 from glomeruli.model import (adapt_head, calibrate_batchnorm, compile_model, feature_model, freeze_base, head_of,
                              split_at_block, sync_normalization, unfreeze_top_blocks)
-from glomeruli.params import FinetuneParams, Params, RuntimeParams, TrainParams, as_dict
+from glomeruli.params import (FROM_SCRATCH_MIN_IMAGE_SIZE, FinetuneParams, Params, RuntimeParams, TrainParams,
+                              as_dict)
 from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
 from glomeruli.split import Split, read_split
 
@@ -45,9 +46,6 @@ log = logging.getLogger(__name__)
 
 
 BN_CALIBRATION_IMAGES = 128  # one training-mode pass sets BatchNormalization's statistics before fine-tuning from scratch
-# EfficientNetB3 from random initialisation learns no structure from images this small: at 64 px its last blocks
-# work on 2x2 maps and it memorises the training images (bench/RESULTS.md, training recipes); at 128 px it learns.
-FROM_SCRATCH_MIN_IMAGE_SIZE = 128
 
 
 class Batches(keras.utils.PyDataset):
