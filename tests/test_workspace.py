@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import shipped_params_raw, shipped_params_text
+from conftest import shipped_params_raw, shipped_params_text, small_params
 from glomeruli.errors import UserError
 from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
-from glomeruli.params import parse_params
 from glomeruli.workspace import FROM_SCRATCH_OVERRIDES, from_scratch_command, set_data_source
 from project import ROOT, dvc, glomeruli, run
 
@@ -152,12 +151,7 @@ def test_doctor_flags_training_from_scratch_below_128_px(tmp_path):
 
 def test_from_scratch_recipe_is_valid_params_and_the_readme_shows_it():
     """The recipe as `-S key=value` overrides of the shipped params.yaml, one line in the README."""
-    raw = shipped_params_raw()
-    for key, value in FROM_SCRATCH_OVERRIDES.items():
-        section, name = key.split(".")
-        assert name in raw[section], key
-        raw[section][name] = value
-    params = parse_params(raw)
+    params = small_params(**FROM_SCRATCH_OVERRIDES)  # the strict loader refuses any unknown key
     assert params.model.weights == "none" and params.finetune.unfreeze_blocks == "all"
     assert params.preprocess.image_size >= 128
     command = from_scratch_command()
