@@ -140,7 +140,7 @@ def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_ca
         train_frozen(model, phase, replace(p.train_frozen, batch_size=32), p.runtime, seed=p.seed, callbacks=[])
         frozen_auc = _pooled_roc_auc(model, store, data.split)
         # Fewer epochs than the recipe's, for time; every other fine-tuning setting is the recipe's.
-        finetune(model, phase, replace(p.finetune, epochs=8, patience=8, batch_size=32), p.runtime, seed=p.seed,
+        finetune(model, phase, replace(p.finetune, epochs=6, patience=6, batch_size=32), p.runtime, seed=p.seed,
                  callbacks=[], from_scratch=True)
         scratch_auc = _pooled_roc_auc(model, store, data.split)
     print(f"hard set, validation + test ROC-AUC: head on the frozen random base {frozen_auc:.3f}, "

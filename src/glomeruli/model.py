@@ -191,6 +191,20 @@ def adapt_head(model: keras.Model, train_features: np.ndarray) -> None:
     head_of(model).get_layer("head_norm").adapt(train_features)
 
 
+def reset_head_standardisation(model: keras.Model) -> None:
+    """Make the head's standardisation the identity (mean 0, variance 1).
+
+    For a base about to train from scratch: a random base's pooled features barely differ between images
+    (spread ~0.1), so a standardisation fixed now would multiply the differences the base learns by ~10 to 30
+    and saturate the sigmoid (validation losses of 5 to 15, bench/RESULTS.md). Its own BatchNormalization
+    keeps the features at unit scale instead, as in the plain EfficientNet classifier.
+    """
+    norm = head_of(model).get_layer("head_norm")
+    mean, variance, count = norm.get_weights()
+    norm.set_weights([np.zeros_like(mean), np.ones_like(variance), count])
+    sync_normalization(model)
+
+
 def sync_normalization(model: keras.Model) -> None:
     """Recompute every adapted Normalization layer's mean and variance from its variables.
 

@@ -36,7 +36,7 @@ from glomeruli.h5store import ImageStore, close_h5
 from glomeruli.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict_batch, predict_rows
 from glomeruli.metadata import file_sha256
 from glomeruli.model import (adapt_head, calibrate_batchnorm, compile_model, feature_model, freeze_base, head_of,
-                             split_at_block, sync_normalization, unfreeze_top_blocks)
+                             reset_head_standardisation, split_at_block, sync_normalization, unfreeze_top_blocks)
 from glomeruli.params import (FROM_SCRATCH_MIN_IMAGE_SIZE, FinetuneParams, Params, RuntimeParams, TrainParams,
                               as_dict)
 from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
@@ -376,12 +376,12 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
                     FROM_SCRATCH_MIN_IMAGE_SIZE)
     if from_scratch:
         # Training-mode and inference-mode activations must agree from the first step (see calibrate_batchnorm);
-        # the head's standardisation then follows the recalibrated features.
+        # the head's standardisation steps aside while the base learns its features (reset_head_standardisation).
         sample = np.sort(np.random.default_rng([seed, 11]).permutation(len(data.x_train))[:BN_CALIBRATION_IMAGES])
         n_bn = calibrate_batchnorm(model, data.x_train.read(sample))
-        adapt_head(model, predict_rows(feature_model(model), data.x_train, params.batch_size))
-        log.info("BatchNormalization: moving statistics of %d layers set from %d training images, head "
-                 "standardisation re-adapted", n_bn, len(sample))
+        reset_head_standardisation(model)
+        log.info("BatchNormalization: moving statistics of %d layers set from %d training images; head "
+                 "standardisation set to the identity", n_bn, len(sample))
     workers = 1
     if params.online_augment:
         if augment is None:

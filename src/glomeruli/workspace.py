@@ -53,7 +53,7 @@ FROM_SCRATCH_OVERRIDES = {
     "finetune.unfreeze_blocks": "all",
     "finetune.lr": 0.001,
     "finetune.lr_schedule": "cosine",
-    "finetune.warmup_epochs": 1,
+    "finetune.warmup_epochs": 0,
     "finetune.epochs": 12,
     "finetune.patience": 12,
 }
