@@ -11,7 +11,8 @@ functions and the shipped params.yaml (sizes and epochs overridden below). Recip
   a  head on the frozen random base (train_frozen only)
   b  the demo's fine-tune: a, then the top block unfrozen, BatchNormalization frozen, constant lr 1e-4, 4 epochs
   c  from scratch: a, then every layer (stem included) trained with BatchNormalization in training mode,
-     warm-up then cosine decay: the recommended offline recipe, glomeruli.workspace.FROM_SCRATCH_OVERRIDES
+     cosine decay, the head's standardisation reset to the identity: the recommended offline recipe,
+     glomeruli.workspace.FROM_SCRATCH_OVERRIDES
   d  c plus online augmentation (fresh variants every epoch)
 
 The threshold is chosen on validation (max F1); balanced accuracy and ROC-AUC are measured with 95 % bootstrap
@@ -58,7 +59,7 @@ from glomeruli.workspace import FROM_SCRATCH_OVERRIDES as SCRATCH  # noqa: E402
 RECIPES = {
     "a": "head on the frozen random base",
     "b": "today's fine-tune (top block, BN frozen, lr 1e-4 constant)",
-    "c": "from scratch: every layer + BatchNormalization, warm-up + cosine",
+    "c": "from scratch: every layer + BatchNormalization, cosine decay",
     "d": "c + online augmentation",
 }
 RESAMPLES = 2000

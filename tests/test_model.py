@@ -45,6 +45,19 @@ def test_split_at_block_reproduces_the_model(model):
     np.testing.assert_allclose(M.head_of(model).predict(features, verbose=0), model.predict(X, verbose=0), rtol=1e-5)
 
 
+def test_reset_head_standardisation_passes_the_features_through_unscaled():
+    """From scratch the head must see the base's features as they are, also in an already traced predict."""
+    keras.utils.set_random_seed(1)
+    fresh = M.build_model(32, "none", 0.3)
+    features = M.feature_model(fresh).predict(X, verbose=0)
+    M.adapt_head(fresh, 0.1 * np.random.default_rng(1).normal(size=(16, features.shape[1])))  # spread 0.1: x10
+    fresh.predict(X, verbose=0)  # traces the predict function with the adapted statistics
+    M.reset_head_standardisation(fresh)
+    kernel, bias = M.head_of(fresh).get_layer("probability").get_weights()
+    expected = 1 / (1 + np.exp(-(features.astype(np.float64) @ kernel + bias)))
+    np.testing.assert_allclose(fresh.predict(X, verbose=0), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_save_and_safe_load_round_trip(model, tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = M.load_model(tmp_path / "m.keras")
