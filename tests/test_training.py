@@ -127,7 +127,7 @@ def _pooled_roc_auc(model, store, split) -> float:
 def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_cannot(tmp_path):
     """The hard set: colour, brightness and nucleus count do not separate the classes, only the tuft's structure.
     A head on the frozen random base (recipe a) stays at chance; the recommended offline recipe (every layer and
-    BatchNormalization trained from scratch, FROM_SCRATCH_OVERRIDES) learns the structure. ~6 min on 2 cores."""
+    BatchNormalization trained from scratch, FROM_SCRATCH_OVERRIDES) learns the structure. ~4 min on 2 cores."""
     size = FROM_SCRATCH_OVERRIDES["preprocess.image_size"]
     data = build_tiny_data(tmp_path, n_images=400, size=size, seed=0, difficulty=0.3, group_by="biopsy",
                            structure_only=True, sclerotic_fraction=0.5, n_biopsies=100, size_range=(64, 160),
@@ -140,7 +140,7 @@ def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_ca
         train_frozen(model, phase, replace(p.train_frozen, batch_size=32), p.runtime, seed=p.seed, callbacks=[])
         frozen_auc = _pooled_roc_auc(model, store, data.split)
         # Fewer epochs than the recipe's, for time; every other fine-tuning setting is the recipe's.
-        finetune(model, phase, replace(p.finetune, epochs=6, patience=6, batch_size=32), p.runtime, seed=p.seed,
+        finetune(model, phase, replace(p.finetune, epochs=5, patience=5, batch_size=32), p.runtime, seed=p.seed,
                  callbacks=[], from_scratch=True)
         scratch_auc = _pooled_roc_auc(model, store, data.split)
     print(f"hard set, validation + test ROC-AUC: head on the frozen random base {frozen_auc:.3f}, "
@@ -190,8 +190,8 @@ def test_resume_key_follows_the_store_content_not_its_size(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("from_scratch", [False, True], ids=["top-block", "from-scratch"])
 def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp_path, caplog, from_scratch):
-    """Weights and predictions: from scratch, fine-tuning re-adapts the head's standardisation before it starts,
-    and a model handed back must predict as the frozen one did, not with the re-adapted statistics."""
+    """Weights and predictions: from scratch, fine-tuning resets the head's standardisation before it starts,
+    and a model handed back must predict as the frozen one did, not with the reset statistics."""
     p = tiny_data.params
     _frozen_model(tiny_data, True).save(tmp_path / "frozen.keras")
     configure(11, "float32", "auto")
@@ -200,7 +200,7 @@ def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp
         data = load_phase_data(store, tiny_data.split, 1.0)
         rows = StoreRows(store, tiny_data.split.val)
 
-        class PredictEachEpoch(keras.callbacks.Callback):  # traces predict while the head is re-adapted
+        class PredictEachEpoch(keras.callbacks.Callback):  # traces predict while the head is reset
             def on_epoch_end(self, epoch, logs=None):
                 predict_rows(model, rows, 16)
 
