@@ -52,9 +52,8 @@ def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_training_path_under_jax_without_tensorflow(tmp_path):
-    """Training and the model's mechanics on JAX (the learning tests train on TensorFlow only, for time; JAX
-    prediction is also covered by tests/test_distribute.py and tests/test_gradcam.py)."""
-    result = pytest_under_jax(tmp_path, "tests/test_training.py", "tests/test_model.py", "-k", "not learns")
+    result = pytest_under_jax(tmp_path, "tests/test_training.py", "tests/test_model.py", "tests/test_predict.py",
+                              "-k", "not learns")
     assert " passed" in result.stdout and "failed" not in result.stdout
     probe = subprocess.run([sys.executable, "-c", "import keras, glomeruli.training, glomeruli.model, sys; "
                             "print(keras.backend.backend(), 'tensorflow' in sys.modules)"],
