@@ -91,6 +91,7 @@ def make_params(args):
 
 def _preprocessed_hard_set(args, params, work: Path, *, n_images: int, seed: int, n_biopsies: int | None) -> Path:
     """Hard set -> ingest -> preprocess, the package's own functions."""
+    work.mkdir(parents=True, exist_ok=True)
     raw = work / "raw"
     generate_sample_dataset(raw, n_images, seed=seed, difficulty=0.3, size_range=(64, 160),
                             sclerotic_fraction=args.sclerotic_fraction, structure_only=True, workers=1,
@@ -119,9 +120,8 @@ def build_holdout(args, params, work: Path) -> Path | None:
     than the split's test fold holds, for the price of predicting them."""
     if not args.holdout_images:
         return None
-    work.mkdir(parents=True, exist_ok=True)
-    return _preprocessed_hard_set(args, params, work, n_images=args.holdout_images, seed=args.seed + HOLDOUT_SEED_OFFSET,
-                                  n_biopsies=max(1, args.holdout_images // 4))
+    return _preprocessed_hard_set(args, params, work, n_images=args.holdout_images,
+                                  seed=args.seed + HOLDOUT_SEED_OFFSET, n_biopsies=max(1, args.holdout_images // 4))
 
 
 def intervals(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, threshold: float, seed: int) -> dict:
@@ -247,9 +247,9 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     for title, pick in (("test fold", lambda r: r), ("independent hold-out set", lambda r: r.get("holdout"))):
-        if pick(rows[0]) is None:
-            continue
         first = pick(rows[0])
+        if first is None:
+            continue
         print(f"\n{title}: {first['n_images']} images, {first['n_biopsies']} biopsies")
         print("| recipe | balanced accuracy (95 % CI) | ROC-AUC (95 % CI) | wall time |\n|---|---|---|---|")
         for r in rows:
