@@ -92,12 +92,28 @@ def tiny_data(tmp_path_factory) -> TinyData:
 @pytest.fixture(scope="session")
 def pipeline_repo(tmp_path_factory) -> Path:
     """One tiny project (120 images at 64 px, split by biopsy) after a real `dvc repro`, committed as
-    `baseline` on main. Shared by every test that needs a finished pipeline: do not change it; work on
+    `baseline` on main. Shared by every test that needs a finished pipeline, in every xdist worker (the
+    first builds it, the others wait for it): do not change it; work on
     `project.clone_project(pipeline_repo, tmp_path / "clone")` instead."""
+    from filelock import FileLock
+
+    # Each xdist worker has its own basetemp inside this run's folder; without xdist that folder is ours.
+    in_worker = "PYTEST_XDIST_WORKER" in os.environ
+    shared = tmp_path_factory.getbasetemp().parent if in_worker else tmp_path_factory.getbasetemp()
+    repo, built = shared / "pipeline" / "project", shared / "pipeline" / "built"
+    with FileLock(str(shared / "pipeline.lock")):
+        if not built.exists():
+            if repo.exists():
+                pytest.fail(f"building {repo} failed in another worker: see that worker's first error")
+            _build_pipeline_repo(repo)
+            built.touch()
+    return repo
+
+
+def _build_pipeline_repo(folder: Path) -> None:
     from project import STAGES, dvc, make_project, run, stages_run
 
-    raw = shipped_params_raw()
-    repo = make_project(tmp_path_factory.mktemp("pipeline") / "project", raw, n_images=120, seed=1,
+    repo = make_project(folder, shipped_params_raw(), n_images=120, seed=1,
                         preprocess__image_size=64, model__weights="none", split__group_by="biopsy",
                         split__val_fraction=0.2, split__folds=5, train_frozen__epochs=2, train_frozen__batch_size=16,
                         finetune__epochs=1, finetune__batch_size=16, finetune__unfreeze_blocks=1,
@@ -106,4 +122,14 @@ def pipeline_repo(tmp_path_factory) -> Path:
     assert stages_run(output) == list(STAGES), output[-3000:]
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
-    return repo
+
+
+# Slowest modules first (measured on 2 cores): with two workers taking whole modules in this order, neither is
+# left alone with a long module at the end.
+SLOWEST_FIRST = ("test_training", "test_robustness", "test_backends", "test_workspace", "test_pipeline",
+                 "test_distribute", "test_finetune", "test_evaluate_outputs", "test_review")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))

@@ -100,8 +100,8 @@ def make_project(folder: Path, *, n_images: int = 60, commit: bool = True, **set
     tiny = dict(preprocess__image_size=32, model__weights="none", split__val_fraction=0.2, split__folds=5,
                 split__group_by="image", train_frozen__epochs=FROZEN_EPOCHS, train_frozen__batch_size=16,
                 train_frozen__patience=FROZEN_EPOCHS, finetune__epochs=FINETUNE_EPOCHS, finetune__batch_size=16,
-                finetune__unfreeze_blocks=1, finetune__patience=FINETUNE_EPOCHS, runtime__workers=1,
-                runtime__memory_budget_gb=1)
+                finetune__unfreeze_blocks=1, finetune__patience=FINETUNE_EPOCHS, evaluate__bootstrap_resamples=200,
+                runtime__workers=1, runtime__memory_budget_gb=1)
     return project.make_project(folder, shipped_params_raw(), n_images=n_images, seed=1, commit=commit,
                                 **{**tiny, **settings})
 

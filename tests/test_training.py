@@ -127,8 +127,8 @@ def _pooled_roc_auc(model, store, split) -> float:
 def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_cannot(tmp_path):
     """The hard set: colour, brightness and nucleus count do not separate the classes, only the tuft's structure.
     A head on the frozen random base (recipe a) stays at chance; the recommended offline recipe (every layer and
-    BatchNormalization trained from scratch, FROM_SCRATCH_OVERRIDES) learns the structure. 3-4 min on 2 cores,
-    so opt-in: `bash scripts/test.sh -m learning`."""
+    BatchNormalization trained from scratch, FROM_SCRATCH_OVERRIDES) learns the structure. 4-7 min on 2 cores;
+    alone: `bash scripts/test.sh -m learning`."""
     size = FROM_SCRATCH_OVERRIDES["preprocess.image_size"]
     data = build_tiny_data(tmp_path, n_images=400, size=size, seed=0, difficulty=0.3, group_by="biopsy",
                            structure_only=True, sclerotic_fraction=0.5, n_biopsies=100, size_range=(64, 160),
