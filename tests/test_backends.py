@@ -53,7 +53,7 @@ def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_training_path_under_jax_without_tensorflow(tmp_path):
     result = pytest_under_jax(tmp_path, "tests/test_training.py", "tests/test_model.py", "tests/test_predict.py",
-                              "-k", "not learns")
+                              "-k", "not learns and not (never_beats and top)")
     assert " passed" in result.stdout and "failed" not in result.stdout
     probe = subprocess.run([sys.executable, "-c", "import keras, glomeruli.training, glomeruli.model, sys; "
                             "print(keras.backend.backend(), 'tensorflow' in sys.modules)"],

@@ -205,9 +205,10 @@ def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp
             def on_epoch_end(self, epoch, logs=None):
                 predict_rows(model, rows, 16)
 
-        # A learning rate this large wrecks every epoch: the starting model must come back unchanged.
-        finetune(model, data, replace(p.finetune, epochs=1, batch_size=8, unfreeze_blocks="all" if from_scratch else 1,
-                                      lr=5.0, lr_schedule="constant", warmup_epochs=0), p.runtime, seed=11,
+        # A learning rate this large wrecks every epoch: the starting model must come back unchanged. One block
+        # trains: the reset and the hand-back do not depend on how many, and a smaller graph traces faster.
+        finetune(model, data, replace(p.finetune, epochs=1, batch_size=8, unfreeze_blocks=1, lr=5.0,
+                                      lr_schedule="constant", warmup_epochs=0), p.runtime, seed=11,
                  callbacks=[PredictEachEpoch()], from_scratch=from_scratch)
         frozen = load_model(tmp_path / "frozen.keras")
         for got, expected in zip(model.get_weights(), frozen.get_weights()):
