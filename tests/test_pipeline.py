@@ -96,9 +96,9 @@ def test_exp_run_of_a_finetune_param_reruns_finetune_and_evaluate_records_a_floa
     against the last commit shows the change."""
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "youden threshold")
-    output = dvc(repo, "exp", "run", "-S", "finetune.lr=2e-5")
+    output = dvc(repo, "exp", "run", "-S", "finetune.lr=1e-4")
     assert stages_run(output) == ["finetune", "evaluate"]
-    assert load_params(repo / "params.yaml").finetune.lr == pytest.approx(2e-5)
+    assert load_params(repo / "params.yaml").finetune.lr == pytest.approx(1e-4)
     recorded = yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["lr"]
     assert isinstance(recorded, float), f"dvc wrote {recorded!r}, which YAML reads as a string"
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD", "--json"))
