@@ -52,6 +52,8 @@ def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_training_path_under_jax_without_tensorflow(tmp_path):
+    """Training, the model and prediction on JAX. The learning tests and the top-block twin of the never-beats
+    test run on TensorFlow only, for time."""
     result = pytest_under_jax(tmp_path, "tests/test_training.py", "tests/test_model.py", "tests/test_predict.py",
                               "-k", "not learns and not (never_beats and top)")
     assert " passed" in result.stdout and "failed" not in result.stdout
