@@ -81,3 +81,52 @@ def test_predict_applies_the_stored_temperature(tmp_path, tiny_data):
     assert not np.allclose(expected, raw, atol=1e-3)  # the test can tell calibrated from raw
     np.testing.assert_allclose([float(r["probability"]) for r in rows], expected, atol=2e-6)
     assert [int(r["ground truth"]) for r in rows] == [int(p >= 0.6) for p in expected]
+
+
+def test_a_separated_validation_set_keeps_temperature_one_and_the_ranking(caplog):
+    # Every positive above every negative: the likelihood has no minimum, T would run to its bound.
+    y = np.array([0] * 20 + [1] * 20)
+    prob = np.concatenate([np.linspace(0.02, 0.40, 20), np.linspace(0.45, 0.999, 20)])
+    with caplog.at_level("WARNING"):
+        assert fit_temperature(y, prob) == 1.0
+    assert "perfectly separated" in caplog.text
+    from sklearn.metrics import roc_auc_score
+
+    calibrated = apply_temperature(prob, fit_temperature(y, prob))
+    assert roc_auc_score(y, calibrated) == roc_auc_score(y, prob) == 1.0
+
+
+def test_too_few_images_of_a_class_keep_temperature_one(caplog):
+    y = np.array([0] * 30 + [1] * 4)
+    prob = np.random.default_rng(3).uniform(0.01, 0.99, y.size)
+    with caplog.at_level("WARNING"):
+        assert fit_temperature(y, prob) == 1.0
+    assert "fewer than 5 of a class" in caplog.text
+
+
+def test_ranking_score_keeps_order_where_a_small_temperature_saturates():
+    from sklearn.metrics import roc_auc_score
+
+    from glomeruli.calibration import ranking_score
+
+    # Three positives and three negatives interleaved among saturated probabilities: T = 0.05 sends every
+    # one of them to exactly 1.0 in float64, so calibrated probabilities tie; the calibrated logit does not.
+    prob = np.array([0.9990, 0.9991, 0.9992, 0.9993, 0.9994, 0.9995])
+    y = np.array([0, 1, 0, 1, 0, 1])
+    saturated = apply_temperature(prob, 0.05)
+    assert np.all(saturated == 1.0)
+    assert roc_auc_score(y, saturated) == 0.5  # all tied
+    # By hand: pairs (pos, neg) with pos above neg: 0.9991>0.9990; 0.9993>0.9990,0.9992; 0.9995>all three = 6 of 9
+    assert roc_auc_score(y, ranking_score(prob, 0.05)) == pytest.approx(6 / 9)
+    assert roc_auc_score(y, prob) == pytest.approx(6 / 9)
+
+
+def test_a_noisy_small_set_gets_a_temperature_inside_its_bounds():
+    # One negative above one positive (not separated), very confident otherwise: without the prior toward T = 1
+    # the fit would go far below 0.1.
+    y = np.array([0] * 6 + [1] * 6)
+    prob = np.array([1e-6, 2e-6, 3e-6, 4e-6, 5e-6, 0.9] + [0.1, 1 - 1e-6, 1 - 2e-6, 1 - 3e-6, 1 - 4e-6, 1 - 5e-6])
+    from glomeruli.calibration import TEMPERATURE_BOUNDS
+
+    temperature = fit_temperature(y, prob)
+    assert TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1]

@@ -61,3 +61,22 @@ def test_plot_files(tmp_path):
             (live / split / f"{metric}.tsv").write_text(f"timestamp\tstep\t{metric}\n1\t0\t0.5\n2\t1\t0.4\n")
     plot_training_curves({"frozen": tmp_path / "live"}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validation_warnings_name_the_class_and_the_extreme_threshold(caplog):
+    from glomeruli.evaluation import warn_about_validation
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    biopsies = np.array(["a", "b", "c", "c", "a", "a", "b"])  # non-sclerotic in 3 biopsies, sclerotic in 2
+    warnings = warn_about_validation(labels, biopsies, 0.5)
+    assert len(warnings) == 1 and "sclerotic glomeruli from 2 biopsies" in warnings[0]
+    assert warn_about_validation(np.array([0, 0, 0, 1, 1, 1]), np.array(list("abcdef")), 0.5) == []
+    extreme = warn_about_validation(np.array([0, 0, 0, 1, 1, 1]), np.array(list("abcdef")), 0.97)
+    assert len(extreme) == 1 and "0.970" in extreme[0]
+
+
+def test_confusion_csv_ids_are_inert(tmp_path):
+    ids = np.array(["gs/=1+1.png", "-x.png", "plain.png"], dtype=object)
+    write_plots(tmp_path, ids, np.array([1, 0, 1]), np.array([0.9, 0.2, 0.4]), 0.5)
+    with open(tmp_path / "confusion.csv", newline="") as f:
+        assert [row["id"] for row in csv.DictReader(f)] == ["gs/=1+1.png", "'-x.png", "plain.png"]

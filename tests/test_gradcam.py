@@ -92,3 +92,35 @@ def test_gradcam_under_jax_without_tensorflow(tmp_path):
 
     result = pytest_under_jax(tmp_path, "tests/test_gradcam.py", "-k", "localises")
     assert "1 passed" in result.stdout
+
+
+def test_gradcam_focus_shares_by_hand():
+    from glomeruli.gradcam import gradcam_focus, tissue_mask
+
+    # 8x8 image: left half padding (fill 0,0,0), top-right quarter white glass, bottom-right quarter pink tissue.
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:4, 4:] = 245
+    image[4:, 4:] = (200, 120, 180)
+    expected_tissue = np.zeros((8, 8), bool)
+    expected_tissue[4:, 4:] = True
+    assert np.array_equal(tissue_mask(image, (0, 0, 0)), expected_tissue)
+    heat = np.zeros((3, 8, 8))
+    heat[0, 4:, 4:] = 1.0  # all on tissue; the central 4x4 square (rows/cols 2..5) holds a 2x2 of it
+    heat[1, 0, 0] = 1.0  # all in a padded corner
+    images = np.stack([image] * 3)  # map 2 is all zero: no evidence
+    focus = gradcam_focus(heat, images, (0, 0, 0))
+    assert focus.tissue[0] == 1.0 and focus.centre[0] == pytest.approx(4 / 16)
+    assert focus.tissue[1] == 0.0 and focus.centre[1] == 0.0
+    assert np.isnan(focus.tissue[2]) and np.isnan(focus.centre[2])
+    assert focus.centre_area == 16 / 64 and focus.tissue_area[0] == 16 / 64
+
+
+def test_focus_summary_leaves_out_maps_without_heat():
+    from glomeruli.gallery import focus_sample, focus_summary
+    from glomeruli.gradcam import Focus
+
+    summary = focus_summary(Focus(np.array([1.0, 0.5, np.nan]), np.array([0.2, 0.4, np.nan]),
+                                  np.array([0.5, 0.5, 0.5]), 0.25))
+    assert summary == {"images": 2, "images_without_heat": 1, "heat_on_tissue": 0.75, "tissue_area": 0.5,
+                       "heat_on_centre": pytest.approx(0.3), "centre_area": 0.25}
+    assert focus_sample(5, 0).tolist() == [0, 1, 2, 3, 4] and focus_sample(10, 3).tolist() == [0, 4, 9]

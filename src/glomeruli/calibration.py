@@ -36,24 +36,61 @@ def _nll(y_true: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, -signed)))
 
 
+# Fewer validation images of a class than this and a fitted temperature follows a handful of points.
+MIN_PER_CLASS = 5
+# Weak Gaussian prior on log T (standard deviation, in units of log T) added to the mean NLL with weight 1/n:
+# negligible on hundreds of images, enough to keep a nearly separated small set from driving T toward 0.
+LOG_T_PRIOR_SD = 1.0
+
+
+def is_separated(y_true: np.ndarray, prob: np.ndarray) -> bool:
+    """True when every positive scores above every negative: NLL then falls for ever as T shrinks."""
+    y_true, prob = np.asarray(y_true), np.asarray(prob)
+    pos, neg = prob[y_true == 1], prob[y_true == 0]
+    return bool(len(pos) and len(neg) and pos.min() > neg.max())
+
+
 def fit_temperature(y_true: np.ndarray, prob: np.ndarray) -> float:
     """The temperature minimising the negative log-likelihood of validation labels (Guo et al. 2017).
 
     The model outputs probabilities (its last layer is a float32 sigmoid), so the logits are recovered
-    from them; searched over log T, bounded, so a perfectly separated validation set cannot send T to 0.
+    from them. A validation set that cannot support a fit keeps T = 1 and the log says why: fewer than
+    MIN_PER_CLASS images of a class, or perfect separation (the likelihood has no minimum: T would run to 0
+    and every probability would become 0 or 1, a certainty nothing supports). Otherwise the search over
+    log T is bounded and carries a weak prior toward T = 1.
     """
     from scipy.optimize import minimize_scalar  # here, not at the top: `glomeruli predict` imports this module
 
     y_true = np.asarray(y_true)
+    counts = {label: int(np.sum(y_true == label)) for label in (0, 1)}
+    if min(counts.values()) < MIN_PER_CLASS:
+        log.warning("temperature kept at 1: validation holds %d non-sclerotic and %d sclerotic images, fewer than "
+                    "%d of a class to calibrate on", counts[0], counts[1], MIN_PER_CLASS)
+        return 1.0
+    if is_separated(y_true, prob):
+        log.warning("temperature kept at 1: validation (%d images) is perfectly separated, so no temperature fits "
+                    "it (the likelihood keeps rising as T falls to 0); the probabilities stay the model's own",
+                    len(y_true))
+        return 1.0
     logits = logit(prob)
     lo, hi = np.log(TEMPERATURE_BOUNDS)
-    result = minimize_scalar(lambda log_t: _nll(y_true, logits / np.exp(log_t)), bounds=(lo, hi), method="bounded",
-                             options={"xatol": 1e-6})
+    weight = 1.0 / (2 * LOG_T_PRIOR_SD**2 * len(y_true))
+    result = minimize_scalar(lambda log_t: _nll(y_true, logits / np.exp(log_t)) + weight * log_t**2,
+                             bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
     temperature = float(np.exp(result.x))
     if np.isclose(temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any():
         log.warning("temperature %.3g sits at its bound %s: the validation set (%d images) is too small or too "
                     "well separated to calibrate on", temperature, TEMPERATURE_BOUNDS, len(y_true))
     return temperature
+
+
+def ranking_score(prob: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """logit(prob) / T: the calibrated logit, in the order of the model's own output.
+
+    Metrics that rank (ROC-AUC, PR-AUC, pooled out-of-fold ones) use it instead of calibrated probabilities,
+    which a small temperature saturates to exactly 0 or 1 in floating point: ties that would lower the AUC.
+    """
+    return logit(prob) / temperature
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from glomeruli.burden import biopsy_burden, burden_summary
-from glomeruli.calibration import calibration_metrics
+from glomeruli.calibration import calibration_metrics, logit
 from glomeruli.errors import UserError
 from glomeruli.metrics import prediction_metrics
 
@@ -152,12 +152,15 @@ def pooled_metrics(runs: list[FoldRun]) -> dict:
     rows = [row for r in runs for row in r.predictions]
     labels = np.array([int(row["label"]) for row in rows])
     prob = np.array([float(row.get("calibrated_probability") or row["probability"]) for row in rows])
+    # ROC/PR-AUC rank the calibrated logit where evaluate wrote it: probabilities written to six decimals tie near 0 and 1
+    score = (np.array([float(row["score"]) for row in rows]) if all(row.get("score") for row in rows)
+             else logit(prob))
     predicted = np.array([int(row["predicted"]) for row in rows])
     biopsies = np.array([row["biopsy"] for row in rows], dtype=object)
     cutoffs = {r.report["burden"]["cutoff_pct"] for r in runs}
     if len(cutoffs) != 1:
         raise CrossValidationError(f"the runs use different evaluate.burden_cutoff ({sorted(cutoffs)})")
-    pooled = prediction_metrics(labels, prob, predicted)
+    pooled = prediction_metrics(labels, prob, predicted, score)
     pooled.update(calibration_metrics(labels, prob))
     burden = burden_summary(biopsy_burden(biopsies, prob, predicted, labels), cutoffs.pop() / 100)
     pooled.update(burden_mae_pct_points=burden["mae_pct_points"],

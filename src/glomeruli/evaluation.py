@@ -18,7 +18,7 @@ from sklearn import metrics as skm  # noqa: E402
 from glomeruli.atomic import atomic_path, write_json  # noqa: E402
 from glomeruli.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv  # noqa: E402
 from glomeruli.calibration import (N_BINS, apply_temperature, calibration_metrics, fit_temperature,  # noqa: E402
-                                   reliability_bins)
+                                   ranking_score, reliability_bins)
 from glomeruli.gallery import write_error_sheets  # noqa: E402
 from glomeruli.h5store import ImageStore  # noqa: E402
 from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
@@ -66,6 +66,35 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str, fixed: flo
     return float(1 / (1 + np.exp(-centre)))
 
 
+def prob_of_score(score: np.ndarray) -> np.ndarray:
+    """The calibrated probability of a `ranking_score` (a calibrated logit); +inf (roc_curve's first) gives 1."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(score, dtype=np.float64)))
+
+
+# Below this many validation biopsies of a class the threshold and temperature rest on a few patients.
+MIN_VAL_BIOPSIES_PER_CLASS = 3
+EXTREME_THRESHOLD = (0.05, 0.95)
+
+
+def warn_about_validation(labels: np.ndarray, biopsies: np.ndarray, threshold: float) -> list[str]:
+    """Warn (and return the warnings) when what was chosen on validation rests on too little."""
+    warnings = []
+    for label, name in ((0, "non-sclerotic"), (1, "sclerotic")):
+        n = len(set(np.asarray(biopsies)[np.asarray(labels) == label].tolist()))
+        if n < MIN_VAL_BIOPSIES_PER_CLASS:
+            warnings.append(f"validation holds {name} glomeruli from {n} biopsies only (fewer than "
+                            f"{MIN_VAL_BIOPSIES_PER_CLASS}): the threshold and temperature rest on too few patients; "
+                            "raise split.val_fraction or add data")
+    if not EXTREME_THRESHOLD[0] <= threshold <= EXTREME_THRESHOLD[1]:
+        warnings.append(f"the threshold {threshold:.3f} chosen on validation lies outside {EXTREME_THRESHOLD}: "
+                        "validation is probably separated or tiny, and the threshold may not transfer to new "
+                        "biopsies; check metrics/plots/roc_pr.png and consider evaluate.threshold_rule")
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
 def _write_csv(path: Path, header: list[str], rows) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -85,21 +114,24 @@ def plot_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, ti
 
 
 def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndarray, threshold: float,
-                ci: dict | None = None) -> None:
+                ci: dict | None = None, score: np.ndarray | None = None) -> None:
     """CSV data for `dvc plots` (confusion, ROC, PR) and PNG renderings of the same; `ci` (metric ->
-    {"low", "high"}) puts the 95 % intervals into the titles."""
+    {"low", "high"}) puts the 95 % intervals into the titles. The curves rank by `score` (default `prob`;
+    see `calibration.ranking_score`); their threshold columns stay probabilities."""
     ci = ci or {}
+    score = prob if score is None else np.asarray(score)
     folder.mkdir(parents=True, exist_ok=True)
     y_pred = (prob >= threshold).astype(int)
     _write_csv(folder / "confusion.csv", ["id", "actual", "predicted"], zip(ids, y_true.tolist(), y_pred.tolist()))
-    fpr, tpr, roc_thr = skm.roc_curve(y_true, prob)
+    as_probability = prob_of_score if score is not prob else (lambda values: values)
+    fpr, tpr, roc_thr = skm.roc_curve(y_true, score)
     _write_csv(folder / "roc.csv", ["fpr", "tpr", "threshold"],
-               zip(np.round(fpr, 6), np.round(tpr, 6), np.round(np.minimum(roc_thr, 1.0), 6)))
-    precision, recall, pr_thr = skm.precision_recall_curve(y_true, prob)
+               zip(np.round(fpr, 6), np.round(tpr, 6), np.round(np.minimum(as_probability(roc_thr), 1.0), 6)))
+    precision, recall, pr_thr = skm.precision_recall_curve(y_true, score)
     _write_csv(folder / "precision_recall.csv", ["recall", "precision", "threshold"],
-               zip(np.round(recall[:-1], 6), np.round(precision[:-1], 6), np.round(pr_thr, 6)))
+               zip(np.round(recall[:-1], 6), np.round(precision[:-1], 6), np.round(as_probability(pr_thr), 6)))
 
-    m = scalar_metrics(y_true, prob, threshold)
+    m = scalar_metrics(y_true, prob, threshold, score)
     plot_confusion_matrix(folder / "confusion_matrix.png", y_true, y_pred,
                           f"Test set ({len(y_true)} images), threshold {threshold:.3f}"
                           + ("; 95 % interval in brackets\n" if ci else "\n") +
@@ -107,8 +139,8 @@ def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndar
                           f"F1 {format_interval(m['f1'], ci.get('f1'))}, "
                           f"recall {format_interval(m['recall'], ci.get('recall'))}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    skm.RocCurveDisplay.from_predictions(y_true, prob, ax=axes[0], name="test")
-    skm.PrecisionRecallDisplay.from_predictions(y_true, prob, ax=axes[1], name="test")
+    skm.RocCurveDisplay.from_predictions(y_true, score, ax=axes[0], name="test")
+    skm.PrecisionRecallDisplay.from_predictions(y_true, score, ax=axes[1], name="test")
     axes[0].set_title(f"ROC, AUC {format_interval(m['roc_auc'], ci.get('roc_auc'))}", fontsize=10)
     axes[1].set_title(f"Precision-recall, AP {format_interval(m['pr_auc'], ci.get('pr_auc'))}", fontsize=10)
     if ci:
@@ -128,6 +160,7 @@ class TestSet:
     labels: np.ndarray
     raw_probability: np.ndarray  # the model's output
     probability: np.ndarray  # after temperature scaling (the same when calibration is none)
+    score: np.ndarray  # calibrated logit: ranks as the model does, without saturation ties (ROC/PR-AUC)
 
     @property
     def names(self) -> np.ndarray:
@@ -135,15 +168,17 @@ class TestSet:
 
 
 def write_test_predictions(path: Path, test: TestSet, threshold: float, calibrated: bool) -> None:
-    """`name,biopsy,label,probability[,calibrated_probability],predicted`: what `glomeruli cv-summary` pools."""
+    """`name,biopsy,label,probability[,calibrated_probability],score,predicted`: what `glomeruli cv-summary`
+    pools (`score`, the calibrated logit, is what its ROC/PR-AUC rank: six decimals of a probability near 0 or 1
+    would tie)."""
     header = ["name", "biopsy", "label", "probability"] + (["calibrated_probability"] if calibrated else [])
     rows = []
     for i in range(len(test.rows)):
         row = [test.names[i], test.biopsies[i], int(test.labels[i]), f"{test.raw_probability[i]:.6f}"]
         if calibrated:
             row.append(f"{test.probability[i]:.6f}")
-        rows.append(row + [int(test.probability[i] >= threshold)])
-    _write_csv(path, header + ["predicted"], rows)
+        rows.append(row + [f"{test.score[i]:.6f}", int(test.probability[i] >= threshold)])
+    _write_csv(path, header + ["score", "predicted"], rows)
 
 
 def _calibration_report(params: EvaluateParams, temperature: float, test: TestSet, intervals: dict) -> dict:
@@ -199,10 +234,11 @@ def _bootstrap(params: EvaluateParams, test: TestSet, threshold: float, seed: in
         log.warning("bootstrap: the test set holds one %s only; no intervals", unit)
         return {}, info
 
-    def statistic(y, p):
-        return {**scalar_metrics(y, p, threshold), **calibration_metrics(y, p)}
+    def statistic(y, prob_and_score):
+        p, score = prob_and_score[:, 0], prob_and_score[:, 1]
+        return {**scalar_metrics(y, p, threshold, score), **calibration_metrics(y, p)}
 
-    return bootstrap_intervals(test.labels, test.probability, test.biopsies, statistic,
+    return bootstrap_intervals(test.labels, np.column_stack([test.probability, test.score]), test.biopsies, statistic,
                                n_resamples=params.bootstrap_resamples, seed=seed), info
 
 
@@ -217,6 +253,7 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
                for p in ("val", "test")}
         labels = {p: store.meta.labels[split.rows(p)] for p in ("val", "test")}
         test_ids, test_biopsies = store.meta.ids[split.test], store.meta.groups[split.test]
+        val_biopsies = store.meta.groups[split.val]
         image_size, fill = store.image_size, tuple(int(c) for c in store.attrs["fill"])
     temperature = fit_temperature(labels["val"], raw["val"]) if params.calibration == "temperature" else 1.0
     prob = {p: apply_temperature(raw[p], temperature) for p in raw}
@@ -224,20 +261,23 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
         log.info("temperature %.3f fitted on %d validation images", temperature, len(labels["val"]))
     threshold = choose_threshold(labels["val"], prob["val"], params.threshold_rule, params.fixed_threshold)
     log.info("threshold %.4f chosen on %d validation images (%s)", threshold, len(labels["val"]), params.threshold_rule)
-    test = TestSet(split.test, test_ids, test_biopsies, labels["test"], raw["test"], prob["test"])
+    validation_warnings = warn_about_validation(labels["val"], val_biopsies, threshold)
+    test = TestSet(split.test, test_ids, test_biopsies, labels["test"], raw["test"], prob["test"],
+                   ranking_score(raw["test"], temperature))
 
     intervals, bootstrap_info = _bootstrap(params, test, threshold, seed)
-    metrics = binary_metrics(test.labels, test.probability, threshold)
+    metrics = binary_metrics(test.labels, test.probability, threshold, test.score)
     burden_rows = biopsy_burden(test.biopsies, test.probability, test.probability >= threshold, test.labels)
     calibration = _calibration_report(params, temperature, test, intervals)
     report = {"threshold": threshold, "threshold_rule": params.threshold_rule, "test": metrics,
               "test_ci95": {k: intervals[k].to_json() for k in metrics if k in intervals},
               "bootstrap": bootstrap_info, "calibration": calibration,
               "burden": {**burden_summary(burden_rows, params.burden_cutoff), "per_biopsy": "metrics/plots/burden.csv"},
-              "val": binary_metrics(labels["val"], prob["val"], threshold)}
+              "val": binary_metrics(labels["val"], prob["val"], threshold, ranking_score(raw["val"], temperature)),
+              "warnings": validation_warnings}
     log.info("test: %s", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
     with atomic_path(plots_dir) as tmp:
-        write_plots(tmp, test_ids, test.labels, test.probability, threshold, report["test_ci95"])
+        write_plots(tmp, test_ids, test.labels, test.probability, threshold, report["test_ci95"], test.score)
         write_test_predictions(tmp / "test_predictions.csv", test, threshold, params.calibration != "none")
         write_reliability(tmp, test, calibration)
         write_burden_csv(tmp / "burden.csv", burden_rows)
@@ -245,8 +285,9 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
         plot_burden(burden_rows, params.burden_cutoff, tmp / "burden.png",
                     f"Per-biopsy burden, {b['n_biopsies']} test biopsies\nMAE {b['mae_pct_points']:.1f} pp, "
                     f"{b['wrong_side_of_cutoff']} on the wrong side of {b['cutoff_pct']:g} %")
-        write_error_sheets(tmp, model, store_path, test, threshold, max_tiles=params.max_error_tiles,
-                           per_class=params.gradcam_examples, batch_size=params.batch_size)
+        report["gradcam_focus"] = write_error_sheets(
+            tmp, model, store_path, test, threshold, max_tiles=params.max_error_tiles,
+            per_class=params.gradcam_examples, batch_size=params.batch_size, focus_images=params.gradcam_focus_images)
         plot_training_curves(curves, tmp / "training_curves.png")
     write_json(metrics_path, report)
     write_metadata(model_path, ModelMetadata(image_size=image_size, fill=fill, threshold=threshold,

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # no display on training boxes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from glomeruli.gradcam import efficientnet_cam_parts, gradcam  # noqa: E402
+from glomeruli.gradcam import Focus, efficientnet_cam_parts, gradcam, gradcam_focus  # noqa: E402
 from glomeruli.h5store import ImageStore  # noqa: E402
 
 COLUMNS = 6
@@ -76,9 +76,10 @@ def heat_overlay(heatmap: np.ndarray) -> np.ndarray:
 
 def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: np.ndarray, names: np.ndarray,
                     labels: np.ndarray, prob: np.ndarray, heatmaps: dict[int, np.ndarray] | None = None,
-                    empty_note: str = "none") -> None:
+                    empty_note: str = "none", focus: dict[int, tuple[float, float]] | None = None) -> None:
     """Sections of labelled tiles, up to COLUMNS per row; with `heatmaps` (row -> HxW in [0, 1]) each tile
-    carries its Grad-CAM overlay. `images` are the test images (uint8 RGB), indexed like the other arrays."""
+    carries its Grad-CAM overlay, and with `focus` (row -> shares of heat on tissue and centre) those shares.
+    `images` are the test images (uint8 RGB), indexed like the other arrays."""
     columns = min(COLUMNS, max([3] + [len(s.indices) for s in sections]))
     rows_per_section = [-(-len(s.indices) // columns) for s in sections]
     # inches: every row is a caption band above a tile; a section adds its title band and a bottom margin
@@ -102,6 +103,8 @@ def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: 
                 ax.imshow(heat_overlay(heatmaps[i]))
                 if not heatmaps[i].max() > 0:
                     text += " \u00b7 no evidence"
+                elif focus is not None and i in focus:
+                    text += f"\nheat on tissue {focus[i][0]:.0%} \u00b7 centre {focus[i][1]:.0%}"
             ax.set_title(text, fontsize=6.5, pad=3)
         height = header + n_rows * (caption + TILE_INCHES) + margin
         subfig.subplots_adjust(left=0.01, right=0.99, top=1 - (header + caption) / height, bottom=margin / height,
@@ -110,25 +113,54 @@ def plot_tile_sheet(out_png: Path, title: str, sections: list[Section], images: 
     plt.close(fig)
 
 
+def focus_sample(n_test: int, limit: int) -> np.ndarray:
+    """Test rows whose Grad-CAM focus is averaged: all, or `limit` evenly spaced (deterministic)."""
+    if limit == 0 or n_test <= limit:
+        return np.arange(n_test, dtype=np.int64)
+    return np.unique(np.linspace(0, n_test - 1, limit).round().astype(np.int64))
+
+
+def focus_summary(focus: Focus) -> dict:
+    """Means over the images with any heat; beside them the area shares an evenly spread map would score."""
+    scored = np.isfinite(focus.tissue)
+    mean = (lambda v: float(np.mean(v[scored])) if scored.any() else None)
+    return {"images": int(scored.sum()), "images_without_heat": int((~scored).sum()),
+            "heat_on_tissue": mean(focus.tissue), "tissue_area": mean(focus.tissue_area),
+            "heat_on_centre": mean(focus.centre), "centre_area": focus.centre_area}
+
+
 def write_error_sheets(folder: Path, model, store_path: Path, test, threshold: float, *, max_tiles: int,
-                       per_class: int, batch_size: int) -> None:
+                       per_class: int, batch_size: int, focus_images: int = 0) -> dict:
     """errors.png (every false negative and positive, up to `max_tiles`) and gradcam.png (those and
-    `per_class` correct cases of each class, with their Grad-CAM overlays). `test`: evaluation.TestSet."""
+    `per_class` correct cases of each class, with their Grad-CAM overlays and focus). `test`: evaluation.TestSet.
+
+    Returns the Grad-CAM focus (gradcam.gradcam_focus) averaged over `focus_images` test images (0: all)."""
     errors = error_sections(test.labels, test.probability, threshold, max_tiles)
     correct = correct_sections(test.labels, test.probability, threshold, per_class)
     shown = np.unique(np.concatenate([s.indices for s in errors + correct]).astype(np.int64))
+    sampled = focus_sample(len(test.rows), focus_images)
+    mapped = np.union1d(shown, sampled)
     with ImageStore(store_path) as store:
         images = np.zeros((len(test.rows), store.image_size, store.image_size, 3), np.uint8)
-        images[shown] = store.read(test.rows[shown])
+        images[mapped] = store.read(test.rows[mapped])
+        fill = tuple(int(c) for c in store.attrs["fill"])
     n_errors = sum(len(s.indices) for s in errors)
     plot_tile_sheet(folder / "errors.png", f"Test errors at threshold {threshold:.3f} ({n_errors} shown; "
                     "true class and probability under each image)", errors, images, test.names, test.labels,
                     test.probability, empty_note="none on the test set")
-    heat = {}
-    if len(shown):
-        maps = gradcam(efficientnet_cam_parts(model), images[shown].astype(np.float32),
-                       towards_positive=test.probability[shown] >= threshold, batch_size=batch_size)
-        heat = dict(zip(shown.tolist(), maps))
-    plot_tile_sheet(folder / "gradcam.png", "Grad-CAM (last convolutional layer): red = evidence for the class "
-                    "the model predicted", errors + correct, images, test.names, test.labels, test.probability,
-                    heatmaps=heat, empty_note="none on the test set")
+    heat, per_tile, summary = {}, {}, focus_summary(gradcam_focus(np.zeros((0, 1, 1)), images[:0], fill))
+    if len(mapped):
+        maps = gradcam(efficientnet_cam_parts(model), images[mapped].astype(np.float32),
+                       towards_positive=test.probability[mapped] >= threshold, batch_size=batch_size)
+        heat = dict(zip(mapped.tolist(), maps))
+        focus = gradcam_focus(maps, images[mapped], fill)
+        per_tile = {row: (focus.tissue[k], focus.centre[k]) for k, row in enumerate(mapped.tolist())}
+        summary = focus_summary(gradcam_focus(maps[np.isin(mapped, sampled)], images[sampled], fill))
+    title = "Grad-CAM (last convolutional layer): red = evidence for the class the model predicted"
+    if summary["images"]:
+        title += (f"\nTest set ({summary['images']} images): {summary['heat_on_tissue']:.0%} of the heat on tissue "
+                  f"({summary['tissue_area']:.0%} of the area), {summary['heat_on_centre']:.0%} on the central "
+                  f"square ({summary['centre_area']:.0%} of the area)")
+    plot_tile_sheet(folder / "gradcam.png", title, errors + correct, images, test.names, test.labels,
+                    test.probability, heatmaps=heat, empty_note="none on the test set", focus=per_tile)
+    return summary

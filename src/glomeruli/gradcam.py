@@ -66,3 +66,47 @@ def gradcam(parts: CamParts, images: np.ndarray, *, towards_positive: np.ndarray
     height, width = images.shape[1:3]
     return np.stack([cv2.resize(c.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
                      for c in cams]).clip(0.0, 1.0)
+
+
+# Background: bright and nearly grey (glass, the white around a crop). HSV value above this and saturation below.
+WHITE_VALUE, WHITE_SATURATION = 0.86, 0.12
+CENTRE_SIDE = 0.5  # the central square, half the side (a quarter of the area), where a centred crop's tuft lies
+
+
+@dataclass(frozen=True)
+class Focus:
+    """Per image: share of the Grad-CAM heat on tissue and on the central square (NaN for an all-zero map),
+    and the share of the area each covers (what a heat map spread evenly would score)."""
+
+    tissue: np.ndarray
+    centre: np.ndarray
+    tissue_area: np.ndarray
+    centre_area: float
+
+
+def tissue_mask(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    """True where an RGB uint8 image shows tissue: neither the padding's exact fill colour nor white background."""
+    padding = np.all(image == np.asarray(fill, dtype=image.dtype), axis=-1)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2HSV)
+    white = (hsv[..., 2] > WHITE_VALUE * 255) & (hsv[..., 1] < WHITE_SATURATION * 255)
+    return ~padding & ~white
+
+
+def centre_mask(height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    top, left = round(height * (1 - CENTRE_SIDE) / 2), round(width * (1 - CENTRE_SIDE) / 2)
+    mask[top:height - top, left:width - left] = True
+    return mask
+
+
+def gradcam_focus(heatmaps: np.ndarray, images: np.ndarray, fill: tuple[int, int, int]) -> Focus:
+    """Where the heat of each map (N, H, W) falls on its image (N, H, W, 3): a model that looks at corners,
+    padding or glass scores low on both, whatever its accuracy."""
+    heatmaps = np.asarray(heatmaps, dtype=np.float64)
+    centre = centre_mask(*heatmaps.shape[1:3])
+    tissue = np.stack([tissue_mask(image, fill) for image in images]) if len(images) else np.zeros(heatmaps.shape, bool)
+    total = heatmaps.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        on_tissue = np.where(total > 0, (heatmaps * tissue).sum(axis=(1, 2)) / total, np.nan)
+        on_centre = np.where(total > 0, (heatmaps * centre).sum(axis=(1, 2)) / total, np.nan)
+    return Focus(on_tissue, on_centre, tissue.mean(axis=(1, 2)), float(centre.mean()))

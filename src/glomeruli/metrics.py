@@ -7,14 +7,19 @@ import numpy as np
 from sklearn import metrics as skm
 
 
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
-    """Every metric users review, from scikit-learn; the positive class is globally sclerotic (1)."""
-    return prediction_metrics(y_true, prob, (np.asarray(prob) >= threshold).astype(int))
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float, score: np.ndarray | None = None) -> dict:
+    """Every metric users review, from scikit-learn; the positive class is globally sclerotic (1).
+
+    `score` (default `prob`) is what ROC-AUC and PR-AUC rank: an order-keeping score such as
+    `calibration.ranking_score`, where calibrated probabilities could tie by saturating at 0 or 1.
+    """
+    return prediction_metrics(y_true, prob, (np.asarray(prob) >= threshold).astype(int), score)
 
 
-def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) -> dict:
+def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray, score: np.ndarray | None = None) -> dict:
     """binary_metrics from given predicted labels (pooled out-of-fold predictions of models that each
     had their own threshold)."""
+    score = prob if score is None else score
     tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     both_classes = len(np.unique(y_true)) == 2
     return {
@@ -24,14 +29,15 @@ def prediction_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray)
         "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
         "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
         "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
-        "roc_auc": float(skm.roc_auc_score(y_true, prob)) if both_classes else float("nan"),
-        "pr_auc": float(skm.average_precision_score(y_true, prob)) if both_classes else float("nan"),
+        "roc_auc": float(skm.roc_auc_score(y_true, score)) if both_classes else float("nan"),
+        "pr_auc": float(skm.average_precision_score(y_true, score)) if both_classes else float("nan"),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }
 
 
-def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
+def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float,
+                   score: np.ndarray | None = None) -> dict[str, float]:
     """binary_metrics without the count and the confusion matrix: what gets an interval.
 
     A metric undefined on these rows is NaN, so the bootstrap leaves the resample out, instead of scikit-learn's
@@ -39,7 +45,7 @@ def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> di
     sclerotic glomerulus: recall, F1, ROC/PR-AUC and balanced accuracy need both classes, precision needs a
     predicted positive.
     """
-    metrics = {k: v for k, v in binary_metrics(y_true, prob, threshold).items() if k not in ("n", "confusion_matrix")}
+    metrics = {k: v for k, v in binary_metrics(y_true, prob, threshold, score).items() if k not in ("n", "confusion_matrix")}
     y_true = np.asarray(y_true)
     if len(np.unique(y_true)) < 2:
         metrics.update(dict.fromkeys(("recall", "f1", "roc_auc", "pr_auc", "balanced_accuracy"), float("nan")))

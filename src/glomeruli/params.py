@@ -120,6 +120,7 @@ class EvaluateParams:
     burden_cutoff: float
     max_error_tiles: int
     gradcam_examples: int
+    gradcam_focus_images: int  # test images whose Grad-CAM focus is averaged (evenly spaced); 0 = every one
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,8 @@ def parse_params(raw: dict) -> Params:
             max_error_tiles=_number("evaluate.max_error_tiles", _get(ev, "evaluate", "max_error_tiles"), int, 0, 500),
             gradcam_examples=_number("evaluate.gradcam_examples", _get(ev, "evaluate", "gradcam_examples"),
                                      int, 0, 50),
+            gradcam_focus_images=_number("evaluate.gradcam_focus_images",
+                                         _get(ev, "evaluate", "gradcam_focus_images"), int, 0),
         ),
         runtime=RuntimeParams(
             workers=_number("runtime.workers", _get(rt, "runtime", "workers"), int, 0),
