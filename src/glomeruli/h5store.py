@@ -1,6 +1,6 @@
 """The image store: one HDF5 layout (and one reader) for preprocessed and augmented images.
 
-Datasets: images (N, S, S, 3) uint8, labels int8, ids / source_ids / groups UTF-8 strings,
+Datasets: images (N, S, S, 3) uint8, labels int8, ids / source_ids / groups / sites UTF-8 strings,
 is_augmented bool. Written with fixed chunk shapes and no timestamps so identical inputs
 give byte-identical files (DVC compares hashes).
 """
@@ -17,6 +17,8 @@ import h5py
 import numpy as np
 
 _STR = h5py.string_dtype("utf-8")
+# The site of every image when the data names none (ingest.site_regex null): one site.
+SINGLE_SITE = "all"
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,14 @@ class RecordMeta:
 
     ids: np.ndarray
     source_ids: np.ndarray
-    groups: np.ndarray
+    groups: np.ndarray  # biopsy
     labels: np.ndarray
     is_augmented: np.ndarray
+    sites: np.ndarray | None = None  # hospital / scanner / series; None: every record at SINGLE_SITE
+
+    def __post_init__(self) -> None:
+        if self.sites is None:
+            object.__setattr__(self, "sites", np.full(len(self.ids), SINGLE_SITE, dtype=object))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,7 +60,8 @@ class StoreWriter:
         self._file = _create_file(path)
         n = len(meta)
         for name, data, dtype in (("ids", meta.ids, _STR), ("source_ids", meta.source_ids, _STR),
-                                  ("groups", meta.groups, _STR), ("labels", meta.labels, "i1"),
+                                  ("groups", meta.groups, _STR), ("sites", meta.sites, _STR),
+                                  ("labels", meta.labels, "i1"),
                                   ("is_augmented", meta.is_augmented, "?")):
             self._file.create_dataset(name, data=np.asarray(data, dtype=object if dtype is _STR else dtype),
                                       dtype=dtype, track_times=False)
@@ -146,7 +154,8 @@ class ImageStore:
         f = self._file
         return RecordMeta(ids=_strings(f["ids"]), source_ids=_strings(f["source_ids"]),
                           groups=_strings(f["groups"]), labels=f["labels"][()].astype(np.int64),
-                          is_augmented=f["is_augmented"][()].astype(bool))
+                          is_augmented=f["is_augmented"][()].astype(bool),
+                          sites=_strings(f["sites"]) if "sites" in f else None)
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Images at `indices` (any order) as uint8 (n, S, S, 3)."""

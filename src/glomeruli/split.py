@@ -1,4 +1,5 @@
-"""Split stage: grouped, stratified K-fold test set, validation from the rest; augmented copies only in train."""
+"""Split stage: grouped, stratified K-fold test set (or one held-out site per fold), validation from the rest;
+augmented copies only in train."""
 
 from __future__ import annotations
 
@@ -75,6 +76,26 @@ def _validation_mask(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed
     return candidates[0]  # no fold holds both classes: split_records says so, naming the way out
 
 
+MIN_SITES = 3  # leave-one-site-out needs a held-out site, and at least two to train and validate on
+
+
+def site_folds(sites: np.ndarray, params: SplitParams) -> list[str]:
+    """The sites in fold order (sorted names) for `split.group_by: site`: fold k holds out site k."""
+    names = sorted(set(np.asarray(sites).tolist()))
+    if len(names) < MIN_SITES:
+        raise SplitError(f"split.group_by: site needs at least {MIN_SITES} sites, the data has {len(names)} "
+                         f"({', '.join(names)}): set ingest.site_regex to name them, or use split.group_by: biopsy")
+    if params.folds != len(names):
+        raise SplitError(f"split.group_by: site holds out one site per fold, so split.folds must be {len(names)} (the "
+                         f"number of sites: {', '.join(names)}), not {params.folds}")
+    return names
+
+
+def _grouping(meta: RecordMeta, params: SplitParams) -> np.ndarray:
+    """What must never straddle partitions: the biopsy (group_by biopsy or site) or the source image."""
+    return meta.source_ids if params.group_by == "image" else meta.groups
+
+
 def fold_assignment(meta: RecordMeta, params: SplitParams, seed: int) -> np.ndarray:
     """The cross-validation fold (0..K-1) of every original record, -1 for augmented copies.
 
@@ -83,22 +104,31 @@ def fold_assignment(meta: RecordMeta, params: SplitParams, seed: int) -> np.ndar
     """
     originals = np.flatnonzero(~meta.is_augmented)
     labels = meta.labels[originals]
-    groups = (meta.groups if params.group_by == "biopsy" else meta.source_ids)[originals]
+    groups = _grouping(meta, params)[originals]
     fold_of = np.full(len(meta), -1, dtype=np.int64)
+    if params.group_by == "site":
+        names = site_folds(meta.sites[originals], params)
+        fold_of[originals] = [names.index(site) for site in meta.sites[originals]]
+        return fold_of
     for k in range(params.folds):
         fold_of[originals[_fold_mask(labels, groups, params.folds, k, seed, "data")]] = k
     return fold_of
 
 
 def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
-    """Test = fold `split.fold` of K grouped, stratified folds; validation = whole groups of the rest;
-    train = the remaining originals with the augmented copies of their sources."""
+    """Test = fold `split.fold` of K grouped, stratified folds (group_by site: the fold-th site, whole);
+    validation = whole biopsies of the rest (of the training sites); train = the remaining originals with the
+    augmented copies of their sources."""
     originals = np.flatnonzero(~meta.is_augmented)
     labels = meta.labels[originals]
-    groups = (meta.groups if params.group_by == "biopsy" else meta.source_ids)[originals]
-    test = _fold_mask(labels, groups, params.folds, params.fold, seed, "data")
+    groups = _grouping(meta, params)[originals]
+    if params.group_by == "site":
+        test = meta.sites[originals] == site_folds(meta.sites[originals], params)[params.fold]
+        val_share = params.val_fraction / max(1e-9, 1 - float(test.mean()))
+    else:
+        test = _fold_mask(labels, groups, params.folds, params.fold, seed, "data")
+        val_share = params.val_fraction / (1 - 1 / params.folds)
     rest = np.flatnonzero(~test)
-    val_share = params.val_fraction / (1 - 1 / params.folds)
     val = np.zeros(len(originals), dtype=bool)
     val[rest[_validation_mask(labels[rest], groups[rest], max(2, round(1 / val_share)), seed + 1)]] = True
 
@@ -114,7 +144,7 @@ def split_records(meta: RecordMeta, params: SplitParams, seed: int) -> Split:
             knob = "split.folds" if partition == "test" else "split.val_fraction"
             raise SplitError(
                 f"the {partition} partition holds only label(s) {sorted(present)}: too few "
-                f"{'biopsies' if params.group_by == 'biopsy' else 'images'} per class; add data or change {knob}"
+                f"{'images' if params.group_by == 'image' else 'biopsies'} per class; add data or change {knob}"
                 + ("" if params.group_by == "image" else ", or use split.group_by: image"))
     return split
 
@@ -133,6 +163,7 @@ def summarize(meta: RecordMeta, split: Split, params: SplitParams) -> dict:
             "label_0": int((labels == 0).sum()),
             "label_1": int((labels == 1).sum()),
             "biopsies": int(len(np.unique(meta.groups[rows]))),
+            "sites": sorted(set(meta.sites[rows].tolist())),
             "share_of_originals": round(float((~augmented).sum()) / max(1, n_originals), 4),
         }
     return summary
