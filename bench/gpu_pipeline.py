@@ -237,6 +237,7 @@ def main() -> None:
     from glomeruli.backend import configure
     from glomeruli.evaluation import evaluate_model
     from glomeruli.h5store import ImageStore
+    from glomeruli.metadata import DatasetLayout
     from glomeruli.model import build_model, compile_model, load_model, split_at_block
 
     policy = configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
@@ -328,6 +329,8 @@ def main() -> None:
         t = time.perf_counter()
         evaluate_model(model_path, aug, split_path, replace(params.evaluate, batch_size=args.batch_size),
                        max_pixels=params.ingest.max_pixels, metrics_path=args.work / "evaluate.json",
+                       dataset_layout=DatasetLayout(params.ingest.class_dirs, params.ingest.labels_csv,
+                                                    params.ingest.group_regex),
                        plots_dir=args.work / "plots", curves={})
         report("evaluate_s", round(time.perf_counter() - t, 1), f"evaluate: {time.perf_counter() - t:.1f}s")
         inference_report("glomeruli_b3", "evaluate_inference", n_val + n_test)

@@ -1,4 +1,5 @@
-"""Stage 2: decode, fit into image_size x image_size with aspect ratio kept, pad, store as uint8 HDF5."""
+"""Stage 2: decode, fit into image_size x image_size with aspect ratio kept, normalise stain (optional), pad, store
+as uint8 HDF5."""
 
 from pathlib import Path
 
@@ -7,13 +8,15 @@ from glomeruli.ingest import read_manifest
 from glomeruli.paths import MANIFEST, PREPROCESSED
 from glomeruli.preprocess import preprocess_images
 from glomeruli.stagekit import run_stage
+from glomeruli.stain import stain_normalization
 
 
 def main(params):
     with atomic_path(PREPROCESSED) as tmp:
         preprocess_images(Path(params.data.source), read_manifest(MANIFEST), tmp,
                           size=params.preprocess.image_size, fill=params.preprocess.fill,
-                          max_pixels=params.ingest.max_pixels, workers=params.runtime.workers)
+                          max_pixels=params.ingest.max_pixels, workers=params.runtime.workers,
+                          stain=stain_normalization(params.preprocess.stain_normalization))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ label files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -191,6 +193,25 @@ def write_clean_dataset(root: Path, per_class: int = 4) -> dict[str, bytes]:
     return files
 
 
+@contextlib.contextmanager
+def fifo(path: Path, release_after_s: float = 20.0):
+    """A named pipe at `path`. A reader that blocks on it (the bug the tests look for) is released with an
+    end of file after `release_after_s`, so a regression fails its test instead of hanging the suite."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def release() -> None:
+        while not done.wait(release_after_s):
+            with contextlib.suppress(OSError):  # ENXIO: nobody is reading, nothing to release
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=release, daemon=True).start()
+    try:
+        yield path
+    finally:
+        done.set()
+
+
 # ---------------------------------------------------------------------------------------- zips
 
 def write_zip(path: Path, members: dict[str, bytes], wrapper: str | None = None) -> Path:
@@ -237,6 +258,20 @@ def mark_encrypted(path: Path, member: str) -> None:
         if data[offset + 46: offset + 46 + name_length].decode("utf-8") == member:
             flags = struct.unpack_from("<H", data, offset + 8)[0]
             struct.pack_into("<H", data, offset + 8, flags | 0x1)
+            path.write_bytes(bytes(data))
+            return
+        offset = data.find(b"PK\x01\x02", offset + 46)
+    raise KeyError(member)
+
+
+def declare_member_size(path: Path, member: str, size: int) -> None:
+    """Rewrite the uncompressed size one member declares in the central directory (a lying zip)."""
+    data = bytearray(path.read_bytes())
+    offset = data.find(b"PK\x01\x02")
+    while offset != -1:
+        name_length = struct.unpack_from("<H", data, offset + 28)[0]
+        if data[offset + 46: offset + 46 + name_length].decode("utf-8") == member:
+            struct.pack_into("<I", data, offset + 24, size)
             path.write_bytes(bytes(data))
             return
         offset = data.find(b"PK\x01\x02", offset + 46)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from glomeruli.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv
-from glomeruli.predict import FolderLabels, Prediction, burden_by_biopsy
+from glomeruli.metadata import DatasetLayout
+from glomeruli.predict import Prediction, burden_by_biopsy, folder_labels
 
 # biopsy A: 4 glomeruli, 1 sclerotic (25 %); B: 5, none (0 %); C: 2, both (100 %)
 BIOPSIES = np.array(["A", "A", "A", "A", "B", "B", "B", "B", "B", "C", "C"])
@@ -43,16 +44,20 @@ def test_csv_and_plot(tmp_path):
     assert (tmp_path / "burden.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_predict_by_biopsy_reads_ids_from_file_names(caplog):
+def test_predict_by_biopsy_reads_ids_from_file_names(caplog, tmp_path):
     names = [f"{b}_PAS_{i}of9_x.png" for i, b in enumerate(BIOPSIES)]
     predictions = [Prediction(n, int(p >= THRESHOLD), float(p)) for n, p in zip(names, PROB)]
     rows = burden_by_biopsy(predictions, r"^(?P<group>.+?)_PAS_")
     assert [(r.biopsy, r.glomeruli, r.true_pct) for r in rows] == [("A", 4, None), ("B", 5, None), ("C", 2, None)]
     assert [r.predicted_pct for r in rows] == pytest.approx([25.0, 20.0, 50.0])
-    # the same numbers as evaluate's, true % included, when the folder carries labels (here: in a labels file)
-    labels = FolderLabels({}, type("Csv", (), {"labels": dict(zip(names, LABELS.tolist()))})(), "public.csv")
-    labelled = burden_by_biopsy([Prediction(f"sub/{p.name}", p.label, p.probability) for p in predictions],
-                                r"^(?P<group>.+?)_PAS_", labels)
+    # the same numbers as evaluate's, true % included, when the folder carries labels (its class folders)
+    folder_of = {1: "sclerotic", 0: "healthy"}
+    for name, label in zip(names, LABELS.tolist()):
+        (tmp_path / folder_of[label]).mkdir(exist_ok=True)
+        (tmp_path / folder_of[label] / name).write_bytes(b"")  # labelling reads names, not pixels
+    labels = folder_labels(tmp_path, DatasetLayout({"sclerotic": 1, "healthy": 0}, None, r"^(?P<group>.+?)_PAS_"))
+    labelled = burden_by_biopsy([Prediction(f"{folder_of[label]}/{p.name}", p.label, p.probability)
+                                 for p, label in zip(predictions, LABELS.tolist())], r"^(?P<group>.+?)_PAS_", labels)
     assert labelled == biopsy_burden(BIOPSIES, PROB, PROB >= THRESHOLD, LABELS)
     odd = burden_by_biopsy([Prediction("no-biopsy-id.png", 1, 0.9)], r"^(?P<group>.+?)_PAS_")
     assert [r.biopsy for r in odd] == ["no-biopsy-id.png"] and "no biopsy id" in caplog.text

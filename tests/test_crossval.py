@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from glomeruli import cli
-from glomeruli.crossval import CrossValidationError, experiment_runs, folder_run, summarize
+from glomeruli.crossval import CrossValidationError, experiment_runs, folder_run, format_summary, summarize
 from glomeruli.h5store import RecordMeta
 from glomeruli.params import SplitParams
 from glomeruli.split import fold_assignment, split_records
@@ -176,3 +176,54 @@ def test_cv_summary_reads_the_folds_dvc_experiments(tmp_path):
     for fold in range(3):
         run(sys.executable, "-m", "dvc", "exp", "run", "-q", "-S", f"split.fold={fold}")
     check_hand_computed(summarize(experiment_runs(repo)))
+
+
+def test_formula_names_written_by_evaluate_are_read_back_exactly(tmp_path):
+    from glomeruli.evaluation import TestSet, write_test_predictions
+
+    folder = write_run(tmp_path / "fold0", 0)
+    prob = np.array([0.9, 0.2, 0.7, 0.4])
+    test = TestSet(rows=np.arange(4), ids=np.array(["gs/=SUM(A1).png", "ngs/-x.png", "ngs/'q.png", "gs/plain.png"],
+                                                    dtype=object),
+                   biopsies=np.array(["=B", "-B", "'B", "B"], dtype=object), labels=np.array([1, 0, 0, 1]),
+                   raw_probability=prob, probability=prob, score=np.log(prob / (1 - prob)))
+    csv_path = folder / "metrics" / "plots" / "test_predictions.csv"
+    write_test_predictions(csv_path, test, 0.5, calibrated=False)
+    lines = csv_path.read_text().splitlines()[1:]
+    assert [line.split(",")[:2] for line in lines] == [["'=SUM(A1).png", "'=B"], ["'-x.png", "'-B"],
+                                                       ["''q.png", "''B"], ["plain.png", "B"]]
+    run = folder_run(folder)
+    assert [(r["name"], r["biopsy"]) for r in run.predictions] == [("=SUM(A1).png", "=B"), ("-x.png", "-B"),
+                                                                  ("'q.png", "'B"), ("plain.png", "B")]
+
+
+def test_cv_summary_per_site_and_the_site_gap(tmp_path, capsys):
+    # Leave-one-site-out by hand: fold k holds site Sk. Within each site the ranking is poor, but S2's scores sit
+    # above the others' and S2 has most sclerotic glomeruli: the pooled AUC beats every within-site one.
+    rows = {0: [("a", "S0", 1, 0.20, 0), ("b", "S0", 0, 0.25, 0), ("c", "S0", 0, 0.10, 0)],
+            1: [("d", "S1", 1, 0.30, 0), ("e", "S1", 0, 0.35, 0), ("f", "S1", 0, 0.15, 0)],
+            2: [("g", "S2", 1, 0.80, 1), ("h", "S2", 1, 0.70, 1), ("i", "S2", 0, 0.75, 1)]}
+    folders = []
+    for fold, predictions in rows.items():
+        folder = tmp_path / f"fold{fold}"
+        files = fold_files(0)
+        files["metrics/split.json"] = json.dumps({"fold": fold, "folds": 3, "group_by": "site"})
+        lines = ["name,biopsy,site,label,probability,calibrated_probability,predicted"]
+        lines += [f"{n},{n.upper()},{s},{y},0.5,{p},{d}" for n, s, y, p, d in predictions]
+        files["metrics/plots/test_predictions.csv"] = "\n".join(lines) + "\n"
+        for rel, text in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+        folders.append(folder)
+    summary = summarize([folder_run(f) for f in folders])
+    by_site = summary["pooled"]["by_site"]
+    assert list(by_site) == ["S0", "S1", "S2"]
+    # S0: positive 0.20 vs negatives 0.25, 0.10 -> 1 of 2 pairs; S1: 0.30 vs 0.35, 0.15 -> 1 of 2; S2: 0.80, 0.70 vs 0.75 -> 1 of 2
+    assert [by_site[s]["roc_auc"] for s in by_site] == [0.5, 0.5, 0.5]
+    assert by_site["S0"]["recall"] == 0.0 and by_site["S2"]["recall"] == 1.0 and by_site["S2"]["specificity"] == 0.0
+    # pooled: positives .20 .30 .80 .70 vs negatives .25 .10 .35 .15 .75: 2 + 3 + 5 + 4 = 14 of 20 pairs
+    assert summary["pooled"]["roc_auc"] == pytest.approx(14 / 20)
+    assert summary["pooled"]["site_gap_roc_auc"] == pytest.approx(0.2)
+    printed = format_summary(summary)
+    assert "pooled ROC-AUC minus mean within-site ROC-AUC: +0.200" in printed and "WARNING" in printed
+    assert "S2" in printed

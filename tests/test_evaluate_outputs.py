@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from glomeruli import cli
-from glomeruli.burden import biopsy_burden
+from glomeruli.h5store import ImageStore
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +61,41 @@ def test_test_predictions_match_the_report(outputs):
     assert all(r["name"].startswith(r["biopsy"] + "_PAS_") for r in rows)
 
 
-def test_burden_and_reliability_tables(outputs):
-    report, _, table = outputs
+def test_burden_and_reliability_tables(outputs, pipeline_repo):
+    """burden.csv against plain counting: the test images named by the split, each labelled by the class folder
+    it sits in, grouped by the biopsy id before `_PAS_` in its name, predicted sclerotic at the chosen threshold."""
+    report, meta, table = outputs
+    split = json.loads((pipeline_repo / "data/processed/split.json").read_text())
+    with ImageStore(pipeline_repo / "data/processed/augmented.h5") as store:
+        test_names = sorted(str(store.meta.ids[row]).rsplit("/", 1)[-1] for row in split["test"])
+    label_of = {path.name: label for folder, label in (("globally_sclerotic_glomeruli", 1),
+                                                        ("non_globally_sclerotic_glomeruli", 0))
+                for path in (pipeline_repo / "data/raw" / folder).iterdir()}
     rows = table("test_predictions.csv")
+    assert sorted(r["name"] for r in rows) == test_names
+    counts: dict[str, list] = {}  # biopsy -> [images, truly sclerotic, predicted sclerotic, sum of probabilities]
+    for r in rows:
+        probability = float(r["calibrated_probability"])
+        count = counts.setdefault(r["name"].split("_PAS_")[0], [0, 0, 0, 0.0])
+        count[0] += 1
+        count[1] += label_of[r["name"]]
+        count[2] += probability >= meta["threshold"] - 1e-6  # the csv rounds probabilities to 6 decimals
+        count[3] += probability
     burden = table("burden.csv")
-    expected = biopsy_burden(np.array([r["biopsy"] for r in rows]), np.array([float(r["calibrated_probability"]) for r in rows]),
-                             np.array([int(r["predicted"]) for r in rows]), np.array([int(r["label"]) for r in rows]))
-    assert [b["biopsy"] for b in burden] == [e.biopsy for e in expected]
-    assert [float(b["true_pct"]) for b in burden] == pytest.approx([e.true_pct for e in expected], abs=0.005)
-    assert [float(b["predicted_pct"]) for b in burden] == pytest.approx([e.predicted_pct for e in expected], abs=0.005)
-    errors = [abs(float(b["predicted_pct"]) - float(b["true_pct"])) for b in burden]
-    assert report["burden"]["mae_pct_points"] == pytest.approx(np.mean(errors), abs=0.01)
-    assert report["burden"]["n_biopsies"] == len(burden) and report["burden"]["n_glomeruli"] == report["test"]["n"]
-    assert sum(int(r["count"]) for r in table("reliability.csv")) == report["test"]["n"]
+    assert [b["biopsy"] for b in burden] == sorted(counts)
+    errors = []
+    for b in burden:
+        n, sclerotic, predicted, probabilities = counts[b["biopsy"]]
+        true_pct, predicted_pct = 100 * sclerotic / n, 100 * predicted / n
+        assert int(b["glomeruli"]) == n
+        assert float(b["true_pct"]) == pytest.approx(true_pct, abs=0.005)
+        assert float(b["predicted_pct"]) == pytest.approx(predicted_pct, abs=0.005)
+        assert float(b["mean_probability_pct"]) == pytest.approx(100 * probabilities / n, abs=0.006)
+        assert float(b["error_pct_points"]) == pytest.approx(predicted_pct - true_pct, abs=0.005)
+        errors.append(abs(predicted_pct - true_pct))
+    assert report["burden"]["mae_pct_points"] == pytest.approx(sum(errors) / len(errors), abs=1e-6)
+    assert report["burden"]["n_biopsies"] == len(counts) and report["burden"]["n_glomeruli"] == len(test_names)
+    assert sum(int(r["count"]) for r in table("reliability.csv")) == report["test"]["n"] == len(test_names)
 
 
 def test_pictures_exist_and_dvc_declares_the_plots(pipeline_repo):
@@ -92,7 +114,11 @@ def test_pictures_exist_and_dvc_declares_the_plots(pipeline_repo):
 
 
 def test_predict_by_biopsy_on_the_trained_model(pipeline_repo, tmp_path, outputs):
-    report, _, table = outputs
+    report, meta, table = outputs
+    ingest = yaml.safe_load((pipeline_repo / "params.yaml").read_text())["ingest"]
+    # predict reads the biopsy ids with the group_regex the model's metadata carries, not params.yaml
+    assert meta["dataset_layout"] == {"class_dirs": ingest["class_dirs"], "labels_csv": ingest["labels_csv"],
+                                      "group_regex": ingest["group_regex"]}
     rows = table("test_predictions.csv")
     folder = tmp_path / "new"
     folder.mkdir()
@@ -102,8 +128,7 @@ def test_predict_by_biopsy_on_the_trained_model(pipeline_repo, tmp_path, outputs
         shutil.copy(source, folder / r["name"])
     out, summary = tmp_path / "evaluation.csv", tmp_path / "biopsies.csv"
     assert cli.main(["predict", str(folder), "--model", str(pipeline_repo / "models/model.keras"), "-o", str(out),
-                     "--by-biopsy", str(summary), "--params", str(pipeline_repo / "params.yaml"), "--workers", "1",
-                     "--devices", "1"]) == 0
+                     "--by-biopsy", str(summary), "--workers", "1", "--devices", "1"]) == 0
     with open(summary) as f:
         by_biopsy = list(csv.DictReader(f))
     biopsies = sorted({r["biopsy"] for r in chosen})

@@ -31,14 +31,17 @@ def test_rules_agree_with_their_definitions():
         choose_threshold(y, p, "best")
 
 
-def test_binary_metrics_match_sklearn_and_confusion_adds_up():
+def test_binary_metrics_by_hand_and_confusion_adds_up():
     y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
     p = np.array([0.1, 0.6, 0.7, 0.4, 0.9, 0.2, 0.8, 0.3])
     m = binary_metrics(y, p, 0.5)
     assert m["accuracy"] == pytest.approx(0.75) and m["n"] == 8
-    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
-    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
-    assert m["loss"] == pytest.approx(skm.log_loss(y, p))
+    # Positives .7 .4 .9 .8, negatives .1 .6 .2 .3: a positive scores above a negative in 15 of the 16 pairs.
+    assert m["roc_auc"] == pytest.approx(15 / 16)
+    # Ranked .9 .8 .7 (.6) .4: precision 1, 1, 1 and 4/5 at the four positives.
+    assert m["pr_auc"] == pytest.approx((1 + 1 + 1 + 4 / 5) / 4)
+    # Cross-entropy: -log p for positives, -log(1 - p) for negatives (.9 .4 .8 .7), the same four values twice.
+    assert m["loss"] == pytest.approx(-np.log([0.7, 0.4, 0.9, 0.8]).mean())
     assert m["balanced_accuracy"] == pytest.approx(0.75)
     assert m["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
     assert sum(m["confusion_matrix"].values()) == m["n"]
@@ -80,3 +83,23 @@ def test_confusion_csv_ids_are_inert(tmp_path):
     write_plots(tmp_path, ids, np.array([1, 0, 1]), np.array([0.9, 0.2, 0.4]), 0.5)
     with open(tmp_path / "confusion.csv", newline="") as f:
         assert [row["id"] for row in csv.DictReader(f)] == ["gs/=1+1.png", "'-x.png", "plain.png"]
+
+
+def test_bootstrap_threshold_is_the_median_over_biopsy_resamples():
+    from glomeruli.evaluation import bootstrap_threshold
+
+    # Biopsy A: positives at .9, negatives at .1; biopsy B: a positive at .35 and a negative at .3; biopsy C clean.
+    y = np.array([1, 0, 1, 0, 1, 0])
+    p = np.array([0.9, 0.1, 0.35, 0.3, 0.8, 0.2])
+    biopsies = np.array(["A", "A", "B", "B", "C", "C"])
+    plain = choose_threshold(y, p, "max_f1")
+    assert bootstrap_threshold(y, p, biopsies, "max_f1", resamples=0, seed=1) == plain
+    assert bootstrap_threshold(y, p, biopsies, "fixed", resamples=50, seed=1, fixed=0.4) == 0.4
+    smoothed = bootstrap_threshold(y, p, biopsies, "max_f1", resamples=200, seed=1)
+    assert smoothed == bootstrap_threshold(y, p, biopsies, "max_f1", resamples=200, seed=1)  # seeded
+    # Resamples without B centre the threshold between .2 and .8 (about .5); with B it lies between .3 and .35:
+    # about 30 % of resamples lack B ((2/3)^3), so the median is a with-B threshold.
+    assert 0.3 < plain < 0.35 and 0.3 < smoothed < 0.35
+    without_b = bootstrap_threshold(y[[0, 1, 4, 5]], p[[0, 1, 4, 5]], biopsies[[0, 1, 4, 5]], "max_f1",
+                                    resamples=100, seed=1)
+    assert 0.2 < without_b < 0.8

@@ -4,14 +4,14 @@ schedule, and the head in float32 under mixed precision."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from glomeruli.augment import OnlineAugment, augment_image
+from glomeruli.augment import OnlineAugment
 from glomeruli.backend import configure
 from glomeruli.inference import ArrayRows
 from glomeruli.model import base_of, build_model, head_of, unfreeze_top_blocks
@@ -122,30 +122,64 @@ def _augment_settings(tiny_data, seed: int = 5) -> OnlineAugment:
     return OnlineAugment(p.augment, p.preprocess.fill, seed)
 
 
+def _epoch(images: np.ndarray, augment: OnlineAugment, epoch: int, *, shuffle_seed: int = 1,
+           batch_size: int = 8) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One epoch's batches from fresh objects; y is the record number, so every image can be traced back."""
+    batches = Batches(OnlineRows(ArrayRows(images), augment), np.arange(len(images)), batch_size, seed=shuffle_seed,
+                      epoch=epoch)
+    drawn = [batches[i] for i in range(len(batches))]
+    return [x for x, _ in drawn], [y.astype(int) for _, y in drawn]
+
+
 def test_online_augmentation_draws_the_same_batches_for_the_same_seed_and_epoch(tiny_data):
     with tiny_data.store() as store:
         images = store.read(np.arange(24))
-    labels = np.arange(24) % 2
-
-    def batches(seed: int, epoch: int) -> list[np.ndarray]:
-        b = Batches(OnlineRows(ArrayRows(images), _augment_settings(tiny_data, seed)), labels, 8, seed=1, epoch=epoch)
-        return [b[i][0] for i in range(len(b))]
-
-    first, again = batches(5, 0), batches(5, 0)
+    first, first_records = _epoch(images, _augment_settings(tiny_data, 5), 0)
+    again, again_records = _epoch(images, _augment_settings(tiny_data, 5), 0)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first_records, again_records))
+    # Every record once per epoch, in a shuffled order.
+    assert sorted(np.concatenate(first_records).tolist()) == list(range(24))
+    assert np.concatenate(first_records).tolist() != list(range(24))
     # Epoch 1 reached by running through epoch 0 equals epoch 1 started directly (a resumed run).
-    running = Batches(OnlineRows(ArrayRows(images), _augment_settings(tiny_data)), labels, 8, seed=1)
+    running = Batches(OnlineRows(ArrayRows(images), _augment_settings(tiny_data, 5)), np.arange(24), 8, seed=1)
     running.on_epoch_end()
-    assert all(np.array_equal(running[i][0], b) for i, b in enumerate(batches(5, 1)))
-    # Fresh variants each epoch and for another seed; pixels stay integers 0-255.
-    assert not any(np.array_equal(a, b) for a, b in zip(first, batches(5, 1)))
-    assert not any(np.array_equal(a, b) for a, b in zip(first, batches(6, 0)))
+    second, _ = _epoch(images, _augment_settings(tiny_data, 5), 1)
+    assert all(np.array_equal(running[i][0], b) for i, b in enumerate(second))
+    # Fresh variants of every record each epoch and for another seed, the same record order for another
+    # augmentation seed; pixels stay integers 0-255.
+    by_record = lambda xs, ys: {int(r): x for batch, rs in zip(xs, ys) for x, r in zip(batch, rs)}  # noqa: E731
+    epoch0, epoch1 = by_record(first, first_records), by_record(*_epoch(images, _augment_settings(tiny_data, 5), 1))
+    other_seed, other_records = _epoch(images, _augment_settings(tiny_data, 6), 0)
+    assert all(np.array_equal(a, b) for a, b in zip(first_records, other_records))
+    other_seed = by_record(other_seed, other_records)
+    assert not any(np.array_equal(epoch0[r], epoch1[r]) or np.array_equal(epoch0[r], other_seed[r]) for r in range(24))
+    assert not any(np.array_equal(epoch0[r], images[r]) for r in range(24))
     assert all(np.array_equal(b, np.round(b)) and b.min() >= 0 and b.max() <= 255 for b in first)
-    # The augment stage's transforms: record r of epoch e is augment_image(image r, generator of (seed, e, r)).
-    order = np.random.default_rng([1, 0]).permutation(24)
-    settings = _augment_settings(tiny_data)
-    expected = augment_image(images[order[0]], settings.rng(0, order[0]), settings.params, settings.fill)
-    np.testing.assert_array_equal(first[0][0], expected)
+
+
+@pytest.mark.parametrize("op", ["flip", "rotate90"])
+def test_online_augmentation_turned_down_to_one_op_gives_that_op_of_each_record(tiny_data, op):
+    """No scale, shift or noise: each drawn image is the record's own pixels, flipped left-right or not (or turned
+    by a multiple of 90 degrees), and over the records of an epoch every variant occurs."""
+    with tiny_data.store() as store:
+        images = store.read(np.arange(24))
+    shipped = tiny_data.params.augment
+    off = {f.name: 0.0 for f in fields(shipped) if isinstance(getattr(shipped, f.name), float)}  # shift, noise, colour
+    params = replace(shipped, **off, scale=(1.0, 1.0), flip=op == "flip", rotate90=op == "rotate90")
+    variants = {"flip": lambda image: [image, image[:, ::-1]],
+                "rotate90": lambda image: [image, np.rot90(image, 1), np.rot90(image, 2), np.rot90(image, 3)]}[op]
+    for epoch in (0, 1):
+        xs, ys = _epoch(images, OnlineAugment(params, (0, 0, 0), seed=5), epoch)
+        seen = []
+        for batch, records in zip(xs, ys):
+            for x, record in zip(batch, records):
+                candidates = variants(images[record])
+                assert not any(np.array_equal(a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:])
+                matches = [k for k, candidate in enumerate(candidates) if np.array_equal(x, candidate)]
+                assert len(matches) == 1, (epoch, record)
+                seen += matches
+        assert sorted(set(seen)) == list(range(len(variants(images[0]))))
 
 
 class _Killed(Exception):

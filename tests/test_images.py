@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,10 +60,12 @@ def test_truncated_pngs_are_refused_at_every_cut():
             decode_rgb(data[:cut], "x.png", MAX_PIXELS)
 
 
-def test_opencv_itself_refuses_a_png_cut_in_half():
-    # The IEND check is a safety net; this documents that the pinned OpenCV also refuses it.
+def test_a_png_cut_in_half_with_its_end_marker_put_back_is_still_refused():
+    # The IEND check cannot see this cut: the decoder's failure must still reach the user as our error, by name.
     data = rgba_png(60, 50, seed=1)
-    assert cv2.imdecode(np.frombuffer(data[: len(data) // 2], np.uint8), cv2.IMREAD_UNCHANGED) is None
+    iend = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    with pytest.raises(ImageError, match=r"x\.png: corrupt or truncated image"):
+        decode_rgb(data[: len(data) // 2] + iend, "x.png", MAX_PIXELS)
 
 
 def test_truncated_jpeg_is_refused():
@@ -134,10 +135,13 @@ def test_grey_with_alpha_is_composited():
     np.testing.assert_array_equal(out[..., 1], [[9, 100], [100, 9]])
 
 
-def test_palette_png_matches_its_rgb_conversion():
-    palette = Image.fromarray(random_rgb(8, 9, seed=5)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+def test_palette_png_gives_each_index_its_palette_colour():
+    colours = np.array([[255, 0, 0], [0, 128, 0], [10, 20, 30], [200, 201, 202]], np.uint8)
+    indices = np.array([[0, 1, 2, 3, 0], [3, 3, 1, 0, 2]], np.uint8)
+    palette = Image.fromarray(indices, "P")
+    palette.putpalette(colours.ravel().tolist())
     out = decode_rgb(encode_pil(palette, "PNG"), "p.png", MAX_PIXELS)
-    np.testing.assert_array_equal(out, np.asarray(palette.convert("RGB")))
+    np.testing.assert_array_equal(out, colours[indices])
 
 
 def test_format_comes_from_content_not_extension():
@@ -157,11 +161,10 @@ def test_unsupported_pixel_types_are_refused():
 def test_resize_keeps_aspect_and_pads_centred():
     image = np.full((50, 100, 3), 200, np.uint8)
     out = resize_and_pad(image, 300, (1, 2, 3))
-    assert out.shape == (300, 300, 3) and out.dtype == np.uint8
-    rows = np.where((out != (1, 2, 3)).any(axis=2).any(axis=1))[0]
-    assert (rows.min(), rows.max()) == (75, 224)  # 150 content rows, 75 padding above and below
-    np.testing.assert_array_equal(out[0, 0], (1, 2, 3))
-    np.testing.assert_array_equal(out[150, 150], (200, 200, 200))
+    expected = np.empty((300, 300, 3), np.uint8)
+    expected[:] = (1, 2, 3)
+    expected[75:225] = 200  # 100 -> 300 wide, so 50 -> 150 high; 75 rows of fill above and below
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_resize_rounds_the_short_side_and_splits_odd_padding():
@@ -171,12 +174,49 @@ def test_resize_rounds_the_short_side_and_splits_odd_padding():
     assert content.min() == (300 - 79) // 2
 
 
-@pytest.mark.parametrize(("shape", "interpolation"), [((600, 400), cv2.INTER_AREA), ((60, 40), cv2.INTER_CUBIC)])
-def test_shrinking_uses_area_and_enlarging_cubic(shape, interpolation):
-    image = random_rgb(*shape, seed=7)
-    out = resize_and_pad(image, 300, (0, 0, 0))
-    expected = cv2.resize(image, (200, 300), interpolation=interpolation)
-    np.testing.assert_array_equal(out[:, 50:250], expected)
+def _three_by_three_blocks(height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image of 3x3 blocks whose mean is a known value but whose centre pixel is not (centre +8, the other
+    eight -1): shrinking 3:1 by averaging gives exactly the block values; sampling would give the centres."""
+    means = np.random.default_rng(seed).integers(8, 248, (height // 3, width // 3, 3))
+    offsets = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]])
+    image = np.repeat(np.repeat(means, 3, axis=0), 3, axis=1) + np.tile(offsets, (height // 3, width // 3))[..., None]
+    return image.astype(np.uint8), means.astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBA with one transparent pixel"])
+def test_an_image_larger_on_both_sides_is_shrunk_by_averaging_without_squashing(mode):
+    # 900x600 -> 300x200 content (3:1 on both axes), 50 columns of fill left and right. Opaque colour images
+    # take load_model_input's shrink-first path, the transparent one the general path: same pixels.
+    rgb, means = _three_by_three_blocks(900, 600, seed=11)
+    fill = (9, 8, 7)
+    pixels = rgb if mode == "RGB" else np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    if mode == "RGBA with one transparent pixel":
+        pixels[0, 0, 3] = 0
+    out = load_model_input(encode_pil(Image.fromarray(pixels, mode[:4]), "PNG"), "x.png", size=300, fill=fill,
+                           max_pixels=MAX_PIXELS)
+    expected = np.empty((300, 300, 3), np.uint8)
+    expected[:] = fill
+    expected[:, 50:250] = means
+    if mode == "RGBA with one transparent pixel":  # the fill replaces one pixel (mean - 1) of the top-left block
+        expected[0, 50] = [round((9 * m - (m - 1) + c) / 9) for m, c in zip(means[0, 0].tolist(), fill)]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_enlarging_keeps_flat_regions_exact_and_edges_sharp():
+    # 10x20 -> 150x300: flat halves stay exactly flat away from the edge; the edge is interpolated (not
+    # nearest-neighbour blocks) with the small over- and undershoot of cubic interpolation (not linear).
+    image = np.empty((10, 20, 3), np.uint8)
+    image[:, :10], image[:, 10:] = 50, 200
+    out = resize_and_pad(image, 300, (1, 2, 3))
+    np.testing.assert_array_equal(out[:75], np.full((75, 300, 3), (1, 2, 3), np.uint8))
+    np.testing.assert_array_equal(out[225:], np.full((75, 300, 3), (1, 2, 3), np.uint8))
+    content = out[75:225]
+    np.testing.assert_array_equal(content[:, :120], np.full((150, 120, 3), 50, np.uint8))
+    np.testing.assert_array_equal(content[:, 180:], np.full((150, 120, 3), 200, np.uint8))
+    assert (content == content[:1]).all()  # every row alike: nothing vertical happened
+    edge = content[0, 120:180, 0].astype(int)
+    assert len(set(edge.tolist())) > 20  # a ramp, not a jump
+    assert edge.min() < 50 and edge.max() > 200  # cubic's overshoot
 
 
 def test_resize_of_a_single_pixel_and_of_the_exact_size():
@@ -203,11 +243,76 @@ def test_model_input_stays_in_0_255_and_uses_fill_for_transparency():
     rgba[..., :3] = 250
     rgba[:10, :, 3] = 255  # top half opaque, bottom half transparent
     data = encode_pil(Image.fromarray(rgba, "RGBA"), "PNG")
-    out = load_model_input(data, "x.png", size=40, fill=(5, 6, 7), max_pixels=MAX_PIXELS)
-    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
-    assert out.max() > 1  # not divided by 255 (cubic overshoot at the edge may reach 255)
-    np.testing.assert_array_equal(out[39, 20], (5, 6, 7))  # transparent pixel became the fill colour
-    np.testing.assert_array_equal(out[5, 20], (250, 250, 250))
+    out = load_model_input(data, "x.png", size=20, fill=(5, 6, 7), max_pixels=MAX_PIXELS)
+    expected = np.empty((20, 20, 3), np.uint8)
+    expected[:] = (5, 6, 7)  # padding (columns 0-4 and 15-19) and the transparent bottom half alike
+    expected[:10, 5:15] = 250  # not divided by 255: EfficientNet normalises internally
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+
+
+def _encoded(kind: str, height: int, width: int) -> tuple[bytes, np.ndarray]:
+    """(file bytes, the RGB pixels a correct decoder gives with fill (9, 8, 7))."""
+    rgb = random_rgb(height, width, seed=12)
+    grey = rgb[..., 0]
+    fill = np.array([9, 8, 7])
+    if kind == "RGB":
+        return encode_pil(Image.fromarray(rgb), "PNG"), rgb
+    if kind == "RGBA":  # every 7th pixel transparent, every 7th from the 4th half: (c * 128 + fill * 127 + 127) // 255
+        alpha = np.full((height, width), 255, np.uint8)
+        alpha.flat[::7], alpha.flat[3::7] = 0, 128
+        expected = rgb.copy()
+        expected[alpha == 0] = fill
+        expected[alpha == 128] = (rgb[alpha == 128].astype(int) * 128 + fill * 127 + 127) // 255
+        return encode_pil(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), expected
+    if kind == "grey":
+        return encode_pil(Image.fromarray(grey, "L"), "PNG"), np.dstack([grey] * 3)
+    if kind == "grey+alpha":  # every other pixel transparent
+        alpha = np.full((height, width), 255, np.uint8)
+        alpha.flat[::2] = 0
+        expected = np.dstack([grey] * 3)
+        expected[alpha == 0] = fill
+        return encode_pil(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG"), expected
+    if kind == "16-bit RGB":  # v * 257 is exactly v on 8 bits; OpenCV writes BGR order
+        return encode_cv2(np.ascontiguousarray(rgb[..., ::-1]).astype(np.uint16) * 257, ".png"), rgb
+    if kind == "16-bit grey":
+        return encode_cv2(grey.astype(np.uint16) * 257, ".png"), np.dstack([grey] * 3)
+    if kind == "palette":
+        colours = np.array([[255, 0, 0], [0, 128, 0], [10, 20, 30]], np.uint8)
+        indices = (np.arange(height * width).reshape(height, width) % 3).astype(np.uint8)
+        image = Image.fromarray(indices, "P")
+        image.putpalette(colours.ravel().tolist())
+        return encode_pil(image, "PNG"), colours[indices]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["RGB", "RGBA", "grey", "grey+alpha", "16-bit RGB", "16-bit grey", "palette"])
+def test_model_input_of_every_pixel_layout_is_its_rgb_pixels_padded_centred(kind):
+    # The longer side is already the target size: no resampling, so every output pixel is known.
+    fill = (9, 8, 7)
+    data, rgb = _encoded(kind, 6, 10)
+    wide = load_model_input(data, "x.png", size=10, fill=fill, max_pixels=MAX_PIXELS)
+    expected = np.empty((10, 10, 3), np.uint8)
+    expected[:] = fill
+    expected[2:8] = rgb  # 4 rows of fill, 2 above and 2 below
+    assert wide.dtype == np.uint8
+    np.testing.assert_array_equal(wide, expected)
+
+    data, rgb = _encoded(kind, 10, 6)
+    tall = load_model_input(data, "x.png", size=10, fill=fill, max_pixels=MAX_PIXELS)
+    expected[:] = fill
+    expected[:, 2:8] = rgb  # 2 columns of fill left and right
+    assert tall.dtype == np.uint8
+    np.testing.assert_array_equal(tall, expected)
+
+
+def test_odd_padding_puts_the_extra_row_below_and_column_right():
+    out = load_model_input(encode_pil(Image.fromarray(np.full((5, 10, 3), 100, np.uint8)), "PNG"), "x.png",
+                           size=10, fill=(0, 0, 0), max_pixels=MAX_PIXELS)
+    assert out[:, 0, 0].tolist() == [0, 0, 100, 100, 100, 100, 100, 0, 0, 0]
+    out = load_model_input(encode_pil(Image.fromarray(np.full((10, 5, 3), 100, np.uint8)), "PNG"), "x.png",
+                           size=10, fill=(0, 0, 0), max_pixels=MAX_PIXELS)
+    assert out[0, :, 0].tolist() == [0, 0, 100, 100, 100, 100, 100, 0, 0, 0]
 
 
 def test_content_hash_is_sha256():

@@ -17,7 +17,7 @@ from badfiles import (CLASS_DIRS, GROUP_REGEX, KEPT, NEGATIVE, POSITIVE, add_mac
                       write_messy_dataset, write_zip)
 from glomeruli.ingest import (MANIFEST_COLUMNS, IngestConfig, IngestError, ManifestRow, check_ingest,
                               ingest_dataset, read_manifest, write_manifest)
-from glomeruli.sources import close_sources
+from glomeruli.sources import RefusedFileError, close_sources
 
 CONFIG = IngestConfig(class_dirs=CLASS_DIRS, labels_csv="public.csv", group_regex=GROUP_REGEX,
                       max_pixels=40_000_000, max_unreadable_fraction=0.02, workers=1)
@@ -366,7 +366,7 @@ def test_folder_and_zip_refuse_a_layout_with_the_same_message(tmp_path):
 
 
 def test_synthetic_marker_beside_real_images_is_refused(tmp_path):
-    from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
+    from glomeruli.layout import BIOPSY_PREFIX, MARKER_FILE
 
     root = tmp_path / "data"
     files = write_clean_dataset(root)  # stands in for the user's own images (no SYNTH- biopsy ids)
@@ -414,3 +414,72 @@ def test_decoder_library_noise_stays_off_the_terminal(tmp_path):
     for workers in (1, 2):  # our message, with what the decoder said, stays
         assert (f"workers={workers}: {POSITIVE}/bad_filter.png: unreadable: {POSITIVE}/bad_filter.png: corrupt or "
                 "truncated image (OpenCV could not decode it: bad adaptive filter value)") in result.stderr
+
+
+# ---------------------------------------------------------------------------------------- hostile inputs
+
+LABELS_CAP = 16 * 2**20  # sources.LABELS_CSV_MAX_BYTES, written out
+
+
+def test_a_labels_csv_over_its_cap_in_a_folder_is_refused_unread(tmp_path):
+    root = tmp_path / "data"
+    write_clean_dataset(root)
+    with open(root / "public.csv", "wb") as f:
+        f.truncate(LABELS_CAP + 1)  # sparse: refused by its size, never read
+    with pytest.raises(RefusedFileError, match=rf"public\.csv: {LABELS_CAP + 1} bytes, more than the {LABELS_CAP} "
+                                               r"allowed.*ingest\.labels_csv: null"):
+        ingest_dataset(root, CONFIG)
+
+
+def test_a_zip_bomb_labels_csv_is_refused_unread(tmp_path):
+    import zipfile
+
+    files = write_clean_dataset(tmp_path / "data")
+    row = b"S-0000-0000_PAS_1of1_000000000000000000000000.png,1\n"
+    files["public.csv"] = b"name,ground truth\n" + row * (LABELS_CAP // len(row) + 1)
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for relpath, data in files.items():
+            z.writestr(relpath, data)
+    assert archive.stat().st_size < LABELS_CAP // 100  # a small zip that inflates past the cap
+    with pytest.raises(RefusedFileError, match=rf"public\.csv: {len(files['public.csv'])} bytes, more than the "
+                                          rf"{LABELS_CAP} allowed.*ingest\.labels_csv"):
+        ingest_dataset(archive, CONFIG)
+
+
+def test_an_image_swapped_for_a_named_pipe_after_listing_is_unreadable_not_a_hang(tmp_path, monkeypatch):
+    import contextlib
+
+    from badfiles import fifo
+    from glomeruli import ingest
+
+    root = tmp_path / "data"
+    files = write_clean_dataset(root)
+    swapped = sorted(files)[0]
+    listed = ingest.list_entries
+
+    def list_then_swap(source):
+        listing = listed(source)
+        (root / swapped).unlink()
+        stack.enter_context(fifo(root / swapped))
+        return listing
+
+    with contextlib.ExitStack() as stack:
+        monkeypatch.setattr(ingest, "list_entries", list_then_swap)
+        result = ingest_dataset(root, CONFIG)
+    assert "not a regular file" in _skip_reasons(result)[swapped]
+    assert result.report["n_kept"] == len(files) - 1
+
+
+def test_manifest_keeps_formula_names_inert_and_exact(tmp_path):
+    import csv
+
+    names = ["=HYPERLINK(\"http://x\",\"y\").png", "+1.png", "-2.png", "@sum.png", "\tt.png", "'q.png"]
+    rows = [ManifestRow(id=f"{POSITIVE}/{n}", path=f"{POSITIVE}/{n}", name=n, label=1, group=n[:3], sha256="ab" * 32,
+                        width=3, height=4, channels=3) for n in names]
+    path = tmp_path / "manifest.csv"
+    write_manifest(rows, path)
+    with open(path, newline="", encoding="utf-8") as f:
+        cells = [row[2] for row in list(csv.reader(f))[1:]]
+    assert cells == ["'=HYPERLINK(\"http://x\",\"y\").png", "'+1.png", "'-2.png", "'@sum.png", "'\tt.png", "''q.png"]
+    assert read_manifest(path) == rows

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from glomeruli.metadata import CLASS_NAMES, MetadataError, ModelMetadata, file_sha256, read_metadata, write_metadata
+from glomeruli.metadata import (CLASS_NAMES, DatasetLayout, MetadataError, ModelMetadata, file_sha256, read_metadata,
+                                write_metadata)
 
 
 def _model_file(tmp_path):
@@ -55,4 +56,40 @@ def test_incomplete_metadata_is_refused(tmp_path):
     path = _model_file(tmp_path)
     (tmp_path / "model.meta.json").write_text(json.dumps({"threshold": 0.5}))
     with pytest.raises(MetadataError, match="incomplete"):
+        read_metadata(path)
+
+
+def test_the_dataset_layout_travels_with_the_model(tmp_path):
+    path = _model_file(tmp_path)
+    layout = DatasetLayout(class_dirs={"sick": 1, "healthy": 0}, labels_csv="truth.csv",
+                           group_regex=r"^(?P<group>\w+)-")
+    write_metadata(path, _meta(path, dataset_layout=layout))
+    raw = json.loads((tmp_path / "model.meta.json").read_text())
+    assert raw["dataset_layout"] == {"class_dirs": {"sick": 1, "healthy": 0}, "labels_csv": "truth.csv",
+                                     "group_regex": r"^(?P<group>\w+)-"}
+    assert read_metadata(path).dataset_layout == layout
+
+
+def test_metadata_written_before_the_layout_travelled_reads_as_unrecorded(tmp_path):
+    path = _model_file(tmp_path)
+    write_metadata(path, _meta(path))
+    meta_path = tmp_path / "model.meta.json"
+    raw = json.loads(meta_path.read_text())
+    del raw["dataset_layout"]
+    meta_path.write_text(json.dumps(raw))
+    assert read_metadata(path).dataset_layout is None  # predict then names the file and the layout it assumes
+
+
+@pytest.mark.parametrize("layout", [{"class_dirs": {"a": 1, "b": 1}, "labels_csv": None, "group_regex": "(?P<group>x)"},
+                                    {"class_dirs": {"a": 1, "b": 0}, "labels_csv": 3, "group_regex": "(?P<group>x)"},
+                                    {"class_dirs": ["a", "b"], "labels_csv": None, "group_regex": "(?P<group>x)"},
+                                    {"class_dirs": {"a": 1, "b": 0}, "labels_csv": None}])
+def test_a_malformed_dataset_layout_is_refused(tmp_path, layout):
+    path = _model_file(tmp_path)
+    write_metadata(path, _meta(path))
+    meta_path = tmp_path / "model.meta.json"
+    raw = json.loads(meta_path.read_text())
+    raw["dataset_layout"] = layout
+    meta_path.write_text(json.dumps(raw))
+    with pytest.raises(MetadataError, match="malformed"):
         read_metadata(path)

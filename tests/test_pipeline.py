@@ -128,3 +128,17 @@ def test_misspelt_key_stops_dvc_repro_with_one_line(pipeline_repo, tmp_path):
     assert len(errors) == 1, output[-3000:]
     assert "unknown key `train_frozen.epocs`: did you mean `train_frozen.epochs`?" in errors[0]
     assert "Traceback" not in output and "Running stage 'train_frozen'" in output
+
+
+def test_editing_inference_marks_training_and_evaluate_changed_and_the_generator_nothing(pipeline_repo, tmp_path):
+    """inference.py runs the training caches and evaluate's predictions, so DVC must see those three stages as
+    changed; the synthetic image generator is no stage's dependency. `dvc status` only: nothing reruns."""
+    clone = clone_project(pipeline_repo, tmp_path / "clone")
+    for module in ("inference.py", "sample_data.py"):
+        with (clone / "src" / "glomeruli" / module).open("a") as f:
+            f.write("# an edit\n")
+    status = json.loads(project.dvc(clone, "status", "--json").stdout)
+    assert sorted(status) == ["evaluate", "finetune", "train_frozen"], status
+    for stage, changes in status.items():
+        changed = {path for change in changes for path in change.get("changed deps", {})}
+        assert changed == {"src/glomeruli/inference.py"}, (stage, changes)

@@ -6,10 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 from glomeruli import cli
-from glomeruli.images import load_model_input
-from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata
+from glomeruli.h5store import ImageStore
+from glomeruli.metadata import CLASS_NAMES, DatasetLayout, ModelMetadata, file_sha256, write_metadata
 from glomeruli.model import build_model
 from glomeruli.predict import predict_folder
 
@@ -46,14 +47,68 @@ def test_bad_files_are_skipped_by_name(trained, messy_folder):
     assert all(s.reason for s in skipped)
 
 
-def test_probabilities_use_the_training_preprocessing(trained, messy_folder):
+def _model_inputs_recorded(monkeypatch) -> list[np.ndarray]:
+    """Every array predict hands the model, in order."""
+    import glomeruli.predict
+
+    fed, real = [], glomeruli.predict.predict_batch
+
+    def recording(model, x, batch_size):
+        fed.append(np.array(x))
+        return real(model, x, batch_size)
+
+    monkeypatch.setattr(glomeruli.predict, "predict_batch", recording)
+    return fed
+
+
+def test_probabilities_use_the_training_preprocessing(trained, messy_folder, tiny_data, monkeypatch):
+    """The model gets exactly the pixels the preprocess stage stored for training from the same files."""
     path, model = trained
     folder, good = messy_folder
+    fed = _model_inputs_recorded(monkeypatch)
     predictions, _ = predict_folder(path, folder, batch_size=4, workers=1)
-    x = np.stack([load_model_input((folder / n).read_bytes(), n, 32, (0, 0, 0), 10**8) for n in good])
-    expected = model.predict(x.astype("float32"), verbose=0).ravel()
+    with ImageStore(tiny_data.preprocessed) as store:
+        assert store.image_size == 32 and tuple(store.attrs["fill"]) == (0, 0, 0)  # as the model's metadata says
+        row_of = {str(record_id).rsplit("/", 1)[-1]: row for row, record_id in enumerate(store.meta.ids)}
+        stored = store.read(np.array([row_of[name] for name in good]))
+    assert [p.name for p in predictions] == good
+    np.testing.assert_array_equal(np.concatenate(fed), stored.astype(np.float32))
+    expected = model.predict(stored.astype("float32"), verbose=0).ravel()
     np.testing.assert_allclose([p.probability for p in predictions], expected, rtol=1e-5, atol=1e-6)
     assert all(p.label == int(p.probability >= 0.5) for p in predictions)
+
+
+def test_predict_pads_with_the_models_fill_and_composites_transparency_over_it(trained, tmp_path, monkeypatch):
+    """A 16x32 image whose longer side is the model's 32: no resampling, so every input pixel is known."""
+    from PIL import Image
+
+    from badfiles import encode_pil
+
+    model_path = tmp_path / "model" / "model.keras"
+    model_path.parent.mkdir()
+    shutil.copy(trained[0], model_path)
+    fill = (10, 200, 30)
+    write_metadata(model_path, ModelMetadata(image_size=32, fill=fill, threshold=0.5, threshold_rule="fixed",
+                                             class_names=CLASS_NAMES, model_sha256=file_sha256(model_path),
+                                             max_pixels=10**6))
+    rgba = np.zeros((16, 32, 4), np.uint8)
+    rgba[..., 0] = np.arange(32) * 8  # red grows to the right, green down, blue constant: orientation shows
+    rgba[..., 1] = np.arange(16)[:, None] * 16
+    rgba[..., 2] = 77
+    rgba[..., 3] = 255
+    rgba[3, 5, 3] = 0  # one transparent pixel
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "wide.png").write_bytes(encode_pil(Image.fromarray(rgba, "RGBA"), "PNG"))
+    fed = _model_inputs_recorded(monkeypatch)
+    (prediction,), _ = predict_folder(model_path, folder, batch_size=2, workers=1)
+    expected = np.empty((32, 32, 3), np.float32)
+    expected[:] = fill  # 8 rows of fill above and below
+    expected[8:24] = rgba[..., :3]
+    expected[8 + 3, 5] = fill
+    np.testing.assert_array_equal(fed[0][0], expected)
+    assert prediction.probability == pytest.approx(float(trained[1].predict(expected[None], verbose=0)[0, 0]),
+                                                   rel=1e-5, abs=1e-6)
 
 
 def test_cli_writes_a_csv_scorable_against_public_csv(trained, messy_folder, tmp_path_factory):
@@ -121,7 +176,7 @@ def labelled_batch(tmp_path):
 
 def test_labelled_folder_is_predicted_recursively_and_scores_itself(grey_model, labelled_batch, tmp_path,
                                                                     monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no params.yaml here: the CMIL class folder names and public.csv apply
+    monkeypatch.chdir(tmp_path)  # the grey model's metadata records no layout: the CMIL names apply, with a warning
     out = tmp_path / "out" / "evaluation.csv"
     assert cli.main(["predict", str(labelled_batch), "--recursive", "--model", str(grey_model), "-o", str(out),
                      "--workers", "1", "--batch-size", "4"]) == 0
@@ -133,23 +188,30 @@ def test_labelled_folder_is_predicted_recursively_and_scores_itself(grey_model, 
     assert [r[0] for r in rows[1:]] == expected_names  # names relative to the folder; csv and junk not predicted
 
     report = json.loads((tmp_path / "out" / "evaluation.metrics.json").read_text())
-    # Scored: GS 220, 200, 60 and non-GS 180, 70, 50, 40 (folders) + 230 (csv); predicted GS when > 128.
-    # tp = 220, 200; fp = 180, 230; fn = 60; tn = 70, 50, 40.
+    # Scored, as ingest labels them: GS 220, 200, 60 and non-GS 180, 70, 50, 40 (n90's row contradicts its folder,
+    # loose.png and u100 are outside the class folders); predicted GS when > 128.
+    # tp = 220, 200; fp = 180; fn = 60; tn = 70, 50, 40.
     m = report["metrics"]
-    assert report["n_scored"] == 8 and report["n_predicted"] == 10 and report["threshold"] == 0.5
-    assert m["confusion_matrix"] == {"tn": 3, "fp": 2, "fn": 1, "tp": 2}
-    assert m["accuracy"] == pytest.approx(5 / 8)
-    assert m["precision"] == pytest.approx(2 / 4)
+    assert report["n_scored"] == 7 and report["n_predicted"] == 10 and report["threshold"] == 0.5
+    assert m["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 2}
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["precision"] == pytest.approx(2 / 3)
     assert m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
-    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 3 / 5) / 2)
-    assert m["roc_auc"] == pytest.approx(10 / 15)  # 220 and 200 beat 4 negatives each, 60 beats 50 and 40
-    assert report["label_conflicts"] == [{"name": f"{NON_GS}/n90.png", "folder_label": 0, "csv_label": 1}]
-    assert report["unlabelled"] == ["unsorted/u100.png"]
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 3 / 4) / 2)
+    assert m["roc_auc"] == pytest.approx(10 / 12)  # 220 and 200 beat 4 negatives each, 60 beats 50 and 40
+    outside = f"outside the class folders (only files directly inside {GS}, {NON_GS} are used)"
+    assert report["not_scored"] == [
+        {"name": "loose.png", "reason": outside},
+        {"name": f"{NON_GS}/n90.png",
+         "reason": f"label conflict: folder '{NON_GS}' says 0, {labelled_batch}/public.csv says 1; fix one of them"},
+        {"name": "unsorted/u100.png", "reason": outside}]
     assert report["labels_from"] == ["class folders", "public.csv"]
     assert (tmp_path / "out" / "evaluation.confusion_matrix.png").stat().st_size > 0
-    printed = capsys.readouterr().out
-    assert "score on 8 of 10 predicted images" in printed and "actual 1 (GS)" in printed
+    printed = capsys.readouterr()
+    assert "score on 7 of 10 predicted images" in printed.out and "actual 1 (GS)" in printed.out
+    assert f"{grey_model.with_name('model.meta.json')} records no dataset layout" in printed.err
+    assert "CMIL layout" in printed.err
 
 
 def test_subfolders_without_recursive_stop_with_one_line(grey_model, labelled_batch, tmp_path, monkeypatch, capfd):
@@ -175,3 +237,117 @@ def test_nothing_predicted_exits_non_zero_and_keeps_decoder_noise_off(grey_model
     assert "no image of" in err and "could be predicted" in err and not out.exists()
     assert "bad_filter.png: corrupt or truncated image (OpenCV could not decode it: bad adaptive filter value)" in err
     assert not [line for line in err.splitlines() if "libpng" in line], err
+
+
+# ---------------------------------------------------------------------------------------- model and metadata only
+
+@pytest.fixture()
+def sick_or_healthy_model(grey_model, tmp_path):
+    """The grey model, trained (its metadata says) on `sick/` = 1, `healthy/` = 0 and `truth.csv`, the biopsy id
+    being the first letter of a name."""
+    path = tmp_path / "models" / "model.keras"
+    path.parent.mkdir()
+    shutil.copy(grey_model, path)
+    layout = DatasetLayout(class_dirs={"sick": 1, "healthy": 0}, labels_csv="truth.csv",
+                           group_regex=r"^(?P<group>[a-z])\d")
+    write_metadata(path, ModelMetadata(image_size=32, fill=(0, 0, 0), threshold=0.5, threshold_rule="fixed",
+                                       class_names=CLASS_NAMES, model_sha256=file_sha256(path), max_pixels=10**6,
+                                       dataset_layout=layout))
+    return path
+
+
+@pytest.mark.parametrize("checkout", ["params.yaml naming a missing weights file", "no params.yaml"])
+def test_predict_needs_only_the_model_and_its_metadata(sick_or_healthy_model, tmp_path, monkeypatch, capfd, checkout):
+    from conftest import shipped_params_raw
+    from glomeruli.params import ParamsError, load_params
+
+    here = tmp_path / "checkout"
+    here.mkdir()
+    if checkout != "no params.yaml":
+        raw = shipped_params_raw()
+        raw["model"]["weights"] = "weights/not-here.h5"
+        (here / "params.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(ParamsError, match="no such file"):  # what stopped predict before it read an image
+            load_params(here / "params.yaml")
+    monkeypatch.chdir(here)
+    batch = tmp_path / "batch"
+    for name, value in {"sick/a220.png": 220, "sick/a60.png": 60, "healthy/b180.png": 180, "healthy/b40.png": 40,
+                        f"{GS}/a200.png": 200}.items():
+        _grey_png(batch / name, value)
+    (batch / "truth.csv").write_text("name,ground truth\na220.png,1\nb40.png,0\n")
+    out, by_biopsy = here / "evaluation.csv", here / "biopsies.csv"
+    assert cli.main(["predict", str(batch), "--recursive", "--model", str(sick_or_healthy_model), "-o", str(out),
+                     "--by-biopsy", str(by_biopsy), "--workers", "1"]) == 0, capfd.readouterr().err
+    with open(out, newline="") as f:
+        assert [r[0] for r in csv.reader(f)][1:] == [f"{GS}/a200.png", "healthy/b180.png", "healthy/b40.png",
+                                                      "sick/a220.png", "sick/a60.png"]  # truth.csv is not predicted
+    report = json.loads((here / "evaluation.metrics.json").read_text())
+    # the class folders of the metadata, not params.yaml's: GS/ is outside them; tp 220, fn 60, fp 180, tn 40
+    assert report["labels_from"] == ["class folders", "truth.csv"] and report["n_scored"] == 4
+    assert report["metrics"]["confusion_matrix"] == {"tn": 1, "fp": 1, "fn": 1, "tp": 1}
+    assert [n["name"] for n in report["not_scored"]] == [f"{GS}/a200.png"]
+    with open(by_biopsy, newline="") as f:  # biopsy = first letter, the metadata's group_regex
+        rows = [(r["biopsy"], r["glomeruli"], r["predicted_pct"]) for r in csv.DictReader(f)]
+    assert rows == [("a", "3", "66.67"), ("b", "2", "50.00")]
+    assert "records no dataset layout" not in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- hostile files
+
+GREY_MODEL_IMAGE_CAP = 10**6 * 8 + 16 * 2**20  # the grey model's max_pixels at 8 bytes a pixel, plus 16 MiB
+
+
+def _hostile(kind: str, path) -> None:
+    """A file predict must skip with a reason instead of reading: a device, or a sparse file over the cap."""
+    if kind == "device":
+        path.symlink_to("/dev/zero")  # read whole, it fills memory
+    else:
+        with open(path, "wb") as f:
+            f.truncate(GREY_MODEL_IMAGE_CAP + 1)  # sparse: costs no disk, read whole it costs every worker
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
+def test_recursive_predict_skips_what_is_not_a_regular_file_under_the_cap(grey_model, tmp_path, kind):
+    import contextlib
+
+    from badfiles import fifo
+
+    folder = tmp_path / "batch"
+    _grey_png(folder / "sub" / "ok.png", 200)
+    hostile = folder / "sub" / "hostile.png"
+    with contextlib.ExitStack() as stack:
+        if kind == "fifo":
+            stack.enter_context(fifo(hostile))  # read, it blocks predict for ever
+        else:
+            _hostile(kind, hostile)
+        predictions, skipped = predict_folder(grey_model, folder, recursive=True, workers=1, batch_size=2)
+    assert [p.name for p in predictions] == ["sub/ok.png"]
+    assert [s.name for s in skipped] == ["sub/hostile.png"]
+    expected = {"fifo": "not a regular file", "device": "not a regular file",
+                "oversized": f"{GREY_MODEL_IMAGE_CAP + 1} bytes, more than the {GREY_MODEL_IMAGE_CAP} allowed"}[kind]
+    assert expected in skipped[0].reason
+
+
+def test_a_labels_csv_over_its_cap_stops_predict_naming_it(grey_model, labelled_batch, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    cap = 16 * 2**20  # sources.LABELS_CSV_MAX_BYTES, written out
+    with open(labelled_batch / "public.csv", "wb") as f:
+        f.truncate(cap + 1)
+    out = tmp_path / "evaluation.csv"
+    assert cli.main(["predict", str(labelled_batch), "--recursive", "--model", str(grey_model), "-o", str(out),
+                     "--workers", "1"]) == 1
+    err = capfd.readouterr().err
+    assert f"public.csv: {cap + 1} bytes, more than the {cap} allowed" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_predict_into_a_folder_refuses_before_predicting(grey_model, labelled_batch, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "work.txt").write_text("keep")
+    assert cli.main(["predict", str(labelled_batch), "--recursive", "--model", str(grey_model), "-o", str(precious),
+                     "--workers", "1"]) == 1
+    err = capfd.readouterr().err
+    assert "precious" in err and "is a folder" in err and "Traceback" not in err and "predicting" not in err
+    assert (precious / "work.txt").read_text() == "keep"

@@ -2,21 +2,43 @@
 
 import numpy as np
 
+from badfiles import CLASS_DIRS, GROUP_REGEX, NEGATIVE, POSITIVE, cmil_name, random_rgb, write_clean_dataset
 from glomeruli.h5store import ImageStore
-from glomeruli.images import load_model_input
 from glomeruli.ingest import IngestConfig, ingest_dataset
 from glomeruli.preprocess import preprocess_images
 
 
-def test_store_matches_the_shared_preprocessing_path(tiny_data):
+def test_store_holds_each_image_padded_centred_in_0_255(tmp_path):
+    """Images whose longer side is the target size are not resampled: every stored pixel is known by hand."""
+    raw = tmp_path / "raw"
+    write_clean_dataset(raw, per_class=2)  # positives 20 high x 26 wide, negatives 26 x 20, opaque RGBA
+    config = IngestConfig(class_dirs=CLASS_DIRS, labels_csv="public.csv", group_regex=GROUP_REGEX, max_pixels=10**8,
+                          max_unreadable_fraction=0.0, workers=1)
+    rows = ingest_dataset(raw, config).rows
+    fill = (5, 6, 7)
+    preprocess_images(raw, rows, tmp_path / "pre.h5", size=26, fill=fill, max_pixels=10**8, workers=1)
+    expected = {}
+    for i in range(2):
+        wide, tall = np.empty((26, 26, 3), np.uint8), np.empty((26, 26, 3), np.uint8)
+        wide[:], tall[:] = fill, fill
+        wide[3:23] = random_rgb(20, 26, seed=800 + i)  # 3 rows of fill above and below
+        tall[:, 3:23] = random_rgb(26, 20, seed=900 + i)  # 3 columns left and right
+        expected[f"{POSITIVE}/{cmil_name(f'P{i}', i + 1, 2, seed=800 + i)}"] = (wide, 1)
+        expected[f"{NEGATIVE}/{cmil_name(f'N{i}', i + 1, 2, seed=900 + i)}"] = (tall, 0)
+    with ImageStore(tmp_path / "pre.h5") as store:
+        assert store.images.dtype == np.uint8 and sorted(store.meta.ids) == sorted(expected)
+        images = store.read(np.arange(len(store.meta)))
+        for record_id, image, label in zip(store.meta.ids, images, store.meta.labels):
+            np.testing.assert_array_equal(image, expected[record_id][0], err_msg=record_id)
+            assert label == expected[record_id][1]
+        assert not store.meta.is_augmented.any()
+        assert sorted(set(store.meta.groups)) == ["N0", "N1", "P0", "P1"]
+
+
+def test_the_tiny_store_is_uint8_0_255(tiny_data):
     with ImageStore(tiny_data.preprocessed) as store:
         assert store.images.dtype == np.uint8 and store.images.shape[1:] == (32, 32, 3)
-        images = store.read(np.arange(len(store.meta)))
-        assert images.max() > 1, "pixels must stay in 0-255: the model normalises internally"
-        first = store.meta.ids[0]
-        expected = load_model_input((tiny_data.raw / first).read_bytes(), first, 32, (0, 0, 0), 10**8)
-        np.testing.assert_array_equal(images[0], expected)
-        assert not store.meta.is_augmented.any()
+        assert store.read(np.arange(len(store.meta))).max() > 1, "pixels must stay in 0-255: the model normalises"
         assert set(store.meta.labels) == {0, 1}
         assert all(g.startswith("SYNTH-") for g in store.meta.groups)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,95 @@ def test_workflows_pass_actionlint(workflow):
 def test_both_workflows_exist():
     names = {p.name for p in (ROOT / ".github" / "workflows").glob("*.yml")}
     assert {"review.yml", "gpu-repro.yml"} <= names
+
+
+def _workflow(name: str) -> dict:
+    return yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
+
+
+def _expressions(value) -> str:
+    """Every `${{ ... }}` expression anywhere in `value` (a step, an env mapping), as one text."""
+    return " ".join(re.findall(r"\$\{\{(.*?)\}\}", yaml.safe_dump(value)))
+
+
+STORAGE_SECRETS = ("DVC_REMOTE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "GCP_CREDENTIALS_JSON", "DVC_SSH_KEY")
+
+
+def test_gpu_repro_gives_each_secret_only_to_the_step_that_needs_it():
+    """The branch's code runs on a runner that persists between runs: while it runs (`dvc repro`), neither the push
+    token nor a storage key may be within its reach (environment, .git/config, a key file)."""
+    workflow = _workflow("gpu-repro.yml")
+    (job,) = workflow["jobs"].values()
+    for env in (workflow.get("env", {}), job.get("env", {})):
+        assert "secrets." not in _expressions(env) and "github.token" not in _expressions(env)
+    steps = job["steps"]
+    checkouts = [step for step in steps if str(step.get("uses", "")).startswith("actions/checkout@")]
+    assert checkouts and all(step["with"]["persist-credentials"] is False for step in checkouts)
+    assert all("secrets." not in _expressions(step) for step in checkouts)
+    for step in steps:
+        secrets = set(re.findall(r"secrets\.(\w+)", _expressions(step)))
+        script = step.get("run", "")
+        if re.search(r"\bgit\b.*\bpush\b", script):
+            assert secrets == {"REPRO_PUSH_TOKEN"}, step
+            assert "github.token" in _expressions(step["env"]) and "bin/dvc" not in script, step
+            continue
+        assert "github.token" not in _expressions(step), step
+        if secrets:
+            assert secrets <= set(STORAGE_SECRETS), step
+            assert re.search(r"bin/dvc (pull|push)\b", script) and "bin/dvc repro" not in script, step
+            assert "scripts/ci-remote.sh" in script, step  # which removes the keys and the remote when the step ends
+    repro = [step for step in steps if "bin/dvc repro" in step.get("run", "")]
+    assert len(repro) == 1 and "secrets." not in _expressions(repro[0])
+    pulls = [step for step in steps if re.search(r"bin/dvc (pull|push)\b", step.get("run", ""))]
+    assert len(pulls) == 2 and all(set(STORAGE_SECRETS) <= set(step["env"]) for step in pulls)
+
+
+FAKE_PYTHON = """#!/bin/bash
+# stands in for the venv's python: records each call (`-m dvc remote ...`, `-m pip install ...`), does nothing
+printf '%s\\n' "$*" >> "$CALLS"
+"""
+
+
+def test_ci_remote_leaves_no_key_or_remote_behind(tmp_path):
+    """`scripts/ci-remote.sh COMMAND...` sets the remote and its key files up for COMMAND alone."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    runner_temp = tmp_path / "runner-temp"
+    runner_temp.mkdir()
+    calls = tmp_path / "calls.log"
+    secrets = dict(PYTHON=str(python), CALLS=str(calls), DVC_REMOTE_URL="ssh://host/store",
+                   DVC_SSH_KEY="-----BEGIN KEY-----", RUNNER_TEMP=str(runner_temp))
+    script = str(ROOT / "scripts" / "ci-remote.sh")
+    seen = run(tmp_path, "bash", script, "bash", "-c", 'cat "$(find "$RUNNER_TEMP" -type f)"', **secrets).stdout
+    assert "-----BEGIN KEY-----" in seen  # there while the command runs
+    assert list(runner_temp.iterdir()) == []
+    log = calls.read_text().splitlines()
+    assert "-m dvc remote add --local --force --default ci ssh://host/store" in log
+    assert any(line.startswith("-m dvc remote modify --local ci keyfile ") for line in log)
+    assert log[-1] == "-m dvc remote remove --local ci"
+    calls.unlink()
+    failed = run(tmp_path, "bash", script, "false", check=False, **secrets)
+    assert failed.returncode == 1 and list(runner_temp.iterdir()) == []
+    assert calls.read_text().splitlines()[-1] == "-m dvc remote remove --local ci"
+
+
+def test_review_updates_only_its_own_bots_comment(tmp_path):
+    """Anyone can write the invisible marker into a comment first; only the workflow's bot's comment is updated."""
+    (job,) = _workflow("review.yml")["jobs"].values()
+    (step,) = [step for step in job["steps"] if "PATCH" in step.get("run", "")]
+    select = step["env"]["OWN_COMMENT"]
+    assert '.user.login == "github-actions[bot]"' in select and f'"$OWN_COMMENT"' in step["run"]
+    marker = "<!-- glomeruli-review -->"
+    pages = [[{"id": 1, "user": {"login": "mallory"}, "body": f"{marker}\nfake review"},
+              {"id": 2, "user": {"login": "github-actions[bot]"}, "body": "another bot comment"}],
+             [{"id": 3, "user": {"login": "github-actions[bot]"}, "body": f"{marker}\nthe review"}]]
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("jq not installed (GitHub's runners have it)")
+    chosen = subprocess.run([jq, "-r", "--arg", "marker", marker, select], capture_output=True, text=True, check=True,
+                            input="".join(json.dumps(page) for page in pages))  # `gh api --paginate` prints pages
+    assert chosen.stdout.split() == ["3"]
 
 
 def test_report_puts_intervals_beside_the_headline_and_knows_each_direction():

@@ -14,7 +14,7 @@ def test_site_metrics_by_hand(tmp_path):
     biopsies = np.array(["a1", "a1", "a1", "a2", "a2", "a2", "b1", "b1", "b1", "b1"])
     labels = np.array([1, 0, 0, 1, 1, 0, 0, 0, 0, 0])
     prob = np.array([0.9, 0.6, 0.1, 0.4, 0.8, 0.2, 0.7, 0.1, 0.2, 0.3])
-    result = site_metrics(labels, prob, prob, 0.5, sites, biopsies, burden_cutoff=0.2)
+    result = site_metrics(labels, prob, prob, prob >= 0.5, sites, biopsies, burden_cutoff=0.2)
     a, b = result["A"], result["B"]
     # A at 0.5: predicted [1,1,0,0,1,0]; TP 2 (0.9, 0.8), FN 1 (0.4), FP 1 (0.6), TN 2
     assert a["n"] == 6 and a["sclerotic"] == 3 and a["biopsies"] == 2
@@ -43,7 +43,7 @@ def test_a_model_that_learnt_the_site_shows_a_gap():
     sites = np.array(["A"] * 200 + ["B"] * 200)
     labels = np.concatenate([rng.uniform(size=200) < 0.05, rng.uniform(size=200) < 0.5]).astype(int)
     score = np.concatenate([rng.normal(0, 1, 200), rng.normal(3, 1, 200)])
-    result = site_metrics(labels, 1 / (1 + np.exp(-score)), score, 0.5, sites, np.arange(400).astype(str), 0.2)
+    result = site_metrics(labels, 1 / (1 + np.exp(-score)), score, score >= 0, sites, np.arange(400).astype(str), 0.2)
     from sklearn.metrics import roc_auc_score
 
     gap = site_gap(roc_auc_score(labels, score), result)

@@ -8,10 +8,13 @@ import zipfile
 
 import pytest
 
-from badfiles import (NEGATIVE, POSITIVE, add_macosx_members, add_members, hostile_zip_members, mark_encrypted,
-                      rgba_png, write_clean_dataset, write_messy_dataset, write_zip)
+from badfiles import (NEGATIVE, POSITIVE, add_macosx_members, add_members, declare_member_size, fifo,
+                      hostile_zip_members, mark_encrypted, rgba_png, write_clean_dataset, write_messy_dataset, write_zip)
 from glomeruli import sources
-from glomeruli.sources import Entry, SourceError, close_sources, list_entries, read_bytes
+from glomeruli.sources import (Entry, RefusedFileError, SourceError, close_sources, image_max_bytes, list_entries,
+                               read_bytes, read_file)
+
+CAP = 10**6  # any cap: the files below are built around it
 
 
 @pytest.fixture(autouse=True)
@@ -63,10 +66,10 @@ def test_messy_folder_listing(tmp_path):
 def test_folder_read_bytes_and_escapes(tmp_path):
     files = write_clean_dataset(tmp_path / "data")
     relpath = next(iter(files))
-    assert read_bytes(tmp_path / "data", relpath) == files[relpath]
+    assert read_bytes(tmp_path / "data", relpath, CAP) == files[relpath]
     (tmp_path / "secret.png").write_bytes(b"secret")
     with pytest.raises(FileNotFoundError):
-        read_bytes(tmp_path / "data", "../secret.png")
+        read_bytes(tmp_path / "data", "../secret.png", CAP)
 
 
 def test_symlink_swapped_in_after_listing_cannot_leak(tmp_path):
@@ -75,7 +78,7 @@ def test_symlink_swapped_in_after_listing_cannot_leak(tmp_path):
     (tmp_path / "secret.png").write_bytes(b"secret")
     os.symlink(tmp_path / "secret.png", root / POSITIVE / "late.png")
     with pytest.raises(FileNotFoundError, match="outside the source"):
-        read_bytes(root, f"{POSITIVE}/late.png")
+        read_bytes(root, f"{POSITIVE}/late.png", CAP)
 
 
 def test_fifo_is_skipped_not_read(tmp_path):
@@ -96,7 +99,7 @@ def test_zip_lists_like_the_folder_and_reads_members(tmp_path):
         assert [e.size for e in entries] == [e.size for e in folder_entries]
         assert skipped == folder_skipped == []
         for relpath, data in files.items():
-            assert read_bytes(archive, relpath) == data
+            assert read_bytes(archive, relpath, CAP) == data
 
 
 def test_zip_with_a_top_level_file_is_not_unwrapped(tmp_path):
@@ -119,7 +122,7 @@ def test_hostile_zip_members_are_skipped_and_nothing_is_written(tmp_path, monkey
 
     entries, skipped = list_entries(archive)
     for relpath in [e.relpath for e in entries]:
-        read_bytes(archive, relpath)
+        read_bytes(archive, relpath, CAP)
 
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert os.path.exists("/abs.png") == abs_existed
@@ -130,7 +133,7 @@ def test_hostile_zip_members_are_skipped_and_nothing_is_written(tmp_path, monkey
     for name in macosx:
         assert "__MACOSX" in reasons[name]
     with pytest.raises(FileNotFoundError):
-        read_bytes(archive, "../escape.png")
+        read_bytes(archive, "../escape.png", CAP)
 
 
 def test_zip_symlink_duplicate_and_encrypted_members_are_skipped(tmp_path):
@@ -153,14 +156,14 @@ def test_zip_symlink_duplicate_and_encrypted_members_are_skipped(tmp_path):
     assert "encrypted" in reasons[f"{POSITIVE}/locked.png"]
     assert "duplicate member name" in reasons[f"{POSITIVE}\\a.png"]
     assert "hidden" in reasons[f"{POSITIVE}/.DS_Store"]
-    assert read_bytes(archive, f"{POSITIVE}/a.png") == b"first"
+    assert read_bytes(archive, f"{POSITIVE}/a.png", CAP) == b"first"
 
 
 def test_non_ascii_and_space_names_in_zip(tmp_path):
     name = f"{NEGATIVE}/glom 1 é.png"
     archive = write_zip(tmp_path / "d.zip", {name: b"bytes"})
     assert list_entries(archive)[0] == [Entry(name, 5)]
-    assert read_bytes(archive, name) == b"bytes"
+    assert read_bytes(archive, name, CAP) == b"bytes"
 
 
 def test_corrupt_zip_is_a_source_error(tmp_path):
@@ -170,33 +173,33 @@ def test_corrupt_zip_is_a_source_error(tmp_path):
     archive.write_bytes(bytes(data))
     close_sources()
     with pytest.raises(SourceError, match="a.png"):
-        read_bytes(archive, f"{POSITIVE}/a.png")
+        read_bytes(archive, f"{POSITIVE}/a.png", CAP)
 
 
 def test_one_open_zip_per_process_and_reopened_when_replaced(tmp_path):
     archive = write_zip(tmp_path / "d.zip", {f"{POSITIVE}/a.png": b"old"})
-    assert read_bytes(archive, f"{POSITIVE}/a.png") == b"old"
+    assert read_bytes(archive, f"{POSITIVE}/a.png", CAP) == b"old"
     handle = sources._open_zips[(os.getpid(), str(archive.resolve()))].archive
-    read_bytes(archive, f"{POSITIVE}/a.png")
+    read_bytes(archive, f"{POSITIVE}/a.png", CAP)
     assert sources._open_zips[(os.getpid(), str(archive.resolve()))].archive is handle
     write_zip(tmp_path / "new.zip", {f"{POSITIVE}/a.png": b"newer"}).replace(archive)
-    assert read_bytes(archive, f"{POSITIVE}/a.png") == b"newer"
+    assert read_bytes(archive, f"{POSITIVE}/a.png", CAP) == b"newer"
 
 
 def _read_in_child(args):
     archive, relpath = args
-    return os.getpid(), read_bytes(archive, relpath)
+    return os.getpid(), read_bytes(archive, relpath, CAP)
 
 
 def test_forked_workers_open_their_own_zip(tmp_path):
     files = write_clean_dataset(tmp_path / "data", per_class=6)
     archive = write_zip(tmp_path / "d.zip", files)
-    read_bytes(archive, next(iter(files)))  # the parent holds an open handle before forking
+    read_bytes(archive, next(iter(files)), CAP)  # the parent holds an open handle before forking
     with multiprocessing.get_context("fork").Pool(2) as pool:
         results = pool.map(_read_in_child, [(archive, r) for r in files], chunksize=1)
     assert [data for _, data in results] == list(files.values())
     assert os.getpid() not in {pid for pid, _ in results}
-    assert read_bytes(archive, next(iter(files))) == next(iter(files.values()))  # parent offset intact
+    assert read_bytes(archive, next(iter(files)), CAP) == next(iter(files.values()))  # parent offset intact
 
 
 # ------------------------------------------------------------------ one layout rule for folders and zips
@@ -222,7 +225,7 @@ def test_folder_and_zip_accept_the_same_layouts(tmp_path, wrapper):
         assert [e.relpath for e in entries] == sorted(files), kind  # relative to the wrapper, junk set aside
         # (a folder skips __MACOSX/ as one folder, a zip member by member)
         assert {s.relpath.split("/")[0] for s in skipped} == {"__MACOSX", ".DS_Store"}, kind
-        assert all(read_bytes(folder if kind == "folder" else archive, r) == files[r] for r in files)
+        assert all(read_bytes(folder if kind == "folder" else archive, r, CAP) == files[r] for r in files)
     assert listings["folder"][0] == listings["zip"][0]
 
 
@@ -233,3 +236,88 @@ def test_folder_wrapper_is_found_again_in_a_fresh_worker(tmp_path):
     relpath = next(iter(files))
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # a worker that never listed the folder
         assert pool.map(_read_in_child, [(folder, relpath)])[0][1] == files[relpath]
+
+
+# ---------------------------------------------------------------------------------------- read_file: the one capped read
+
+def test_read_file_refuses_a_named_pipe_without_blocking(tmp_path):
+    with fifo(tmp_path / "pipe.png") as pipe:
+        with pytest.raises(RefusedFileError, match=r"pipe\.png: not a regular file"):
+            read_file(pipe, CAP)
+
+
+def test_read_file_refuses_a_device_behind_a_symlink(tmp_path):
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(RefusedFileError, match=r"zero\.png: not a regular file"):
+        read_file(tmp_path / "zero.png", CAP)
+
+
+def test_read_file_refuses_a_file_over_its_cap_unread(tmp_path):
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(1001)  # sparse: costs no disk, and must cost no memory either
+    with pytest.raises(RefusedFileError, match=r"huge\.png: 1001 bytes, more than the 1000 allowed"):
+        read_file(huge, 1000)
+    with open(huge, "r+b") as f:
+        f.truncate(1000)
+    assert read_file(huge, 1000) == bytes(1000)
+
+
+def test_read_file_stops_at_the_cap_when_the_file_holds_more_than_it_said():
+    # Kernel files declare size 0 and hold more: the stand-in for a file that grows after its size was checked.
+    status = "/proc/self/status"
+    if not os.path.exists(status) or os.stat(status).st_size != 0:
+        pytest.skip("needs Linux /proc")
+    with pytest.raises(RefusedFileError, match="more than the 100 allowed"):
+        read_file(status, 100)
+
+
+def test_a_named_pipe_swapped_in_after_listing_is_refused_without_blocking(tmp_path):
+    root = tmp_path / "data"
+    files = write_clean_dataset(root)
+    relpath = next(iter(files))
+    assert relpath in {e.relpath for e in list_entries(root)[0]}
+    (root / relpath).unlink()
+    with fifo(root / relpath):
+        with pytest.raises(RefusedFileError, match="not a regular file"):
+            read_bytes(root, relpath, CAP)
+
+
+def test_a_folder_file_over_the_cap_is_refused(tmp_path):
+    root = tmp_path / "data"
+    files = write_clean_dataset(root)
+    relpath = next(iter(files))
+    with pytest.raises(RefusedFileError, match=rf"{len(files[relpath])} bytes, more than the 100 allowed"):
+        read_bytes(root, relpath, 100)
+
+
+def test_a_zip_member_over_the_cap_is_refused_by_its_declared_size(tmp_path):
+    archive = write_zip(tmp_path / "d.zip", {f"{POSITIVE}/big.png": bytes(5000)})
+    with pytest.raises(RefusedFileError, match=r"big\.png: 5000 bytes, more than the 4999 allowed"):
+        read_bytes(archive, f"{POSITIVE}/big.png", 4999)
+    assert read_bytes(archive, f"{POSITIVE}/big.png", 5000) == bytes(5000)
+
+
+def test_a_zip_member_that_lies_about_its_size_gives_no_more_than_it_declared(tmp_path):
+    archive = write_zip(tmp_path / "d.zip", {f"{POSITIVE}/bomb.png": bytes(50_000)})
+    declare_member_size(archive, f"{POSITIVE}/bomb.png", 10)
+    with pytest.raises(SourceError, match=r"bomb\.png"):
+        read_bytes(archive, f"{POSITIVE}/bomb.png", 100)
+
+
+def test_the_image_cap_follows_max_pixels():
+    # 8 bytes a pixel (16-bit RGBA stored raw) plus 16 MiB of metadata
+    assert image_max_bytes(1000) == 8000 + 16 * 2**20
+
+
+def test_a_name_with_a_line_break_is_skipped_in_folders_and_zips(tmp_path):
+    # csv writes a bare \r unquoted, so such a name would not come back from the manifest as it went in
+    files = {f"{POSITIVE}/a\rb.png": b"x", f"{POSITIVE}/ok.png": b"y", f"{NEGATIVE}/c.png": b"z"}
+    folder = tmp_path / "data"
+    for relpath, data in files.items():
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relpath).write_bytes(data)
+    for source in (folder, write_zip(tmp_path / "d.zip", files)):
+        entries, skipped = list_entries(source)
+        assert sorted(e.relpath for e in entries) == sorted([f"{POSITIVE}/ok.png", f"{NEGATIVE}/c.png"]), source
+        assert "line break" in _reason(skipped, f"{POSITIVE}/a\rb.png"), source

@@ -5,7 +5,7 @@ import pytest
 
 from glomeruli.h5store import RecordMeta
 from glomeruli.params import SplitParams
-from glomeruli.split import SplitError, split_records, summarize
+from glomeruli.split import SplitError, fold_assignment, split_records, summarize
 
 
 def _meta(n_sources: int = 120, copies: int = 2, n_biopsies: int = 24, positive_every: int = 4) -> RecordMeta:
@@ -22,23 +22,55 @@ def _meta(n_sources: int = 120, copies: int = 2, n_biopsies: int = 24, positive_
     return RecordMeta(obj(ids), obj(sources), obj(groups), np.array(labels), np.array(augmented))
 
 
+def _source_of(record_id: str) -> str:
+    return record_id.split("#")[0]
+
+
+def _is_positive(record_id: str) -> bool:
+    """_meta's rule, read from the id alone: source s<n> is globally sclerotic when n is a multiple of 4."""
+    return int(_source_of(record_id)[1:]) % 4 == 0
+
+
 @pytest.mark.parametrize("group_by", ["image", "biopsy"])
 def test_partitions_are_disjoint_and_stratified(group_by):
-    meta = _meta()
+    meta = _meta()  # 120 originals, 30 of them positive (each with 2 augmented copies), 24 biopsies of 5
     split = split_records(meta, SplitParams(group_by, folds=5, fold=0, val_fraction=0.2), seed=3)
+    ids = {p: [str(meta.ids[r]) for r in split.rows(p)] for p in ("train", "val", "test")}
+
+    # Whole groups (biopsies, or images with their copies) per partition.
     key = meta.source_ids if group_by == "image" else meta.groups
     parts = {p: set(key[split.rows(p)]) for p in ("train", "val", "test")}
     assert not parts["train"] & parts["val"] and not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
-    sources = {p: set(meta.source_ids[split.rows(p)]) for p in ("train", "val", "test")}
-    assert not sources["train"] & sources["test"] and not sources["val"] & sources["test"]
-    train_sources = set(meta.source_ids[split.train])
-    assert set(split.train) == {i for i in range(len(meta)) if meta.source_ids[i] in train_sources}
-    for p in ("val", "test"):
-        assert not meta.is_augmented[split.rows(p)].any()
-        assert set(meta.labels[split.rows(p)]) == {0, 1}
-    assert meta.is_augmented[split.train].any()
-    originals = ~meta.is_augmented
-    assert 0.12 < len(split.test) / originals.sum() < 0.3
+
+    # Augmented copies only in train, and there all of them: the two copies of each positive train original.
+    assert not [i for p in ("val", "test") for i in ids[p] if "#aug" in i]
+    train_sources = {i for i in ids["train"] if "#aug" not in i}
+    assert sorted(i for i in ids["train"] if "#aug" in i) == sorted(
+        f"{s}#aug{c}" for s in train_sources if _is_positive(s) for c in (1, 2))
+    assert sorted(i for p in ids.values() for i in p if "#aug" not in i) == sorted(f"s{n}" for n in range(120))
+
+    # Stratified: each class is shared out like the data (test 1/5, validation 1/5 of the originals, train the
+    # rest), to within one image, or one biopsy (5 images, all of one class here) when grouped by biopsy.
+    slack = 1 if group_by == "image" else 5
+    for positive, n_class in ((True, 30), (False, 90)):
+        for partition, share in (("test", 0.2), ("val", 0.2), ("train", 0.6)):
+            held = sum(1 for i in ids[partition] if "#aug" not in i and _is_positive(i) == positive)
+            assert abs(held - share * n_class) <= slack, (partition, positive, held)
+
+
+@pytest.mark.parametrize("group_by", ["image", "biopsy"])
+def test_the_test_set_is_the_fold_split_fold_names(group_by):
+    """Fold k of K is the test set of run k: the K test sets are disjoint, cover every original once, and are
+    the folds cv-summary's fold_assignment reports."""
+    meta = _meta()
+    params = {k: SplitParams(group_by, folds=5, fold=k, val_fraction=0.2) for k in range(5)}
+    tests = {k: split_records(meta, params[k], seed=3).test for k in range(5)}
+    held = sorted(str(meta.ids[r]) for k in range(5) for r in tests[k])
+    assert held == sorted(f"s{n}" for n in range(120))  # disjoint and complete: fold k is not fold 0 again
+    assert all(18 <= len(tests[k]) <= 30 for k in range(5))
+    fold_of = fold_assignment(meta, params[0], seed=3)
+    for k in range(5):
+        np.testing.assert_array_equal(tests[k], np.flatnonzero(fold_of == k))
 
 
 def test_split_is_deterministic_and_seeded():
@@ -59,9 +91,16 @@ def test_summary_counts_classes_per_partition():
     meta = _meta()
     split = split_records(meta, SplitParams("image", folds=5, fold=0, val_fraction=0.2), seed=0)
     summary = summarize(meta, split, SplitParams("image", folds=5, fold=0, val_fraction=0.2))
-    assert sum(summary[p]["originals"] for p in ("train", "val", "test")) == int((~meta.is_augmented).sum())
-    assert summary["test"]["augmented"] == 0 and summary["train"]["augmented"] == int(meta.is_augmented[split.train].sum())
-    assert summary["test"]["label_0"] + summary["test"]["label_1"] == summary["test"]["originals"]
+    for partition in ("train", "val", "test"):
+        ids = [str(meta.ids[r]) for r in split.rows(partition)]
+        originals = [i for i in ids if "#aug" not in i]
+        by_hand = {"records": len(ids), "originals": len(originals), "augmented": len(ids) - len(originals),
+                   "label_0": sum(not _is_positive(i) for i in ids),
+                   "label_1": sum(_is_positive(i) for i in ids),
+                   "biopsies": len({f"B{int(_source_of(i)[1:]) % 24}" for i in ids}),
+                   "share_of_originals": round(len(originals) / 120, 4), "sites": ["all"]}
+        assert summary[partition] == by_hand, partition
+    assert summary["test"]["label_1"] == 6 and summary["test"]["label_0"] == 18  # 1/5 of 30 and of 90
 
 
 def _few_positive_biopsies() -> RecordMeta:
@@ -85,3 +124,49 @@ def test_validation_holds_both_classes_in_every_fold(fold):
     for partition in ("train", "val", "test"):
         assert set(meta.labels[split.rows(partition)].tolist()) == {0, 1}, partition
     assert not set(meta.groups[split.val]) & set(meta.groups[split.train])
+
+
+def _sited_meta(n_sites: int = 3, biopsies_per_site: int = 6, images_per_biopsy: int = 5) -> RecordMeta:
+    """Site k holds biopsies S<k>-B<j>; in every biopsy image 0 is sclerotic, with one augmented copy."""
+    ids, sources, groups, labels, augmented, sites = [], [], [], [], [], []
+    for k in range(n_sites):
+        for j in range(biopsies_per_site):
+            for i in range(images_per_biopsy):
+                label = int(i == 0)
+                for c in range(1 + label):
+                    source = f"S{k}-B{j}-{i}"
+                    ids.append(source + (f"#aug{c}" if c else ""))
+                    sources.append(source)
+                    groups.append(f"S{k}-B{j}")
+                    labels.append(label)
+                    augmented.append(c > 0)
+                    sites.append(f"S{k}")
+    obj = lambda x: np.array(x, dtype=object)  # noqa: E731
+    return RecordMeta(obj(ids), obj(sources), obj(groups), np.array(labels), np.array(augmented), obj(sites))
+
+
+def test_leave_one_site_out_never_shares_a_site():
+    meta = _sited_meta()
+    for fold, held_out in enumerate(["S0", "S1", "S2"]):  # sorted site names, one per fold
+        split = split_records(meta, SplitParams(group_by="site", folds=3, fold=fold, val_fraction=0.15), seed=1)
+        test_sites = {i.split("-")[0] for i in meta.ids[split.test]}
+        other_sites = {i.split("-")[0] for p in ("train", "val") for i in meta.ids[split.rows(p)]}
+        assert test_sites == {held_out} and held_out not in other_sites
+        assert len(split.test) == 6 * 5  # every original of the site, no augmented copy
+        val_biopsies = {i.rsplit("-", 1)[0] for i in meta.ids[split.val]}
+        train_biopsies = {i.rsplit("-", 1)[0] for i in meta.ids[split.train]}
+        assert val_biopsies and not val_biopsies & train_biopsies
+    folds = fold_assignment(meta, SplitParams(group_by="site", folds=3, fold=0, val_fraction=0.15), seed=1)
+    originals = ~meta.is_augmented
+    assert [f"S{f}" for f in folds[originals]] == [i.split("-")[0] for i in meta.ids[originals]]
+
+
+def test_leave_one_site_out_refuses_too_few_sites_and_wrong_folds():
+    with pytest.raises(SplitError, match="at least 3 sites, the data has 2"):
+        split_records(_sited_meta(n_sites=2), SplitParams(group_by="site", folds=2, fold=0, val_fraction=0.15), 1)
+    with pytest.raises(SplitError, match="split.folds must be 3"):
+        split_records(_sited_meta(), SplitParams(group_by="site", folds=5, fold=0, val_fraction=0.15), 1)
+    with pytest.raises(SplitError, match="at least 3 sites, the data has 1"):  # no site_regex: one site
+        meta = _sited_meta()
+        split_records(RecordMeta(meta.ids, meta.source_ids, meta.groups, meta.labels, meta.is_augmented),
+                      SplitParams(group_by="site", folds=3, fold=0, val_fraction=0.15), 1)

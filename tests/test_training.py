@@ -87,6 +87,8 @@ def test_batches_reshuffle_per_epoch_and_repeat_exactly():
 def test_balanced_sample_weights():
     labels = np.array([0] * 8 + [1] * 2)
     w = sample_weights(labels, "balanced")
+    # n / (2 * n_class): 10 / 16 for each of the 8 negatives, 10 / 4 for each of the 2 positives
+    np.testing.assert_allclose(w, [0.625] * 8 + [2.5] * 2)
     assert w[labels == 0].sum() == pytest.approx(w[labels == 1].sum())
     assert sample_weights(labels, "none") is None
 
@@ -187,6 +189,27 @@ def test_resume_key_follows_the_store_content_not_its_size(tmp_path, monkeypatch
     changed_key, changed_store = build_store()
     assert len(changed_store) == len(store) and changed_store != store
     assert changed_key != key
+
+
+def test_resume_key_hashes_the_code_dvc_yaml_lists(monkeypatch):
+    """The code in the resume key is the code DVC reruns the stage for: the phase's own deps in dvc.yaml, and
+    those of preprocess and augment for the store's content; inference.py (the caches) among them."""
+    from pathlib import Path
+
+    import yaml
+
+    from conftest import small_params
+    from glomeruli import training
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for phase in ("train_frozen", "finetune"):
+        hashed: list[Path] = []
+        monkeypatch.setattr(training, "file_sha256", lambda path: hashed.append(Path(path).resolve()) or "0")
+        training._checkpoint_dir(phase, small_params())
+        declared = {root / d for s in (phase, "preprocess", "augment") for d in stages[s]["deps"] if d.endswith(".py")}
+        assert {p for p in hashed if p.suffix == ".py"} == declared
+        assert root / "src/glomeruli/inference.py" in declared
 
 
 @pytest.mark.parametrize("from_scratch", [False, True], ids=["top-block", "from-scratch"])

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import shipped_params_raw, shipped_params_text, small_params
+from conftest import shipped_params_raw, shipped_params_text
 from glomeruli.errors import UserError
-from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
+from glomeruli.layout import BIOPSY_PREFIX, MARKER_FILE
+from glomeruli.params import parse_params
 from glomeruli.workspace import FROM_SCRATCH_OVERRIDES, from_scratch_command, set_data_source
 from project import ROOT, dvc, glomeruli, run
 
@@ -146,14 +147,75 @@ def test_doctor_flags_training_from_scratch_below_128_px(tmp_path):
                             text=True)
     line = next(line for line in result.stdout.splitlines() if "model weights" in line)
     assert line.startswith("!!") and "none at 64 px" in line and "memorises" in line, result.stdout
-    assert from_scratch_command() in line
+    assert FROM_SCRATCH_RECIPE in line
+
+
+# Recipe (c) of bench/RESULTS.md, written out: what doctor prints, the README shows and a user pastes.
+FROM_SCRATCH_RECIPE = (
+    "dvc exp run -S preprocess.image_size=128 -S model.weights=none -S train_frozen.epochs=30 -S train_frozen.lr=0.003"
+    " -S train_frozen.patience=6 -S finetune.unfreeze_blocks=all -S finetune.lr=0.001 -S finetune.lr_schedule=cosine"
+    " -S finetune.warmup_epochs=0 -S finetune.epochs=12 -S finetune.patience=12")
 
 
 def test_from_scratch_recipe_is_valid_params_and_the_readme_shows_it():
-    """The recipe as `-S key=value` overrides of the shipped params.yaml, one line in the README."""
-    params = small_params(**FROM_SCRATCH_OVERRIDES)  # the strict loader refuses any unknown key
-    assert params.model.weights == "none" and params.finetune.unfreeze_blocks == "all"
-    assert params.preprocess.image_size >= 128
-    command = from_scratch_command()
-    assert command.startswith("dvc exp run -S preprocess.image_size=128 -S model.weights=none -S")
-    assert command in (ROOT / "README.md").read_text(encoding="utf-8")
+    """The recipe's `-S key=value` overrides, applied to the shipped params.yaml as DVC applies them (the value
+    read as YAML), load with the strict loader and give exactly those settings; the README shows the line."""
+    assert from_scratch_command() == FROM_SCRATCH_RECIPE
+    assert FROM_SCRATCH_RECIPE in (ROOT / "README.md").read_text(encoding="utf-8")
+    overrides = dict(option.split("=", 1) for option in FROM_SCRATCH_RECIPE.split(" -S ")[1:])
+    assert set(overrides) == set(FROM_SCRATCH_OVERRIDES)
+    raw = shipped_params_raw()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        assert name in raw[section], key  # overrides an existing key (a new one would need `-S +key=value`)
+        raw[section][name] = yaml.safe_load(value)
+    params = parse_params(raw)  # the strict loader refuses any unknown key or bad value
+    assert (params.preprocess.image_size, params.model.weights) == (128, "none")
+    assert (params.train_frozen.epochs, params.train_frozen.lr, params.train_frozen.patience) == (30, 0.003, 6)
+    assert (params.finetune.unfreeze_blocks, params.finetune.lr, params.finetune.lr_schedule) == ("all", 0.001, "cosine")
+    assert (params.finetune.warmup_epochs, params.finetune.epochs, params.finetune.patience) == (0, 12, 12)
+
+
+def _project_with_outs(folder: Path, outs: list[str]) -> Path:
+    """A committed git + DVC project whose one stage declares `outs`, and the user's data in data/raw."""
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text(shipped_params_text())
+    (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {"cmd": "true", "outs": outs}}}))
+    (folder / ".dvc").mkdir()
+    run(folder, "git", "init", "-q", "-b", "main")
+    run(folder, "git", "add", "-A")
+    run(folder, "git", "commit", "-qm", "project")
+    (folder / "data" / "raw").mkdir(parents=True)
+    return folder
+
+
+def _precious(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "thesis.txt").write_text("years of work")
+    return folder
+
+
+@pytest.mark.parametrize("out", ["../victim", "data/link/victim"])
+def test_use_data_refuses_an_output_outside_the_project(tmp_path, out):
+    victim = _precious(tmp_path / "victim")
+    repo = _project_with_outs(tmp_path / "project", [out])
+    (repo / "data" / "link").symlink_to(tmp_path, target_is_directory=True)  # data/link/victim is ../victim
+    (repo / "params.yaml").write_text(shipped_params_text().replace("seed: 42", "seed: 7"))
+    refused = glomeruli(repo, "use-data", "data/raw", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"{out}" in refused.stderr and "dvc.yaml" in refused.stderr and "outside the project" in refused.stderr
+    assert (victim / "thesis.txt").read_text() == "years of work"
+    assert "seed: 7" in (repo / "params.yaml").read_text(), "nothing may change before the refusal"
+
+
+def test_use_data_removes_a_symlinked_output_never_its_target(tmp_path):
+    cache = _precious(tmp_path / "shared-cache")  # as DVC's `cache.type: symlink` with a cache outside the project
+    repo = _project_with_outs(tmp_path / "project", ["data/interim/manifest.csv", "metrics/plots"])
+    (repo / "data" / "interim").mkdir(parents=True)
+    (repo / "data" / "interim" / "manifest.csv").symlink_to(cache / "thesis.txt")
+    (repo / "metrics").mkdir()
+    (repo / "metrics" / "plots").symlink_to(cache, target_is_directory=True)
+    glomeruli(repo, "use-data", "data/raw")
+    for out in (repo / "data" / "interim" / "manifest.csv", repo / "metrics" / "plots"):
+        assert not out.is_symlink() and not out.exists()
+    assert (cache / "thesis.txt").read_text() == "years of work"

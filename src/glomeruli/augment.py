@@ -14,6 +14,7 @@ from glomeruli.h5store import ImageStore, RecordMeta, StoreWriter
 from glomeruli.logs import progress
 from glomeruli.parallel import ordered_map
 from glomeruli.params import AugmentParams
+from glomeruli.stain import jitter_colour, stored_normalization
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,12 @@ class Plan:
 
 def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentParams,
                   fill: tuple[int, int, int]) -> np.ndarray:
-    """Random scale, shift, optional flip / 90-degree turn, and Gaussian noise; uint8 in, uint8 out."""
+    """Random scale, shift, optional flip / 90-degree turn, colour jitter and Gaussian noise; uint8 in, uint8 out.
+
+    The colour draws come after the geometric and noise draws (stain.jitter_colour), so with every colour
+    setting 0 a variant is exactly what it was before colour jitter existed. Colour is applied before the
+    noise (sensor noise comes last) and leaves the padding at `fill`; the noise, as before, covers it too.
+    """
     size = image.shape[0]
     scale = rng.uniform(*params.scale)
     shift = rng.uniform(-params.translate, params.translate, size=2) * size
@@ -46,9 +52,10 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, params: AugmentPa
         out = out[:, ::-1]
     if params.rotate90:
         out = np.rot90(out, k=int(rng.integers(4)))
-    if params.noise_std > 0:
-        noisy = out.astype(np.float32) + rng.normal(0.0, params.noise_std, out.shape).astype(np.float32)
-        out = np.clip(np.rint(noisy), 0, 255)
+    noise = rng.normal(0.0, params.noise_std, out.shape).astype(np.float32) if params.noise_std > 0 else None
+    out = jitter_colour(out, rng, params, fill)
+    if noise is not None:
+        out = np.clip(np.rint(out.astype(np.float32) + noise), 0, 255)
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
@@ -113,7 +120,7 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
         ids=np.array([meta.ids[i] + (f"#aug{c}" if c else "") for i, c in zip(src.tolist(), plan.copy.tolist())],
                      dtype=object),
         source_ids=meta.ids[src], groups=meta.groups[src], labels=meta.labels[src].astype(np.int8),
-        is_augmented=plan.copy > 0)
+        is_augmented=plan.copy > 0, sites=meta.sites[src])
     log.info("augmenting %d originals into %d records (copies per class: %s)",
              len(meta), len(plan), params.copies_per_class)
     images = ordered_map(_render, range(len(plan)), workers, initializer=_init,
@@ -129,3 +136,54 @@ def augment_store(in_path: Path, out_path: Path, params: AugmentParams, *, seed:
             _job["store"].close()
             _job["store"] = None
     return out_meta
+
+
+EXAMPLE_VARIANTS = 4  # variants shown beside each original in the examples sheet
+_CLASS_TITLES = ("non-globally sclerotic", "globally sclerotic")  # label 0, 1
+
+
+def write_examples(store_path: Path, out_png: Path, params: AugmentParams, *, seed: int, per_class: int = 3) -> None:
+    """A sheet of `per_class` originals of each class (evenly spread over the store, so not one biopsy) beside
+    variants drawn as the stage draws them: variant c of image i is augment_image with the generator (seed, i, c),
+    the stage's own record for every copy it keeps. What training sees, for a person to judge."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training boxes and CI; imported here so training does not load it
+    import matplotlib.pyplot as plt
+
+    with ImageStore(store_path) as store:
+        labels, ids = store.meta.labels, store.meta.ids
+        fill = tuple(int(c) for c in store.attrs["fill"])
+        normalization = stored_normalization(store.attrs.get("stain_normalization")).method
+        chosen = []
+        for label in (0, 1):
+            of_class = np.flatnonzero(labels == label)
+            if len(of_class):
+                chosen += of_class[np.unique(np.linspace(0, len(of_class) - 1, per_class).round().astype(int))].tolist()
+        images = store.read(np.array(sorted(chosen), dtype=np.int64)) if chosen else np.zeros((0, 1, 1, 3), np.uint8)
+    by_index = dict(zip(sorted(chosen), images))
+    columns = 1 + EXAMPLE_VARIANTS
+    fig, axes = plt.subplots(max(len(chosen), 1), columns, figsize=(1.9 * columns, 2.1 * max(len(chosen), 1)),
+                             squeeze=False)
+    for row, index in enumerate(chosen):
+        original = by_index[index]
+        variants = [augment_image(original, np.random.default_rng([seed, index, copy]), params, fill)
+                    for copy in range(1, columns)]
+        for column, image in enumerate([original, *variants]):
+            ax = axes[row, column]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title("original" if column == 0 else f"variant {column}", fontsize=8)
+        name = str(ids[index]).rsplit("/", 1)[-1]
+        axes[row, 0].set_ylabel(f"{_CLASS_TITLES[int(labels[index])]}\n{name[:24]}", fontsize=7)
+    if not chosen:
+        axes[0, 0].set_axis_off()
+    colour = ", ".join(f"{k} {getattr(params, k):g}" for k in ("hed_scale", "hed_shift", "brightness", "contrast",
+                                                               "saturation", "hue"))
+    fig.suptitle(f"Augmentation: originals and variants as training sees them (stain normalisation {normalization})\n"
+                 f"scale {params.scale[0]:g}-{params.scale[1]:g}, translate {params.translate:g}, "
+                 f"noise {params.noise_std:g}\n{colour}", fontsize=9)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100, metadata={"Software": None})
+    plt.close(fig)

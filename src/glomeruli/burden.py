@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from glomeruli.atomic import atomic_path
+from glomeruli.csvcells import spreadsheet_safe
 
-CMIL_GROUP_REGEX = r"^(?P<group>.+?)_PAS_"  # the shipped ingest.group_regex: the biopsy id before _PAS_
 MAX_LISTED = 20  # biopsies named beside the scatter plot; beyond that burden.csv lists them
 CSV_COLUMNS = ("biopsy", "glomeruli", "true_pct", "predicted_pct", "mean_probability_pct", "error_pct_points")
 
@@ -81,7 +81,7 @@ def write_burden_csv(path: Path, rows: list[BiopsyBurden]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
-        writer.writerows((r.biopsy, r.glomeruli, _fmt(r.true_pct), _fmt(r.predicted_pct),
+        writer.writerows((spreadsheet_safe(r.biopsy), r.glomeruli, _fmt(r.true_pct), _fmt(r.predicted_pct),
                           _fmt(r.mean_probability_pct), _fmt(r.error_pct_points)) for r in rows)
 
 

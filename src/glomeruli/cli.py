@@ -16,14 +16,20 @@ log = logging.getLogger("glomeruli")
 
 def _predict(args: argparse.Namespace) -> int:
     import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
+    from glomeruli.atomic import check_file_output
     from glomeruli.distribute import start
     from glomeruli.metadata import read_metadata
-    from glomeruli.predict import (folder_labels, format_score, predict_folder, score_predictions, write_predictions,
-                                   write_score)
+    from glomeruli.predict import (dataset_layout, folder_labels, format_score, predict_folder, score_paths,
+                                   score_predictions, write_predictions, write_score)
 
+    # Only the model and its metadata: params.yaml describes training, and need not exist (or be valid) here.
     folder, model, output = Path(args.image_dir), Path(args.model), Path(args.output)
-    labels = folder_labels(folder, *_class_layout(args.params))  # None unless in the training layout
-    threshold = read_metadata(model).threshold if args.threshold is None else args.threshold
+    for path in (output, *score_paths(output), *([Path(args.by_biopsy)] if args.by_biopsy else [])):
+        check_file_output(path)  # a folder at an output's path is refused before the work, not after it
+    meta = read_metadata(model)
+    layout = dataset_layout(model, meta)
+    labels = folder_labels(folder, layout)  # None unless in the training layout
+    threshold = meta.threshold if args.threshold is None else args.threshold
     with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
         predictions, skipped = predict_folder(model, folder, batch_size=args.batch_size, workers=args.workers,
                                               threshold=threshold, recursive=args.recursive,
@@ -36,39 +42,14 @@ def _predict(args: argparse.Namespace) -> int:
         from glomeruli.burden import write_burden_csv
         from glomeruli.predict import burden_by_biopsy
 
-        rows = burden_by_biopsy(predictions, args.group_regex or _group_regex(args.params), labels)
+        rows = burden_by_biopsy(predictions, args.group_regex or layout.group_regex, labels)
         write_burden_csv(Path(args.by_biopsy), rows)
         log.info("wrote %s: %d biopsies", args.by_biopsy, len(rows))
-    if labels is not None:  # a labelled batch: score the model on it, as the evaluate stage does
+    if labels is not None and labels.scorable:  # a labelled batch: score the model on it, as evaluate does
         score = score_predictions(predictions, labels, threshold)
         print(format_score(score.report))
         log.info("wrote %s and %s", *write_score(output, score))
     return 0
-
-
-def _class_layout(params_path: str | None) -> tuple[dict[str, int], str | None]:
-    """ingest.class_dirs and ingest.labels_csv of params.yaml: what makes a folder a labelled one."""
-    from glomeruli.params import load_params
-
-    if params_path is not None or Path("params.yaml").is_file():
-        ingest = load_params(params_path or "params.yaml").ingest
-        return ingest.class_dirs, ingest.labels_csv
-    from glomeruli.sample_data import LABELS_CSV, NON_SCLEROTIC_DIR, SCLEROTIC_DIR
-
-    log.info("no params.yaml here: a labelled folder is one in the CMIL layout (%s/ = 1, %s/ = 0, %s)",
-             SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV)
-    return {SCLEROTIC_DIR: 1, NON_SCLEROTIC_DIR: 0}, LABELS_CSV
-
-
-def _group_regex(params_path: str | None) -> str:
-    """ingest.group_regex of params.yaml (the biopsy id in file names); the CMIL rule without one."""
-    from glomeruli.burden import CMIL_GROUP_REGEX
-    from glomeruli.params import load_params
-
-    if params_path is not None or Path("params.yaml").is_file():
-        return load_params(params_path or "params.yaml").ingest.group_regex
-    log.info("no params.yaml here: the biopsy id is read from file names with the CMIL rule %s", CMIL_GROUP_REGEX)
-    return CMIL_GROUP_REGEX
 
 
 def _cv_summary(args: argparse.Namespace) -> int:
@@ -90,9 +71,9 @@ def _sample_data(args: argparse.Namespace) -> int:
     lo, hi = args.size_range
     summary = generate_sample_dataset(Path(args.out_dir), args.n_images, difficulty=args.difficulty, seed=args.seed,
                                       size_range=(lo, hi), sclerotic_fraction=args.sclerotic_fraction,
-                                      workers=args.workers, structure_only=args.structure_only)
-    log.info("wrote %d synthetic images (%d sclerotic, %d biopsies) to %s", summary.n_images, summary.n_sclerotic,
-             summary.n_biopsies, summary.root)
+                                      workers=args.workers, structure_only=args.structure_only, n_sites=args.sites)
+    log.info("wrote %d synthetic images (%d sclerotic, %d biopsies%s) to %s", summary.n_images, summary.n_sclerotic,
+             summary.n_biopsies, f", {summary.n_sites} sites" if summary.n_sites > 1 else "", summary.root)
     return 0
 
 
@@ -148,12 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify every image of a folder; writes name,ground truth,probability")
     p.add_argument("image_dir", help="folder of images (non-images and corrupt files are skipped and reported); in the "
-                   "training layout (class folders and/or public.csv) the predictions are also scored")
+                   "training layout (class folders, and public.csv, named as the model's metadata records) the "
+                   "predictions are also scored against the labels ingest would give them")
     p.add_argument("-r", "--recursive", action="store_true",
                    help="also predict the images in subfolders (named by their path inside image_dir)")
-    p.add_argument("--params", default=None,
-                   help="params file whose ingest.class_dirs / ingest.labels_csv name a labelled folder's class "
-                        "folders and labels file (default: params.yaml if present, else the CMIL names)")
     p.add_argument("--model", default="models/model.keras", help="trained model (its .meta.json must sit beside it)")
     p.add_argument("-o", "--output", default="evaluation.csv",
                    help="CSV to write (default: evaluation.csv); a score goes beside it (evaluation.metrics.json, "
@@ -169,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean probability; the true %% for a labelled folder), biopsy ids read from the file names")
     p.add_argument("--group-regex", default=None,
                    help="regex with a named group `group` finding the biopsy id in file names (default: "
-                        "ingest.group_regex of the params file, else the CMIL rule)")
+                        "ingest.group_regex the model was trained with, from its metadata)")
     p.set_defaults(func=_predict)
     c = sub.add_parser("cv-summary", help="mean ± sd over the K cross-validation folds and the pooled out-of-fold "
                        "metrics, from the fold runs' DVC experiments (or run folders)")
@@ -194,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "classes (same colour histogram), so only the tuft's structure separates them (open lumens "
                         "and capillary loops vs a wrinkled scar filling Bowman's space); a head on a random frozen "
                         "base fails on it, use it to compare training recipes")
+    s.add_argument("--sites", type=int, default=1, metavar="N",
+                   help="spread the biopsies over N sites (hospitals), each with its own stain vectors and intensity, "
+                        "blur, background and share of sclerotic glomeruli (evenly spaced on the log-odds scale, "
+                        "+-1.4 around the overall fraction: 18%% over 3 sites gives about 3.5, 13 and 38%%; the class "
+                        "stays a matter of structure). Needs 4 images per site. Names become "
+                        "SYNTH-SITE<k>_B<b>_PAS_...: read the site with ingest.site_regex "
+                        "'^SYNTH-(?P<site>SITE\\d+)_'. Default 1: one site, as before")
     s.set_defaults(func=_sample_data)
     r = sub.add_parser("review", help="pull-request report of two revisions: metrics, params, stages rerun, pictures")
     r.add_argument("base", help="the revision to compare with (e.g. origin/main)")

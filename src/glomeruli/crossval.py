@@ -21,14 +21,18 @@ import numpy as np
 
 from glomeruli.burden import biopsy_burden, burden_summary
 from glomeruli.calibration import calibration_metrics, logit
+from glomeruli.csvcells import original_cell
 from glomeruli.errors import UserError
+from glomeruli.h5store import SINGLE_SITE
 from glomeruli.metrics import prediction_metrics
+from glomeruli.sites import SITE_GAP_WARNING, site_gap, site_metrics
 
 log = logging.getLogger(__name__)
 
 SPLIT_JSON = "metrics/split.json"
 EVALUATE_JSON = "metrics/evaluate.json"
 PREDICTIONS_CSV = "metrics/plots/test_predictions.csv"
+TEXT_COLUMNS = ("name", "biopsy", "site")  # written spreadsheet-safe by evaluate (csvcells)
 
 
 class CrossValidationError(UserError, ValueError):
@@ -49,7 +53,8 @@ def _parse_run(source: str, read: Callable[[str], str]) -> FoldRun:
     try:
         split = json.loads(read(SPLIT_JSON))
         report = json.loads(read(EVALUATE_JSON))
-        predictions = list(csv.DictReader(io.StringIO(read(PREDICTIONS_CSV))))
+        predictions = [{key: original_cell(value) if key in TEXT_COLUMNS and value else value
+                        for key, value in row.items()} for row in csv.DictReader(io.StringIO(read(PREDICTIONS_CSV)))]
     except (OSError, KeyError, ValueError) as err:
         raise CrossValidationError(f"{source}: cannot read its {SPLIT_JSON}, {EVALUATE_JSON} and {PREDICTIONS_CSV} "
                                    f"({err}); was it run with this version of the pipeline?") from err
@@ -160,11 +165,16 @@ def pooled_metrics(runs: list[FoldRun]) -> dict:
     cutoffs = {r.report["burden"]["cutoff_pct"] for r in runs}
     if len(cutoffs) != 1:
         raise CrossValidationError(f"the runs use different evaluate.burden_cutoff ({sorted(cutoffs)})")
+    cutoffs_pct = next(iter(cutoffs))
     pooled = prediction_metrics(labels, prob, predicted, score)
     pooled.update(calibration_metrics(labels, prob))
-    burden = burden_summary(biopsy_burden(biopsies, prob, predicted, labels), cutoffs.pop() / 100)
+    burden = burden_summary(biopsy_burden(biopsies, prob, predicted, labels), cutoffs_pct / 100)
     pooled.update(burden_mae_pct_points=burden["mae_pct_points"],
                   burden_wrong_side_of_cutoff=burden["wrong_side_of_cutoff"], burden_biopsies=burden["n_biopsies"])
+    # runs written before sites were recorded hold one site
+    sites = np.array([row.get("site") or SINGLE_SITE for row in rows], dtype=object)
+    pooled["by_site"] = site_metrics(labels, prob, score, predicted, sites, biopsies, cutoffs_pct / 100)
+    pooled["site_gap_roc_auc"] = site_gap(pooled["roc_auc"], pooled["by_site"])
     return pooled
 
 
@@ -195,4 +205,18 @@ def format_summary(summary: dict) -> str:
         mean, sd, pooled = summary["mean"][name], summary["sd"][name], summary["pooled"].get(name)
         spread = "n/a" if mean is None else f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
         lines.append(f"{name:<28}{spread:>24}{'' if pooled is None else f'{pooled:.3f}':>10}")
+    by_site = summary["pooled"].get("by_site") or {}
+    if len(by_site) > 1:
+        lines += ["", "pooled out-of-fold predictions by site (recall, specificity, F1 at each fold's threshold)",
+                  f"{'site':<16}{'images':>7}{'GS':>6}{'ROC-AUC':>9}{'recall':>8}{'spec.':>7}{'F1':>7}{'burden pp':>11}"]
+        number = (lambda v, width: f"{'n/a' if v is None else f'{v:.3f}':>{width}}")
+        for site, m in by_site.items():
+            lines.append(f"{site:<16}{m['n']:>7}{m['sclerotic']:>6}{number(m['roc_auc'], 9)}{number(m['recall'], 8)}"
+                         f"{number(m['specificity'], 7)}{number(m['f1'], 7)}{m['burden_mae_pct_points']:>11.1f}")
+        gap = summary["pooled"].get("site_gap_roc_auc")
+        if gap is not None:
+            lines.append(f"pooled ROC-AUC minus mean within-site ROC-AUC: {gap:+.3f}")
+            if gap > SITE_GAP_WARNING:
+                lines.append(f"WARNING: the gap is above {SITE_GAP_WARNING}: part of what the model ranks is the site "
+                             "(stain, prevalence), not the glomerulus; see README, 'Several hospitals'")
     return "\n".join(lines)

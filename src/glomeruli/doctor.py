@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glomeruli.errors import UserError
+from glomeruli.layout import MARKER_FILE
 from glomeruli.params import FROM_SCRATCH_MIN_IMAGE_SIZE, load_params
-from glomeruli.sample_data import MARKER_FILE
 from glomeruli.workspace import from_scratch_command
 
 IMAGENET_WEIGHTS_FILE = "efficientnetb3_notop.h5"

@@ -19,14 +19,17 @@ from glomeruli.atomic import atomic_path, write_json  # noqa: E402
 from glomeruli.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv  # noqa: E402
 from glomeruli.calibration import (N_BINS, apply_temperature, calibration_metrics, fit_temperature,  # noqa: E402
                                    ranking_score, reliability_bins)
+from glomeruli.csvcells import spreadsheet_safe  # noqa: E402
 from glomeruli.gallery import write_error_sheets  # noqa: E402
-from glomeruli.h5store import ImageStore  # noqa: E402
+from glomeruli.h5store import SINGLE_SITE, ImageStore  # noqa: E402
 from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.metrics import binary_metrics, prediction_metrics, scalar_metrics  # noqa: E402, F401 (re-exported)
-from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata  # noqa: E402
+from glomeruli.metadata import CLASS_NAMES, DatasetLayout, ModelMetadata, file_sha256, write_metadata  # noqa: E402
 from glomeruli.model import load_model  # noqa: E402
 from glomeruli.params import EvaluateParams  # noqa: E402
+from glomeruli.sites import SITE_GAP_WARNING, plot_site_rocs, site_gap, site_metrics  # noqa: E402
 from glomeruli.split import read_split  # noqa: E402
+from glomeruli.stain import stored_normalization  # noqa: E402
 from glomeruli.uncertainty import bootstrap_intervals, format_interval, resample_units  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,30 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str, fixed: flo
     edges = np.clip([float(below.max()), min(float(thresholds[run_top]), 1.0)], 1e-7, 1 - 1e-7)
     centre = float(np.mean(np.log(edges / (1 - edges))))
     return float(1 / (1 + np.exp(-centre)))
+
+
+def bootstrap_threshold(y_true: np.ndarray, prob: np.ndarray, biopsies: np.ndarray, rule: str, *, resamples: int,
+                        seed: int, fixed: float = 0.5) -> float:
+    """Median of `rule`'s threshold over `resamples` bootstrap resamples of whole validation biopsies.
+
+    A threshold from one small validation set follows its few borderline biopsies; the median over resamples
+    follows what most subsets of them agree on. Resamples holding one class are skipped.
+    """
+    from glomeruli.uncertainty import resample_rows, resample_units, rows_of_units
+
+    if rule == "fixed" or resamples == 0:
+        return choose_threshold(y_true, prob, rule, fixed)
+    y_true, prob = np.asarray(y_true), np.asarray(prob)
+    units = rows_of_units(resample_units(biopsies)[1])
+    rng = np.random.default_rng([seed, 7])
+    thresholds = []
+    for _ in range(resamples):
+        rows = resample_rows(units, rng)
+        if len(set(y_true[rows].tolist())) == 2:
+            thresholds.append(choose_threshold(y_true[rows], prob[rows], rule, fixed))
+    if not thresholds:
+        return choose_threshold(y_true, prob, rule, fixed)
+    return float(np.median(thresholds))
 
 
 def prob_of_score(score: np.ndarray) -> np.ndarray:
@@ -122,7 +149,8 @@ def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndar
     score = prob if score is None else np.asarray(score)
     folder.mkdir(parents=True, exist_ok=True)
     y_pred = (prob >= threshold).astype(int)
-    _write_csv(folder / "confusion.csv", ["id", "actual", "predicted"], zip(ids, y_true.tolist(), y_pred.tolist()))
+    _write_csv(folder / "confusion.csv", ["id", "actual", "predicted"],
+               zip(map(spreadsheet_safe, ids), y_true.tolist(), y_pred.tolist()))
     as_probability = prob_of_score if score is not prob else (lambda values: values)
     fpr, tpr, roc_thr = skm.roc_curve(y_true, score)
     _write_csv(folder / "roc.csv", ["fpr", "tpr", "threshold"],
@@ -161,6 +189,11 @@ class TestSet:
     raw_probability: np.ndarray  # the model's output
     probability: np.ndarray  # after temperature scaling (the same when calibration is none)
     score: np.ndarray  # calibrated logit: ranks as the model does, without saturation ties (ROC/PR-AUC)
+    sites: np.ndarray | None = None  # None: one site
+
+    def __post_init__(self) -> None:
+        if self.sites is None:
+            object.__setattr__(self, "sites", np.full(len(self.rows), SINGLE_SITE, dtype=object))
 
     @property
     def names(self) -> np.ndarray:
@@ -168,13 +201,14 @@ class TestSet:
 
 
 def write_test_predictions(path: Path, test: TestSet, threshold: float, calibrated: bool) -> None:
-    """`name,biopsy,label,probability[,calibrated_probability],score,predicted`: what `glomeruli cv-summary`
+    """`name,biopsy,site,label,probability[,calibrated_probability],score,predicted`: what `glomeruli cv-summary`
     pools (`score`, the calibrated logit, is what its ROC/PR-AUC rank: six decimals of a probability near 0 or 1
     would tie)."""
-    header = ["name", "biopsy", "label", "probability"] + (["calibrated_probability"] if calibrated else [])
+    header = ["name", "biopsy", "site", "label", "probability"] + (["calibrated_probability"] if calibrated else [])
     rows = []
     for i in range(len(test.rows)):
-        row = [test.names[i], test.biopsies[i], int(test.labels[i]), f"{test.raw_probability[i]:.6f}"]
+        row = [*map(spreadsheet_safe, (test.names[i], test.biopsies[i], test.sites[i])), int(test.labels[i]),
+               f"{test.raw_probability[i]:.6f}"]
         if calibrated:
             row.append(f"{test.probability[i]:.6f}")
         rows.append(row + [f"{test.score[i]:.6f}", int(test.probability[i] >= threshold)])
@@ -243,9 +277,11 @@ def _bootstrap(params: EvaluateParams, test: TestSet, threshold: float, seed: in
 
 
 def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params: EvaluateParams, *,
-                   max_pixels: int, metrics_path: Path, plots_dir: Path, curves: dict[str, Path], seed: int = 0) -> dict:
+                   max_pixels: int, dataset_layout: DatasetLayout, metrics_path: Path, plots_dir: Path,
+                   curves: dict[str, Path], seed: int = 0) -> dict:
     """Calibration and threshold on validation; metrics, intervals, calibration, per-biopsy burden and
-    error sheets on test; writes the metrics JSON, plots and the model's metadata."""
+    error sheets on test; writes the metrics JSON, plots and the model's metadata (`dataset_layout`, the
+    ingest settings, travels in it so predict reads a labelled folder as ingest read the training data)."""
     model = load_model(model_path)
     with ImageStore(store_path) as store:
         split = read_split(split_path, len(store.meta))
@@ -253,28 +289,41 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
                for p in ("val", "test")}
         labels = {p: store.meta.labels[split.rows(p)] for p in ("val", "test")}
         test_ids, test_biopsies = store.meta.ids[split.test], store.meta.groups[split.test]
-        val_biopsies = store.meta.groups[split.val]
+        val_biopsies, test_sites = store.meta.groups[split.val], store.meta.sites[split.test]
         image_size, fill = store.image_size, tuple(int(c) for c in store.attrs["fill"])
+        stain = stored_normalization(store.attrs.get("stain_normalization"))  # preprocess's, for predict to apply
     temperature = fit_temperature(labels["val"], raw["val"]) if params.calibration == "temperature" else 1.0
     prob = {p: apply_temperature(raw[p], temperature) for p in raw}
     if params.calibration == "temperature":
         log.info("temperature %.3f fitted on %d validation images", temperature, len(labels["val"]))
-    threshold = choose_threshold(labels["val"], prob["val"], params.threshold_rule, params.fixed_threshold)
+    threshold = bootstrap_threshold(labels["val"], prob["val"], val_biopsies, params.threshold_rule,
+                                    resamples=params.threshold_resamples, seed=seed, fixed=params.fixed_threshold)
     log.info("threshold %.4f chosen on %d validation images (%s)", threshold, len(labels["val"]), params.threshold_rule)
     validation_warnings = warn_about_validation(labels["val"], val_biopsies, threshold)
     test = TestSet(split.test, test_ids, test_biopsies, labels["test"], raw["test"], prob["test"],
-                   ranking_score(raw["test"], temperature))
+                   ranking_score(raw["test"], temperature), test_sites)
 
     intervals, bootstrap_info = _bootstrap(params, test, threshold, seed)
     metrics = binary_metrics(test.labels, test.probability, threshold, test.score)
     burden_rows = biopsy_burden(test.biopsies, test.probability, test.probability >= threshold, test.labels)
     calibration = _calibration_report(params, temperature, test, intervals)
-    report = {"threshold": threshold, "threshold_rule": params.threshold_rule, "test": metrics,
+    report = {"threshold": threshold, "threshold_rule": params.threshold_rule,
+              "threshold_resamples": params.threshold_resamples, "test": metrics,
               "test_ci95": {k: intervals[k].to_json() for k in metrics if k in intervals},
               "bootstrap": bootstrap_info, "calibration": calibration,
               "burden": {**burden_summary(burden_rows, params.burden_cutoff), "per_biopsy": "metrics/plots/burden.csv"},
               "val": binary_metrics(labels["val"], prob["val"], threshold, ranking_score(raw["val"], temperature)),
-              "warnings": validation_warnings}
+              "warnings": validation_warnings,
+              "by_site": site_metrics(test.labels, test.probability, test.score, test.probability >= threshold,
+                                      test.sites, test.biopsies,
+                                      params.burden_cutoff)}
+    report["site_gap_roc_auc"] = site_gap(metrics["roc_auc"], report["by_site"])
+    if report["site_gap_roc_auc"] is not None and report["site_gap_roc_auc"] > SITE_GAP_WARNING:
+        warning = (f"pooled test ROC-AUC {metrics['roc_auc']:.3f} is {report['site_gap_roc_auc']:.3f} above the mean "
+                   "within-site ROC-AUC: the model may be recognising the site rather than the glomerulus (see "
+                   "metrics/plots/by_site.png and README, 'Several hospitals')")
+        log.warning(warning)
+        report["warnings"].append(warning)
     log.info("test: %s", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
     with atomic_path(plots_dir) as tmp:
         write_plots(tmp, test_ids, test.labels, test.probability, threshold, report["test_ci95"], test.score)
@@ -289,11 +338,15 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
             tmp, model, store_path, test, threshold, max_tiles=params.max_error_tiles,
             per_class=params.gradcam_examples, batch_size=params.batch_size, focus_images=params.gradcam_focus_images)
         plot_training_curves(curves, tmp / "training_curves.png")
+        plot_site_rocs(tmp / "by_site.png", test.labels, test.score, test.sites,
+                       f"ROC by site (test); pooled minus mean within-site AUC: "
+                       + ("n/a" if report["site_gap_roc_auc"] is None else f"{report['site_gap_roc_auc']:+.3f}"))
     write_json(metrics_path, report)
     write_metadata(model_path, ModelMetadata(image_size=image_size, fill=fill, threshold=threshold,
                                              threshold_rule=params.threshold_rule, class_names=CLASS_NAMES,
                                              model_sha256=file_sha256(model_path), max_pixels=max_pixels,
-                                             temperature=temperature))
+                                             temperature=temperature, dataset_layout=dataset_layout,
+                                             stain_normalization=stain))
     return report
 
 

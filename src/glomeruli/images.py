@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from glomeruli.errors import UserError
+from glomeruli.stain import NO_NORMALIZATION, StainNormalization, normalize_stain
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +249,16 @@ def _pad(image: np.ndarray, size: int, fill: tuple[int, int, int]) -> np.ndarray
 
 
 def load_model_input(data: bytes, name: str, size: int, fill: tuple[int, int, int],
-                     max_pixels: int) -> np.ndarray:
-    """Bytes -> size x size x 3 uint8 RGB, 0..255 (the model normalises internally)."""
+                     max_pixels: int, stain: StainNormalization = NO_NORMALIZATION) -> np.ndarray:
+    """Bytes -> size x size x 3 uint8 RGB, 0..255 (the model normalises internally); `stain` normalises the
+    fitted image before it is padded, so the padding stays `fill`."""
     decoded = _decode(data, name, max_pixels)
     shrinks = max(decoded.shape[:2]) > size
     if shrinks and decoded.ndim == 3 and (decoded.shape[2] == 3 or (decoded.shape[2] == 4 and decoded[:, :, 3].min() == 255)):
         # Opaque colour, as the CMIL PNGs are: shrink first, then reorder the small image's channels.
         # The same pixels (INTER_AREA treats channels alike; tested) for a fraction of the work.
         code = cv2.COLOR_BGR2RGB if decoded.shape[2] == 3 else cv2.COLOR_BGRA2RGB
-        return _pad(cv2.cvtColor(_scale(decoded, size), code), size, fill)
-    return resize_and_pad(_to_rgb(decoded, name, fill), size, fill)
+        fitted = cv2.cvtColor(_scale(decoded, size), code)
+    else:
+        fitted = _scale(_to_rgb(decoded, name, fill), size)
+    return _pad(normalize_stain(fitted, stain), size, fill)

@@ -15,27 +15,25 @@ import mimetypes
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 
+from glomeruli.csvcells import original_cell, spreadsheet_safe
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
+from glomeruli.layout import BIOPSY_PREFIX, MARKER_FILE
 from glomeruli.logs import progress
 from glomeruli.parallel import ordered_map, resolve_workers
-from glomeruli.sample_data import BIOPSY_PREFIX, MARKER_FILE
-from glomeruli.sources import Entry, SourceError, list_entries, read_bytes
+from glomeruli.sources import Entry, SourceError, image_max_bytes, list_entries, read_bytes, read_labels_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("id", "path", "name", "label", "group", "sha256", "width", "height", "channels")
 LABELS_CSV_HEADER = ("name", "ground truth")
 VALID_LABELS = (0, 1)
-# No valid image of max_pixels is bigger than 16-bit RGBA stored raw (8 bytes a pixel) plus
-# metadata; anything larger (e.g. a zip member that inflates to gigabytes) is refused unread.
-_MAX_BYTES_PER_PIXEL = 8
-_METADATA_SLACK_BYTES = 16 << 20
 _FIRST_BAD_FILES_SHOWN = 5
 
 
@@ -85,8 +83,7 @@ class _Candidate:
 
     @property
     def match_name(self) -> str:
-        # macOS stores names decomposed (NFD), spreadsheets type them composed (NFC): compare both as NFC.
-        return unicodedata.normalize("NFC", self.name)
+        return _match_name(self.relpath)
 
 
 @dataclass(frozen=True)
@@ -132,15 +129,16 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
         skips.add(item.relpath, item.reason)
     warnings: list[str] = []
 
-    candidates, outside, csv_entry = _classify_entries(entries, config)
-    _refuse_synthetic_mixed_with_real(source, entries, candidates, csv_entry)
-    for relpath in outside:
-        skips.add(relpath, "outside the class folders (only files directly inside "
-                           f"{', '.join(sorted(config.class_dirs))} are used)")
+    csv_entry = next((e for e in entries if config.labels_csv is not None and e.relpath == config.labels_csv), None)
+    _refuse_synthetic_mixed_with_real(
+        source, entries, {e.relpath for e in entries if _class_folder_of(e.relpath, config.class_dirs)}, csv_entry)
     csv_labels = _load_labels_csv(source, config, csv_entry, warnings)
-
-    in_both = _names_in_both_classes(candidates)
-    survivors, label_conflicts, csv_missing = _apply_labels(candidates, in_both, csv_labels, skips)
+    labelling = label_files([e.relpath for e in entries], config.class_dirs, config.labels_csv, csv_labels)
+    for relpath, reason in labelling.refused.items():
+        skips.add(relpath, reason)
+    candidates = [_Candidate(e.relpath, folder, config.class_dirs[folder], e.size)
+                  for e in entries if (folder := labelling.class_files.get(e.relpath))]
+    survivors = [c for c in candidates if c.relpath in labelling.labels]
     to_read, unreadable = _drop_oversized_files(survivors, config.max_pixels)
     inspected = _inspect_all(source, [c.relpath for c in to_read], config.max_pixels, config.workers)
     decoded: list[tuple[_Candidate, _Inspected]] = []
@@ -159,8 +157,9 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
     csv_extra = _csv_extra_rows(candidates, csv_labels, warnings)
     report = _build_report(
         source, config, n_listed=len(entries) + len(listing_skipped), candidates=candidates, rows=rows,
-        unreadable=unreadable, skips=skips, outside=outside, duplicates=duplicates, label_conflicts=label_conflicts,
-        in_both=in_both, csv_labels=csv_labels, csv_extra=csv_extra, csv_missing=csv_missing, ungrouped=ungrouped,
+        unreadable=unreadable, skips=skips, outside=labelling.outside, duplicates=duplicates,
+        label_conflicts=labelling.label_conflicts, in_both=labelling.in_both, csv_labels=csv_labels,
+        csv_extra=csv_extra, csv_missing=labelling.csv_missing, ungrouped=ungrouped,
         folders_found=sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}), warnings=warnings)
     log.info("ingest: %d images kept of %d found in the class folders; %d unreadable, %d files skipped in all",
              len(rows), len(candidates), len(unreadable), len(report["skipped"]))
@@ -185,25 +184,11 @@ def group_of(name: str, group_pattern: re.Pattern[str]) -> str | None:
     return match.group("group") if match else None
 
 
-def _classify_entries(entries: list[Entry], config: IngestConfig) -> tuple[list[_Candidate], list[str], Entry | None]:
-    candidates, outside, csv_entry = [], [], None
-    for entry in entries:
-        parts = entry.relpath.split("/")
-        if config.labels_csv is not None and entry.relpath == config.labels_csv:
-            csv_entry = entry
-        elif len(parts) == 2 and parts[0] in config.class_dirs:
-            candidates.append(_Candidate(entry.relpath, parts[0], config.class_dirs[parts[0]], entry.size))
-        else:
-            outside.append(entry.relpath)
-    return candidates, outside, csv_entry
-
-
-def _refuse_synthetic_mixed_with_real(source: Path, entries: list[Entry], candidates: list[_Candidate],
+def _refuse_synthetic_mixed_with_real(source: Path, entries: list[Entry], in_class_folders: set[str],
                                       csv_entry: Entry | None) -> None:
     """A folder marked as synthetic sample data must hold nothing else: a model trained on a mixture is wrong."""
     if not any(e.relpath == MARKER_FILE for e in entries):
         return
-    in_class_folders = {c.relpath for c in candidates}
     own = {MARKER_FILE, csv_entry.relpath if csv_entry else None}
     foreign = [e.relpath for e in entries
                if e.relpath not in own and not PurePosixPath(e.relpath).name.startswith(BIOPSY_PREFIX)
@@ -216,45 +201,9 @@ def _refuse_synthetic_mixed_with_real(source: Path, entries: list[Entry], candid
             "and point data.source at a folder holding only your own data")
 
 
-def _names_in_both_classes(candidates: list[_Candidate]) -> dict[str, list[str]]:
-    """NFC file name -> its files, for names that appear in more than one class folder."""
-    folders, files = defaultdict(set), defaultdict(list)
-    for candidate in candidates:
-        folders[candidate.match_name].add(candidate.folder)
-        files[candidate.match_name].append(candidate.relpath)
-    return {name: sorted(files[name]) for name in sorted(files) if len(folders[name]) > 1}
-
-
-def _apply_labels(candidates, in_both, csv_labels: LabelsCsv | None, skips: _Skips):
-    survivors, conflicts, missing = [], [], []
-    for candidate in candidates:
-        name = candidate.match_name
-        if name in in_both:
-            skips.add(candidate.relpath, "name_in_both_classes: the same file name is in both class folders; "
-                                         "its label is ambiguous, keep it in one folder only")
-            continue
-        if csv_labels is None:
-            survivors.append(candidate)
-            continue
-        csv_file = csv_labels.report["file"]
-        if name in csv_labels.excluded:
-            skips.add(candidate.relpath, csv_labels.excluded[name])
-        elif name not in csv_labels.labels:
-            missing.append(candidate.relpath)  # the folder label stands
-            survivors.append(candidate)
-        elif csv_labels.labels[name] != candidate.label:
-            conflicts.append({"file": candidate.relpath, "folder_label": candidate.label,
-                              "csv_label": csv_labels.labels[name]})
-            skips.add(candidate.relpath, f"label conflict: folder '{candidate.folder}' says {candidate.label}, "
-                                         f"{csv_file} says {csv_labels.labels[name]}; fix one of them")
-        else:
-            survivors.append(candidate)
-    return survivors, conflicts, missing
-
-
 def _drop_oversized_files(candidates: list[_Candidate], max_pixels: int) -> tuple[list[_Candidate], list[dict]]:
     """Files too big to be an image of max_pixels, refused before reading (they count as unreadable)."""
-    limit = max_pixels * _MAX_BYTES_PER_PIXEL + _METADATA_SLACK_BYTES
+    limit = image_max_bytes(max_pixels)  # e.g. a zip member that would inflate to gigabytes
     kept, refused = [], []
     for candidate in candidates:
         if candidate.size > limit:
@@ -307,13 +256,100 @@ def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestR
     return rows, ungrouped
 
 
+# ---------------------------------------------------------------------------------------- labelling
+
+@dataclass(frozen=True)
+class Labelling:
+    """Ingest's labelling rule applied to a dataset's files: each is kept with a label or refused with one reason.
+
+    Paths are relative to the dataset root as `sources.list_entries` gives them (a wrapper folder removed).
+    Ingest reads exactly the files of `labels` (and then drops unreadable files and duplicates); predict
+    scores a labelled folder against `labels` and nothing else.
+    """
+
+    labels: dict[str, int]         # file -> its label, for every file kept
+    refused: dict[str, str]        # file -> why it takes no label (outside the class folders, ambiguous, contradicted)
+    class_files: dict[str, str]    # file -> its class folder, for every file directly inside one (kept or refused)
+    outside: list[str]             # files not directly inside a class folder (the labels file excepted)
+    labels_file: str | None        # the labels csv among the files: read, neither kept nor refused
+    in_both: dict[str, list[str]]  # NFC file name -> its files, for names found in more than one class folder
+    label_conflicts: list[dict]    # {"file", "folder_label", "csv_label"}: its class folder and the csv disagree
+    csv_missing: list[str]         # files kept with their folder label because the csv has no row for them
+
+
+def label_files(relpaths: Sequence[str], class_dirs: Mapping[str, int], labels_csv: str | None,
+                csv: LabelsCsv | None) -> Labelling:
+    """The one labelling rule, ingest's and predict's.
+
+    Only a file directly inside a class folder (`class_dirs`: folder -> label) takes a label, its folder's; it is
+    refused when its name (compared as NFC) is in more than one class folder, when the labels csv (`csv`, parsed
+    from the file `labels_csv`; None when absent or not set) excludes the name (an invalid label, or rows that
+    disagree) or gives it the other label. Every other file is outside, and refused as such.
+    """
+    class_files: dict[str, str] = {}
+    outside: list[str] = []
+    labels_file = None
+    for relpath in relpaths:
+        folder = _class_folder_of(relpath, class_dirs)
+        if labels_csv is not None and relpath == labels_csv:
+            labels_file = relpath
+        elif folder is not None:
+            class_files[relpath] = folder
+        else:
+            outside.append(relpath)
+    refused = {relpath: f"outside the class folders (only files directly inside {', '.join(sorted(class_dirs))} "
+                        "are used)" for relpath in outside}
+    in_both = _names_in_both_classes(class_files)
+    labels: dict[str, int] = {}
+    conflicts, missing = [], []
+    for relpath, folder in class_files.items():
+        name, folder_label = _match_name(relpath), class_dirs[folder]
+        if name in in_both:
+            refused[relpath] = ("name_in_both_classes: the same file name is in both class folders; "
+                                "its label is ambiguous, keep it in one folder only")
+        elif csv is None:
+            labels[relpath] = folder_label
+        elif name in csv.excluded:
+            refused[relpath] = csv.excluded[name]
+        elif name not in csv.labels:
+            missing.append(relpath)  # the folder label stands
+            labels[relpath] = folder_label
+        elif csv.labels[name] != folder_label:
+            conflicts.append({"file": relpath, "folder_label": folder_label, "csv_label": csv.labels[name]})
+            refused[relpath] = (f"label conflict: folder '{folder}' says {folder_label}, {csv.report['file']} says "
+                                f"{csv.labels[name]}; fix one of them")
+        else:
+            labels[relpath] = folder_label
+    return Labelling(labels=labels, refused=refused, class_files=class_files, outside=outside,
+                     labels_file=labels_file, in_both=in_both, label_conflicts=conflicts, csv_missing=missing)
+
+
+def _class_folder_of(relpath: str, class_dirs: Mapping[str, int]) -> str | None:
+    parts = relpath.split("/")
+    return parts[0] if len(parts) == 2 and parts[0] in class_dirs else None
+
+
+def _match_name(relpath: str) -> str:
+    # macOS stores names decomposed (NFD), spreadsheets type them composed (NFC): compare both as NFC.
+    return unicodedata.normalize("NFC", PurePosixPath(relpath).name)
+
+
+def _names_in_both_classes(class_files: Mapping[str, str]) -> dict[str, list[str]]:
+    """NFC file name -> its files, for names that appear in more than one class folder."""
+    folders, files = defaultdict(set), defaultdict(list)
+    for relpath, folder in class_files.items():
+        folders[_match_name(relpath)].add(folder)
+        files[_match_name(relpath)].append(relpath)
+    return {name: sorted(files[name]) for name in sorted(files) if len(folders[name]) > 1}
+
+
 # ---------------------------------------------------------------------------------------- reading
 
 def _inspect(task: tuple[str, str, int]) -> _Inspected:
     """Read, hash and fully decode one file (in a worker process)."""
     source, relpath, max_pixels = task
     try:
-        data = read_bytes(Path(source), relpath)
+        data = read_bytes(Path(source), relpath, image_max_bytes(max_pixels))
     except (OSError, SourceError) as err:
         return _Inspected(relpath, error=f"unreadable: cannot read the file ({err})")
     try:
@@ -346,7 +382,7 @@ def _load_labels_csv(source: Path, config: IngestConfig, csv_entry: Entry | None
         log.warning(message)
         warnings.append(message)
         return None
-    return parse_labels_csv(read_bytes(source, csv_entry.relpath), config.labels_csv)
+    return parse_labels_csv(read_labels_file(source, csv_entry.relpath), config.labels_csv)
 
 
 def parse_labels_csv(data: bytes, file: str) -> LabelsCsv:
@@ -486,12 +522,17 @@ def check_ingest(result: IngestResult, config: IngestConfig) -> None:
 # ---------------------------------------------------------------------------------------- manifest
 
 def write_manifest(rows: list[ManifestRow], path: Path | str) -> None:
-    """Write the manifest CSV (UTF-8, `\\n` line ends) to exactly `path`."""
+    """Write the manifest CSV (UTF-8, `\\n` line ends) to exactly `path`; text cells spreadsheet-safe (csvcells),
+    which read_manifest undoes."""
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
         for row in rows:
-            writer.writerow([getattr(row, column) for column in MANIFEST_COLUMNS])
+            writer.writerow([_manifest_cell(getattr(row, column)) for column in MANIFEST_COLUMNS])
+
+
+def _manifest_cell(value: Any) -> Any:
+    return spreadsheet_safe(value) if isinstance(value, str) else value
 
 
 def read_manifest(path: Path | str) -> list[ManifestRow]:
@@ -510,7 +551,7 @@ def _manifest_row(path: Path, line: int, cells: list[str]) -> ManifestRow:
     if len(cells) != len(MANIFEST_COLUMNS):
         raise IngestError(f"{path} line {line}: {len(cells)} columns, expected {len(MANIFEST_COLUMNS)}; "
                           "regenerate it with the ingest stage (dvc repro)")
-    values: dict[str, Any] = dict(zip(MANIFEST_COLUMNS, cells, strict=True))
+    values: dict[str, Any] = dict(zip(MANIFEST_COLUMNS, map(original_cell, cells), strict=True))
     try:
         for column in ("label", "width", "height", "channels"):
             values[column] = int(values[column])

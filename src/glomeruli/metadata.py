@@ -1,5 +1,5 @@
-"""What travels with a trained model: input size, padding, threshold, class names, calibration temperature
-(models/model.meta.json)."""
+"""What travels with a trained model: input size, padding, threshold, class names, calibration temperature and
+the dataset layout it was trained on (models/model.meta.json)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,23 @@ from pathlib import Path
 
 from glomeruli.atomic import write_json
 from glomeruli.errors import UserError
+from glomeruli.stain import NO_NORMALIZATION, StainNormalization
 
 CLASS_NAMES = ("non_globally_sclerotic", "globally_sclerotic")  # index = label
 
 
 class MetadataError(UserError, ValueError):
     """Missing or inconsistent model metadata."""
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """The ingest settings that say how a labelled folder is laid out (ingest.class_dirs, ingest.labels_csv,
+    ingest.group_regex): `glomeruli predict` reads a labelled folder with them, as training read its data."""
+
+    class_dirs: dict[str, int]  # class folder name -> label
+    labels_csv: str | None      # the labels file, `name,ground truth`
+    group_regex: str            # the biopsy id in a file name (named group `group`)
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,10 @@ class ModelMetadata:
     # probabilities = sigmoid(logit / temperature), fitted on validation (1.0: uncalibrated; metadata
     # written before calibration existed reads as 1.0)
     temperature: float = 1.0
+    # None: not recorded (metadata written before it travelled); predict then says which layout it assumes
+    dataset_layout: DatasetLayout | None = None
+    # the stain normalisation of preprocess and its reference: predict applies this one ("none" when written before)
+    stain_normalization: StainNormalization = NO_NORMALIZATION
 
 
 def metadata_path(model_path: Path) -> Path:
@@ -59,8 +74,11 @@ def read_metadata(model_path: Path) -> ModelMetadata:
         meta = ModelMetadata(image_size=int(raw["image_size"]), fill=tuple(int(c) for c in raw["fill"]),
                              threshold=float(raw["threshold"]), threshold_rule=str(raw["threshold_rule"]),
                              class_names=tuple(raw["class_names"]), model_sha256=str(raw["model_sha256"]),
-                             max_pixels=int(raw["max_pixels"]), temperature=float(raw.get("temperature", 1.0)))
-    except (KeyError, TypeError, ValueError) as err:
+                             max_pixels=int(raw["max_pixels"]), temperature=float(raw.get("temperature", 1.0)),
+                             dataset_layout=_dataset_layout(raw.get("dataset_layout")),
+                             stain_normalization=StainNormalization.from_json(
+                                 raw.get("stain_normalization", NO_NORMALIZATION.to_json())))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise MetadataError(f"{path} is incomplete or malformed ({err}); rerun `dvc repro evaluate`") from err
     if (not 0.0 <= meta.threshold <= 1.0 or len(meta.fill) != 3 or len(meta.class_names) != 2
             or not meta.temperature > 0):
@@ -73,3 +91,15 @@ def read_metadata(model_path: Path) -> ModelMetadata:
         raise MetadataError(f"{path} was written for another version of {model_path.name} (checksum differs); "
                             "rerun `dvc repro evaluate` so threshold and model match")
     return meta
+
+
+def _dataset_layout(raw: dict | None) -> DatasetLayout | None:
+    if raw is None:
+        return None
+    class_dirs = {str(folder): int(label) for folder, label in raw["class_dirs"].items()}
+    labels_csv, group_regex = raw["labels_csv"], raw["group_regex"]
+    if (sorted(class_dirs.values()) != [0, 1] or not (labels_csv is None or isinstance(labels_csv, str))
+            or not isinstance(group_regex, str)):
+        raise ValueError(f"dataset_layout {raw} is not two class folders labelled 0 and 1, a labels file name "
+                         "or null, and a regular expression")
+    return DatasetLayout(class_dirs=class_dirs, labels_csv=labels_csv, group_regex=group_regex)

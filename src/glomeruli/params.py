@@ -18,6 +18,8 @@ N_EFFICIENTNET_BLOCKS = 7
 # work on 2x2 maps and it memorises the training images (bench/RESULTS.md, training recipes); at 128 px it learns.
 FROM_SCRATCH_MIN_IMAGE_SIZE = 128
 MIN_IMAGE_SIZE = 32
+# preprocess.stain_normalization (glomeruli.stain applies them; named here so params loads without it).
+STAIN_NORMALIZATION_METHODS = ("none", "macenko", "reinhard")
 
 
 class ParamsError(UserError, ValueError):
@@ -67,6 +69,7 @@ class IngestParams:
 class PreprocessParams:
     image_size: int
     fill: tuple[int, int, int]
+    stain_normalization: str  # none | macenko | reinhard (glomeruli.stain)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,13 @@ class AugmentParams:
     noise_std: float
     flip: bool
     rotate90: bool
+    # colour jitter (glomeruli.stain.jitter_colour); 0 turns each off
+    hed_scale: float  # each stain's concentration times U(1-x, 1+x)
+    hed_shift: float  # plus U(-x, x), in optical density
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float  # fraction of the colour circle
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,7 @@ class FinetuneParams(TrainParams):
 class EvaluateParams:
     threshold_rule: str
     fixed_threshold: float
+    threshold_resamples: int  # > 0: the median threshold over biopsy-bootstrap resamples of validation
     batch_size: int
     calibration: str
     bootstrap_resamples: int
@@ -317,6 +328,9 @@ def parse_params(raw: dict) -> Params:
         preprocess=PreprocessParams(
             image_size=_number("preprocess.image_size", _get(pre, "preprocess", "image_size"), int, MIN_IMAGE_SIZE, 2048),
             fill=_rgb("preprocess.fill", _get(pre, "preprocess", "fill")),
+            stain_normalization=_choice("preprocess.stain_normalization",
+                                        _get(pre, "preprocess", "stain_normalization"),
+                                        STAIN_NORMALIZATION_METHODS),
         ),
         augment=AugmentParams(
             copies_per_class={int(k): _number(f"augment.copies_per_class.{k}", v, int, 0, 100) for k, v in copies.items()},
@@ -325,8 +339,13 @@ def parse_params(raw: dict) -> Params:
             noise_std=_number("augment.noise_std", _get(aug, "augment", "noise_std"), float, 0, 128),
             flip=_bool("augment.flip", _get(aug, "augment", "flip")),
             rotate90=_bool("augment.rotate90", _get(aug, "augment", "rotate90")),
+            # Factors 1 +- x stay positive below 1; hue turns at most half the circle either way.
+            **{name: _number(f"augment.{name}", _get(aug, "augment", name), float, 0, hi)
+               for name, hi in (("hed_scale", 0.9), ("hed_shift", 1.0), ("brightness", 0.9), ("contrast", 0.9),
+                                ("saturation", 1.0), ("hue", 0.5))},
         ),
-        split=SplitParams(group_by=_choice("split.group_by", _get(spl, "split", "group_by"), ("biopsy", "image")),
+        split=SplitParams(group_by=_choice("split.group_by", _get(spl, "split", "group_by"),
+                                           ("biopsy", "image", "site")),
                           folds=folds, fold=fold, val_fraction=val_fraction),
         model=ModelParams(weights=weights,
                           dropout=_number("model.dropout", _get(mdl, "model", "dropout"), float, 0, 0.95)),
@@ -336,6 +355,8 @@ def parse_params(raw: dict) -> Params:
             threshold_rule=_choice("evaluate.threshold_rule", _get(ev, "evaluate", "threshold_rule"),
                                    ("max_f1", "youden", "fixed")),
             fixed_threshold=_number("evaluate.fixed_threshold", _get(ev, "evaluate", "fixed_threshold"), float, 0, 1),
+            threshold_resamples=_number("evaluate.threshold_resamples", _get(ev, "evaluate", "threshold_resamples"),
+                                        int, 0, 100_000),
             batch_size=_number("evaluate.batch_size", _get(ev, "evaluate", "batch_size"), int, 1),
             calibration=_choice("evaluate.calibration", _get(ev, "evaluate", "calibration"), ("none", "temperature")),
             bootstrap_resamples=_number("evaluate.bootstrap_resamples", _get(ev, "evaluate", "bootstrap_resamples"),

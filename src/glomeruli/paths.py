@@ -6,6 +6,7 @@ MANIFEST = Path("data/interim/manifest.csv")
 INGEST_REPORT = Path("data/interim/ingest_report.json")
 PREPROCESSED = Path("data/interim/preprocessed.h5")
 AUGMENTED = Path("data/processed/augmented.h5")
+AUGMENT_EXAMPLES = Path("metrics/augment/augment_examples.png")  # not under metrics/plots: evaluate owns that
 SPLIT = Path("data/processed/split.json")
 SPLIT_SUMMARY = Path("metrics/split.json")
 FROZEN_MODEL = Path("models/frozen.keras")

@@ -1,7 +1,8 @@
 """Predict on a folder of images: same preprocessing as training, decoding overlapped with inference.
 
 A folder in the training layout (class folders, and/or a `name,ground truth` labels file) is also
-scored: the evaluate stage's metrics and confusion matrix, from the labels it carries.
+scored: the evaluate stage's metrics and confusion matrix, against the labels ingest would give its images
+(`ingest.label_files`, in the layout recorded in the model's metadata).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import csv
 import math
 import os
 import logging
-import unicodedata
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,15 +23,19 @@ import numpy as np
 from glomeruli.atomic import atomic_path, write_json
 from glomeruli.burden import BiopsyBurden, biopsy_burden
 from glomeruli.calibration import apply_temperature
+from glomeruli.csvcells import spreadsheet_safe
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, load_model_input
 from glomeruli.inference import predict_batch
-from glomeruli.ingest import LabelsCsv, compile_group_regex, group_of, parse_labels_csv
+from glomeruli.ingest import Labelling, LabelsCsv, compile_group_regex, group_of, label_files, parse_labels_csv
+from glomeruli.layout import CMIL_GROUP_REGEX, LABELS_CSV, NON_SCLEROTIC_DIR, SCLEROTIC_DIR
 from glomeruli.logs import progress
-from glomeruli.metadata import ModelMetadata, read_metadata
+from glomeruli.metadata import DatasetLayout, ModelMetadata, metadata_path, read_metadata
 from glomeruli.model import load_model
 from glomeruli.parallel import WorkerDied, process_context, resolve_workers
-from glomeruli.sources import junk_reason
+from glomeruli.sources import (RefusedFileError, folder_wrapper, image_max_bytes, junk_reason, list_entries,
+                               read_file, read_labels_file)
+from glomeruli.stain import StainNormalization
 
 log = logging.getLogger(__name__)
 _FIRST_SHOWN = 5
@@ -58,7 +62,8 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Every file of `folder` (with `recursive`, of its subfolders too), sorted by `image_name`.
 
     Hidden files and OS junk (`.DS_Store`, `__MACOSX/`...) are left out, as ingest leaves them out;
-    decodability is checked later. Without `recursive`, a folder with subfolders is refused by name.
+    everything else is listed, pipes and devices included, so that `_decode` skips each with its reason.
+    Without `recursive`, a folder with subfolders is refused by name.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of images")
@@ -69,7 +74,7 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
             more = f" and {len(subfolders) - _FIRST_SHOWN} more" if len(subfolders) > _FIRST_SHOWN else ""
             raise PredictError(f"{folder} has subfolders ({shown}{more}): pass --recursive to predict on the images "
                                f"in them too (named by their path inside {folder}), or point at one of them")
-        return sorted(p for p in folder.iterdir() if p.is_file() and not junk_reason(p.name))
+        return sorted(p for p in folder.iterdir() if not p.is_dir() and not junk_reason(p.name))
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not junk_reason(d)]
@@ -89,11 +94,13 @@ def _init_decoder() -> None:
         os.nice(10)
 
 
-def _decode(args: tuple[Path, int, tuple[int, int, int], int]) -> np.ndarray | Skip:
-    path, size, fill, max_pixels = args
+def _decode(args: tuple[Path, int, tuple[int, int, int], int, StainNormalization]) -> np.ndarray | Skip:
+    path, size, fill, max_pixels, stain = args
     try:
-        return load_model_input(path.read_bytes(), path.name, size, fill, max_pixels)
-    except (ImageError, OSError) as err:
+        # sources' one capped read: a pipe or device is refused unread, a file larger than any image is too
+        data = read_file(path, image_max_bytes(max_pixels), name=path.name)
+        return load_model_input(data, path.name, size, fill, max_pixels, stain)
+    except (ImageError, RefusedFileError, OSError) as err:
         return Skip(path.name, str(err))
 
 
@@ -104,7 +111,8 @@ def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMe
     The first batches are submitted on the call, not on the first `next`: they decode while the caller
     loads the model.
     """
-    jobs = [(p, meta.image_size, meta.fill, meta.max_pixels) for p in files]
+    # The model's own preprocessing, stain normalisation and its reference included (models/model.meta.json).
+    jobs = [(p, meta.image_size, meta.fill, meta.max_pixels, meta.stain_normalization) for p in files]
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
 
     def submit(batch: list) -> list[Future]:
@@ -141,8 +149,8 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
                 raise ValueError(f"{model_path} takes {tuple(model.inputs[0].shape[1:3])} inputs but its metadata "
                                  f"says {meta.image_size}; rerun `dvc repro evaluate`")
             threshold = meta.threshold if threshold is None else threshold
-            log.info("predicting %d files in %s with threshold %.4f, temperature %.3f", len(files), folder, threshold,
-                     meta.temperature)
+            log.info("predicting %d files in %s with threshold %.4f, temperature %.3f, stain normalisation %s",
+                     len(files), folder, threshold, meta.temperature, meta.stain_normalization.method)
             predictions: list[Prediction] = []
             skipped: list[Skip] = []
             names = iter(files)
@@ -169,49 +177,99 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
 
 
 def write_predictions(path: Path, predictions: list[Prediction]) -> None:
-    """`name,ground truth,probability`: scorable directly against the lab's public.csv."""
+    """`name,ground truth,probability`: scorable against the lab's public.csv (a name a spreadsheet would run as a
+    formula is written inert, see csvcells)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:  # never half a file
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["name", "ground truth", "probability"])
-        writer.writerows((p.name, p.label, f"{p.probability:.6f}") for p in predictions)
+        writer.writerows((spreadsheet_safe(p.name), p.label, f"{p.probability:.6f}") for p in predictions)
 
 
 # ---------------------------------------------------------------------------------------- self-scoring
 
+CMIL_LAYOUT = DatasetLayout(class_dirs={SCLEROTIC_DIR: 1, NON_SCLEROTIC_DIR: 0}, labels_csv=LABELS_CSV,
+                            group_regex=CMIL_GROUP_REGEX)
+
+
+def dataset_layout(model_path: Path, meta: ModelMetadata) -> DatasetLayout:
+    """The layout recorded in the model's metadata (the ingest settings it was trained with); for metadata
+    written before it was recorded, the CMIL layout, with a warning that names the file."""
+    if meta.dataset_layout is not None:
+        return meta.dataset_layout
+    log.warning("%s records no dataset layout (it was written before the layout travelled with the model): a "
+                "labelled folder is read in the CMIL layout (%s/ = 1, %s/ = 0, labels file %s, biopsy id %s); "
+                "rerun `dvc repro evaluate` to record the ingest settings the model was trained with",
+                metadata_path(model_path), SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV, CMIL_GROUP_REGEX)
+    return CMIL_LAYOUT
+
+
 @dataclass(frozen=True)
 class FolderLabels:
-    """The labels a folder in the training layout carries: its class folders and/or its labels file."""
+    """A folder in the training layout, labelled as ingest would label it: its listing, wrapper folder and
+    labelling rule (`ingest.label_files`). Predictions are named by their path inside the folder."""
 
-    class_dirs: dict[str, int]  # the class folders present at the folder's top -> label
+    labelling: Labelling        # paths inside the dataset root (the folder, or the one wrapper folder in it)
+    not_listed: dict[str, str]  # dataset path -> why ingest's listing leaves the file out (hidden, symlink...)
+    wrapper: str | None         # the wrapper folder inside the predicted folder, as ingest finds it
     csv: LabelsCsv | None       # the parsed labels file, when there is one
-    csv_name: str | None        # its name inside the folder (read, not predicted)
+
+    @property
+    def csv_name(self) -> str | None:
+        """The labels file's path inside the predicted folder (read, not predicted)."""
+        file = self.labelling.labels_file
+        if file is None or self.wrapper is None:
+            return file
+        return f"{self.wrapper}/{file}"
+
+    @property
+    def scorable(self) -> bool:
+        """Whether any file sits directly inside a class folder, the only files that take a label."""
+        return bool(self.labelling.class_files)
 
     @property
     def origin(self) -> list[str]:
         """Where the labels come from, for messages and the report."""
-        origin = ["class folders"] if self.class_dirs else []
-        return origin + ([self.csv_name] if self.csv is not None else [])
+        return ["class folders"] + ([self.csv_name] if self.csv is not None else [])
 
-    def label_of(self, name: str) -> tuple[int | None, dict | None]:
-        """(label, None), (None, None) when nothing labels it, or (None, conflict) when the two disagree."""
-        parts = name.split("/")
-        # as in ingest: only files directly inside a class folder take its label
-        folder_label = self.class_dirs.get(parts[0]) if len(parts) == 2 else None
-        csv_label = self.csv.labels.get(unicodedata.normalize("NFC", parts[-1])) if self.csv else None
-        if folder_label is not None and csv_label is not None and folder_label != csv_label:
-            return None, {"name": name, "folder_label": folder_label, "csv_label": csv_label}
-        return (folder_label if folder_label is not None else csv_label), None
+    def _dataset_path(self, name: str) -> str | None:
+        if self.wrapper is None:
+            return name
+        return name.removeprefix(self.wrapper + "/") if name.startswith(self.wrapper + "/") else None
+
+    def label_of(self, name: str) -> int | None:
+        """The label ingest gives the file `name` (its path inside the predicted folder); None when it gives none."""
+        path = self._dataset_path(name)
+        return None if path is None else self.labelling.labels.get(path)
+
+    def why_unlabelled(self, name: str) -> str:
+        path = self._dataset_path(name)
+        if path is None:
+            return f"outside the wrapper folder {self.wrapper}/ that holds the class folders"
+        return (self.labelling.refused.get(path) or self.not_listed.get(path)
+                or "not listed by ingest (it would not read this file)")
 
 
-def folder_labels(folder: Path, class_dirs: dict[str, int], labels_csv: str | None) -> FolderLabels | None:
-    """The labels of `folder` when it is in the training layout (class folders at its top, or the labels
-    file `labels_csv` there; ingest.class_dirs and ingest.labels_csv name them), else None."""
-    present = {name: label for name, label in class_dirs.items() if (folder / name).is_dir()}
-    csv_path = folder / labels_csv if labels_csv else None
-    csv_labels = parse_labels_csv(csv_path.read_bytes(), str(csv_path)) if csv_path and csv_path.is_file() else None
-    if not present and csv_labels is None:
+def folder_labels(folder: Path, layout: DatasetLayout) -> FolderLabels | None:
+    """The labels of `folder` when it is in the training layout of `layout` (files directly inside its class
+    folders, at the top or in one wrapper folder, and/or its labels file), else None."""
+    if not folder.is_dir():
+        return None  # predict_folder says what is wrong with it
+    entries, not_listed = list_entries(folder)
+    relpaths = [entry.relpath for entry in entries]
+    wrapper = folder_wrapper(folder)
+    csv = None
+    if layout.labels_csv is not None and layout.labels_csv in relpaths:
+        csv_path = folder / wrapper / layout.labels_csv if wrapper else folder / layout.labels_csv
+        csv = parse_labels_csv(read_labels_file(folder, layout.labels_csv), str(csv_path))
+    labelling = label_files(relpaths, layout.class_dirs, layout.labels_csv, csv)
+    if not labelling.class_files and csv is None:
         return None
-    return FolderLabels(present, csv_labels, labels_csv if csv_labels is not None else None)
+    labels = FolderLabels(labelling, {s.relpath: s.reason for s in not_listed}, wrapper, csv)
+    if not labels.scorable:
+        log.warning("%s is not scored: only images directly inside the class folders (%s) take a label, as in "
+                    "ingest, and there are none; its labels file %s is not predicted", folder,
+                    ", ".join(f"{name}/" for name in sorted(layout.class_dirs)), labels.csv_name)
+    return labels
 
 
 @dataclass(frozen=True)
@@ -222,34 +280,29 @@ class Score:
 
 
 def score_predictions(predictions: list[Prediction], labels: FolderLabels, threshold: float) -> Score:
-    """The evaluate stage's metrics (evaluation.binary_metrics) on every prediction whose label is known."""
+    """The evaluate stage's metrics (evaluation.binary_metrics) on every prediction ingest would label."""
     from glomeruli.evaluation import binary_metrics  # imported late: matplotlib and scikit-learn load slowly
 
-    scored, unlabelled, conflicts = [], [], []
+    scored, not_scored = [], []
     for prediction in predictions:
-        label, conflict = labels.label_of(prediction.name)
-        if conflict:
-            conflicts.append(conflict)
-        elif label is None:
-            unlabelled.append(prediction.name)
+        label = labels.label_of(prediction.name)
+        if label is None:
+            not_scored.append({"name": prediction.name, "reason": labels.why_unlabelled(prediction.name)})
         else:
             scored.append((label, prediction))
-    if conflicts:
-        shown = ", ".join(c["name"] for c in conflicts[:_FIRST_SHOWN])
-        log.warning("%d image(s) left out of the score: their class folder and %s disagree (%s); fix one of them",
-                    len(conflicts), labels.csv_name, shown)
-    if unlabelled:
-        log.warning("%d image(s) left out of the score: no label in %s (%s)", len(unlabelled),
-                    " or ".join(labels.origin), ", ".join(unlabelled[:_FIRST_SHOWN]))
+    if not_scored:
+        log.warning("%d predicted image(s) left out of the score, as ingest would leave them out of training (the "
+                    "metrics file lists each with its reason): %s", len(not_scored),
+                    "; ".join(f"{n['name']} ({n['reason']})" for n in not_scored[:_FIRST_SHOWN]))
     if not scored:
         raise PredictError(f"no predicted image has a label in {' or '.join(labels.origin)}, so nothing can be "
-                           "scored: check the class folder names (ingest.class_dirs) and the labels file")
+                           "scored: only images directly inside a class folder take one (as in ingest); check the "
+                           "class folder names (the model's metadata, dataset_layout) and the labels file")
     y_true = np.array([label for label, _ in scored])
     prob = np.array([p.probability for _, p in scored])
     metrics = binary_metrics(y_true, prob, threshold)
     report = {"threshold": threshold, "labels_from": labels.origin, "n_predicted": len(predictions),
-              "n_scored": len(scored), "metrics": _json_safe(metrics), "unlabelled": unlabelled,
-              "label_conflicts": conflicts}
+              "n_scored": len(scored), "metrics": _json_safe(metrics), "not_scored": not_scored}
     if labels.csv is not None:
         problems = {k: v for k, v in labels.csv.report.items() if k in ("bad_rows", "bad_labels", "conflicting_rows") and v}
         report["labels_file_problems"] = problems
@@ -311,7 +364,7 @@ def burden_by_biopsy(predictions: list[Prediction], group_regex: str,
         log.warning("%d file name(s) carry no biopsy id (ingest.group_regex = %r), each counted as its own biopsy: "
                     "%s", len(ungrouped), group_regex, ", ".join(ungrouped[:_FIRST_SHOWN]))
     biopsies = [b or name for b, name in zip(biopsies, base_names)]
-    true = [labels.label_of(p.name)[0] for p in predictions] if labels is not None else None
+    true = [labels.label_of(p.name) for p in predictions] if labels is not None else None
     if true is not None and None in true:
         log.warning("true %% per biopsy left empty: %d image(s) have no label", true.count(None))
         true = None

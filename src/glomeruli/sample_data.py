@@ -9,6 +9,18 @@ PNG holds a ``Comment`` text chunk saying ``synthetic glomeruli sample`` and the
 Drawing model: two stain-density maps (hematoxylin for nuclei, PAS for basement membranes and
 matrix) are painted with vectorised NumPy/OpenCV operations and turned into colour with the
 Beer-Lambert law, which makes per-biopsy stain variation a matter of jittering two colour vectors.
+
+Several sites (``n_sites``, ``glomeruli sample-data --sites N``), for stain robustness and leave-one-site-out
+work: the images are split evenly over the sites and each biopsy belongs to one (at least three per site). Each site
+draws its own stain vectors, stain intensity, scanner blur, glass white balance and surrounding-tissue density
+(_SiteLook); its biopsies vary around that at half the one-site spread, so sites differ far more than the biopsies
+of one site. Each site also has its own share of sclerotic glomeruli, so site and label are correlated as in real
+cohorts. The rule: site k of N (k = 0 for SITE1) sits at logit(p_k) = c + 1.4 * (2k / (N - 1) - 1), evenly
+spaced on the log-odds scale with SITE1 lowest, and c is set so that the expected counts add up to the requested
+overall fraction (18 % over three equal sites: about 3.5 %, 13 % and 38 %); every site keeps at least two of each
+class. The class is still decided by the glomerulus' structure alone: its features come from the image's own
+random stream, whatever its site. The site is part of the biopsy id in each file name,
+``SYNTH-SITE2_B005_PAS_1of7_<hex>.png``; SITE_REGEX (``^SYNTH-(?P<site>SITE\\d+)_``) reads it.
 """
 
 from __future__ import annotations
@@ -33,21 +45,18 @@ import cv2
 import numpy as np
 
 from glomeruli import __version__
+from glomeruli.errors import UserError
+from glomeruli.layout import BIOPSY_PREFIX, LABELS_CSV, MARKER_FILE, NON_SCLEROTIC_DIR, SCLEROTIC_DIR
 
-__all__ = ["SampleSummary", "generate_sample_dataset"]
+__all__ = ["SITE_REGEX", "SampleSummary", "SitesError", "generate_sample_dataset"]
 
 log = logging.getLogger(__name__)
 
-SCLEROTIC_DIR = "globally_sclerotic_glomeruli"  # label 1
-NON_SCLEROTIC_DIR = "non_globally_sclerotic_glomeruli"  # label 0
-LABELS_CSV = "public.csv"
 CSV_HEADER = "name,ground truth"
-MARKER_FILE = "SYNTHETIC_DATA.txt"
 # First line of the marker file: proves a folder is ours to replace.
 MARKER_SIGNATURE = "SYNTHETIC glomeruli sample data"
 PNG_TEXT_KEY = "Comment"
 PNG_TEXT_PREFIX = "synthetic glomeruli sample"
-BIOPSY_PREFIX = "SYNTH-"
 NAME_HEX_BYTES = 12  # 24 lowercase hex digits, like the real file names
 
 MIN_IMAGES = 4  # two of each class
@@ -58,7 +67,28 @@ EMPTY_BIOPSY_PROBABILITY = 0.3  # biopsies drawn without any sclerotic glomerulu
 
 # Independent random streams (SeedSequence spawn keys) so that the plan, each biopsy's stain and
 # each image are reproducible on their own, whichever worker draws them.
-_PLAN_STREAM, _IMAGE_STREAM, _BIOPSY_STREAM = 0, 1, 2
+_PLAN_STREAM, _IMAGE_STREAM, _BIOPSY_STREAM, _SITE_STREAM = 0, 1, 2, 3
+
+# Several sites (`n_sites` > 1): each hospital has its own stain protocol and scanner, and its own share of
+# sclerotic glomeruli. File names carry the site inside the biopsy id, after BIOPSY_PREFIX (so ingest's synthetic
+# checks still hold): SYNTH-SITE2_B005_PAS_1of7_<hex>.png. SITE_REGEX reads it (the recommended ingest.site_regex).
+SITE_PREFIX = "SITE"
+SITE_REGEX = r"^SYNTH-(?P<site>SITE\d+)_"
+MIN_BIOPSIES_PER_SITE = 3
+# Site prevalences are evenly spaced on the log-odds scale, this far either side of their centre: the extreme
+# sites' odds differ by e^2.8 = 16, as in a real three-hospital cohort (4 % vs 42 %); 18 % overall over 3 sites
+# gives about 3.5 %, 13 % and 38 %.
+SITE_LOGIT_HALF_SPREAD = 1.4
+# Site-to-site appearance (one value per stratum of each range, in a seeded order, so no two sites coincide):
+SITE_LOG_CONCENTRATION = (-0.55, 0.55)  # log stain amount of each stain (intensity): x0.58 to x1.73
+SITE_HUE_SHIFT = 0.25  # relative spread of each stain vector's R, G, B absorbance (stain hue)
+SITE_BLUR = (0.3, 1.5)  # scanner blur sigma, px (as _Stain.blur)
+SITE_WHITE = 244.0  # mean grey level of empty glass...
+SITE_LIGHTNESS = 3.0  # ...moved up to this much darker or brighter...
+SITE_TINT = 10.0  # ...and tinted this much along a seeded direction of the warm-cool / green-magenta plane
+SITE_TISSUE = (0.7, 1.35)  # PAS density of the surrounding interstitium and tubules, relative
+# Biopsy-to-biopsy variation within a site, relative to that between the biopsies of a one-site sample.
+WITHIN_SITE_VARIATION = 0.5
 
 # Optical densities (absorbance per unit stain, R, G, B) from Ruifrok & Johnston's H-PAS vectors.
 HEMATOXYLIN_OD_RGB = (0.644, 0.717, 0.267)
@@ -146,6 +176,11 @@ class SampleSummary:
     n_images: int
     n_sclerotic: int
     n_biopsies: int
+    n_sites: int = 1
+
+
+class SitesError(UserError, ValueError):
+    """A number of sites the other sizes cannot hold (a ValueError too, like the other argument errors)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +191,20 @@ class _Stain:
     pas_od: tuple[float, float, float]
     white: tuple[float, float, float]  # B, G, R of empty glass
     blur: float  # scanner blur sigma in px, for glomeruli drawn with a radius >= 150 px
+    tissue: float = 1.0  # PAS density of the surroundings (interstitium, tubules), relative
+
+
+@dataclass(frozen=True)
+class _SiteLook:
+    """One site's stain protocol and scanner, around which its biopsies vary."""
+
+    hema_rgb: tuple[float, float, float]  # stain vectors (absorbance, R, G, B), before normalisation
+    pas_rgb: tuple[float, float, float]
+    hema_amount: float  # stain intensity
+    pas_amount: float
+    white: tuple[float, float, float]  # B, G, R of empty glass
+    blur: float
+    tissue: float
 
 
 @dataclass(frozen=True)
@@ -169,6 +218,7 @@ class _Job:
     difficulty: float
     seed: int
     structure_only: bool = False
+    site: str = ""  # SITE<k> in a multi-site sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +237,7 @@ def generate_sample_dataset(
     workers: int = 1,
     progress: bool = True,
     structure_only: bool = False,
+    n_sites: int = 1,
 ) -> SampleSummary:
     """Write a synthetic CMIL-layout dataset into ``out_dir`` and return a summary.
 
@@ -195,14 +246,18 @@ def generate_sample_dataset(
     stain/blur variation and adds ambiguous obsolescent-like glomeruli. ``structure_only`` draws
     stain, density, nucleus count and size from one distribution for both classes, so only the tuft's
     structure (open lumens and capillary loops vs a wrinkled scar and filled Bowman's space) tells
-    them apart: the hard set on which a head over a random frozen base fails. Refuses (FileExistsError)
-    a non-empty ``out_dir`` that is not a previous synthetic dataset; replaces one that is.
+    them apart: the hard set on which a head over a random frozen base fails. ``n_sites`` > 1 spreads the
+    biopsies over that many sites (hospitals), each with its own stain, scanner and share of sclerotic
+    glomeruli, named ``SYNTH-SITE<k>_B<b>_PAS_...`` (see SITE_REGEX); 1 writes exactly the one-site sample.
+    Refuses (FileExistsError) a non-empty ``out_dir`` that is not a previous synthetic dataset; replaces one
+    that is.
     """
     out = Path(out_dir).expanduser().resolve()  # "x/.." must still name a sibling for the temp
     _validate(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies, workers)
+    _validate_sites(n_sites, n_images, n_biopsies)
     _check_target(out)
     jobs, n_bio = _plan(n_images, sclerotic_fraction, difficulty, seed, size_range, n_biopsies,
-                        bool(structure_only))
+                        bool(structure_only), int(n_sites))
     n_scl = sum(j.label for j in jobs)
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -211,17 +266,18 @@ def generate_sample_dataset(
     try:
         for sub in (SCLEROTIC_DIR, NON_SCLEROTIC_DIR):
             (tmp / sub).mkdir(parents=True)
-        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies, difficulty %.2f%s) "
-                 "in %s", n_images, n_scl, n_bio, difficulty, ", structure only" if structure_only else "", out)
+        log.info("Generating %d synthetic images (%d sclerotic, %d biopsies%s, difficulty %.2f%s) in %s", n_images,
+                 n_scl, n_bio, f", {n_sites} sites" if n_sites > 1 else "", difficulty,
+                 ", structure only" if structure_only else "", out)
         _run_jobs(jobs, tmp, workers, progress)
         _write_csv(tmp / LABELS_CSV, jobs)
         _write_marker(tmp / MARKER_FILE, n_images, n_scl, n_bio, sclerotic_fraction, difficulty,
-                      seed, size_range, bool(structure_only))
+                      seed, size_range, bool(structure_only), _site_lines(jobs, sclerotic_fraction, int(n_sites)))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SampleSummary(root=out, n_images=n_images, n_sclerotic=n_scl, n_biopsies=n_bio)
+    return SampleSummary(root=out, n_images=n_images, n_sclerotic=n_scl, n_biopsies=n_bio, n_sites=int(n_sites))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +305,21 @@ def _validate(n_images, fraction, difficulty, seed, size_range, n_biopsies, work
         raise ValueError(f"n_biopsies must be in [1, n_images], got {n_biopsies!r}")
     if not isinstance(workers, (int, np.integer)) or workers < 0:
         raise ValueError(f"workers must be an integer >= 0 (0 = all cores), got {workers!r}")
+
+
+def _validate_sites(n_sites, n_images, n_biopsies) -> None:
+    if not isinstance(n_sites, (int, np.integer)) or isinstance(n_sites, bool) or n_sites < 1:
+        raise SitesError(f"--sites (n_sites) must be an integer >= 1, got {n_sites!r}")
+    if n_sites == 1:
+        return
+    least = 2 * MIN_PER_CLASS * n_sites
+    if n_images < least:
+        raise SitesError(f"--sites {n_sites} needs at least {least} images ({MIN_PER_CLASS} of each class in every "
+                         f"site), got --n-images {n_images}: lower --sites or raise --n-images")
+    if n_biopsies is not None and n_biopsies < MIN_BIOPSIES_PER_SITE * n_sites:
+        raise SitesError(f"--sites {n_sites} needs at least {MIN_BIOPSIES_PER_SITE * n_sites} biopsies "
+                         f"({MIN_BIOPSIES_PER_SITE} per site), got n_biopsies {n_biopsies}: lower --sites or raise "
+                         "n_biopsies")
 
 
 def _is_synthetic_root(path: Path) -> bool:
@@ -299,20 +370,75 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def _plan(n_images, fraction, difficulty, seed, size_range, n_biopsies,
-          structure_only: bool = False) -> tuple[list[_Job], int]:
+          structure_only: bool = False, n_sites: int = 1) -> tuple[list[_Job], int]:
     """Draw labels, biopsy grouping, sizes and names; cheap and done once in the main process."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLAN_STREAM,)))
     n = int(n_images)
-    n_bio = int(n_biopsies) if n_biopsies is not None else max(2, round(n / IMAGES_PER_BIOPSY))
-    n_bio = min(n_bio, n)
+    n_scl = _requested_sclerotic(n, fraction, n_sites)
+    if n_sites == 1:
+        n_bio = int(n_biopsies) if n_biopsies is not None else max(2, round(n / IMAGES_PER_BIOPSY))
+        site_images, site_biopsies, site_scl = [n], [min(n_bio, n)], [n_scl]
+    else:
+        n_bio = (int(n_biopsies) if n_biopsies is not None
+                 else max(MIN_BIOPSIES_PER_SITE * n_sites, round(n / IMAGES_PER_BIOPSY)))
+        site_images = _even_shares(n, n_sites)
+        site_biopsies = [min(b, m) for b, m in zip(_even_shares(n_bio, n_sites), site_images)]
+        site_scl = _site_sclerotic_counts(site_images, n_scl)
+    n_bio = sum(site_biopsies)
 
-    # Uneven biopsy sizes, each biopsy at least one glomerulus.
+    sizes, labels = [], []
+    for m, b, s in zip(site_images, site_biopsies, site_scl):
+        site_sizes, site_labels = _biopsies_and_labels(rng, m, b, s)
+        sizes.append(site_sizes)
+        labels.append(site_labels)
+    sizes, labels = np.concatenate(sizes), np.concatenate(labels)
+    biopsy_of = np.repeat(np.arange(n_bio), sizes)
+    site_of_biopsy = np.repeat(np.arange(n_sites), site_biopsies)
+
+    lo, hi = (int(v) for v in size_range)
+    # Skewed toward small crops, like the real data; width and height drawn independently.
+    widths = lo + np.rint((hi - lo) * rng.beta(1.6, 2.4, size=n)).astype(int)
+    heights = lo + np.rint((hi - lo) * rng.beta(1.6, 2.4, size=n)).astype(int)
+
+    if n_sites == 1:
+        stains = [_draw_stain(seed, b, difficulty) for b in range(n_bio)]
+        site_ids = [""]
+    else:
+        looks = _draw_site_looks(seed, n_sites)
+        stains = [_draw_site_stain(seed, b, difficulty, looks[site_of_biopsy[b]]) for b in range(n_bio)]
+        site_ids = [f"{SITE_PREFIX}{k + 1}" for k in range(n_sites)]
+    names: list[str] = []
+    seen: set[str] = set()
+    counter = np.zeros(n_bio, dtype=int)
+    for i in range(n):
+        b = biopsy_of[i]
+        counter[b] += 1
+        site_part = f"{site_ids[site_of_biopsy[b]]}_" if n_sites > 1 else ""
+        name = ""
+        while not name or name in seen:
+            name = (f"{BIOPSY_PREFIX}{site_part}B{b + 1:03d}_PAS_{counter[b]}of{sizes[b]}_"
+                    f"{rng.bytes(NAME_HEX_BYTES).hex()}.png")
+        seen.add(name)
+        names.append(name)
+
+    jobs = [
+        _Job(i, names[i], int(labels[i]), int(widths[i]), int(heights[i]), stains[biopsy_of[i]],
+             float(difficulty), int(seed), structure_only, site_ids[site_of_biopsy[biopsy_of[i]]])
+        for i in range(n)
+    ]
+    return jobs, n_bio
+
+
+def _requested_sclerotic(n: int, fraction: float, n_sites: int) -> int:
+    """round(n * fraction), leaving room for MIN_PER_CLASS of each class in every site."""
+    return int(np.clip(round(n * fraction), MIN_PER_CLASS * n_sites, n - MIN_PER_CLASS * n_sites))
+
+
+def _biopsies_and_labels(rng: np.random.Generator, n: int, n_bio: int, n_scl: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uneven biopsy sizes (each at least one glomerulus) and labels, sclerotic ones clustered in some biopsies."""
     weights = rng.gamma(1.5, size=n_bio)
     sizes = 1 + rng.multinomial(n - n_bio, weights / weights.sum())
     biopsy_of = np.repeat(np.arange(n_bio), sizes)
-
-    # Sclerotic glomeruli cluster in some biopsies; others have none.
-    n_scl = int(np.clip(round(n * fraction), MIN_PER_CLASS, n - MIN_PER_CLASS))
     propensity = rng.gamma(0.8, size=n_bio) + 1e-3
     empty = rng.random(n_bio) < EMPTY_BIOPSY_PROBABILITY
     for b in np.argsort(-sizes):  # give back the biggest biopsies until enough candidates remain
@@ -322,32 +448,35 @@ def _plan(n_images, fraction, difficulty, seed, size_range, n_biopsies,
     p = np.where(empty, 0.0, propensity)[biopsy_of]
     labels = np.zeros(n, dtype=np.int64)
     labels[rng.choice(n, size=n_scl, replace=False, p=p / p.sum())] = 1
+    return sizes, labels
 
-    lo, hi = (int(v) for v in size_range)
-    # Skewed toward small crops, like the real data; width and height drawn independently.
-    widths = lo + np.rint((hi - lo) * rng.beta(1.6, 2.4, size=n)).astype(int)
-    heights = lo + np.rint((hi - lo) * rng.beta(1.6, 2.4, size=n)).astype(int)
 
-    stains = [_draw_stain(seed, b, difficulty) for b in range(n_bio)]
-    names: list[str] = []
-    seen: set[str] = set()
-    counter = np.zeros(n_bio, dtype=int)
-    for i in range(n):
-        b = biopsy_of[i]
-        counter[b] += 1
-        name = ""
-        while not name or name in seen:
-            name = (f"{BIOPSY_PREFIX}B{b + 1:03d}_PAS_{counter[b]}of{sizes[b]}_"
-                    f"{rng.bytes(NAME_HEX_BYTES).hex()}.png")
-        seen.add(name)
-        names.append(name)
+def _even_shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal integers, the remainder to the first parts."""
+    return [total // parts + (k < total % parts) for k in range(parts)]
 
-    jobs = [
-        _Job(i, names[i], int(labels[i]), int(widths[i]), int(heights[i]), stains[biopsy_of[i]],
-             float(difficulty), int(seed), structure_only)
-        for i in range(n)
-    ]
-    return jobs, n_bio
+
+def _site_prevalence_targets(site_images: list[int], n_sclerotic: int) -> np.ndarray:
+    """Each site's expected share of sclerotic glomeruli (the rule in the module docstring).
+
+    Site k of N sits at logit(p_k) = c + SITE_LOGIT_HALF_SPREAD * (2k / (N - 1) - 1): evenly spaced on the
+    log-odds scale, the first site lowest, with c chosen so that the expected counts add up to `n_sclerotic`.
+    """
+    from scipy.optimize import brentq
+    from scipy.special import expit
+
+    sizes = np.asarray(site_images, dtype=float)
+    offsets = SITE_LOGIT_HALF_SPREAD * np.linspace(-1.0, 1.0, len(sizes))
+    centre = brentq(lambda c: float(sizes @ expit(c + offsets)) - n_sclerotic, -30.0, 30.0, xtol=1e-12)
+    return expit(centre + offsets)
+
+
+def _site_sclerotic_counts(site_images: list[int], n_sclerotic: int) -> list[int]:
+    """Whole counts near the expected ones (largest remainders), at least MIN_PER_CLASS of each class per site."""
+    expected = np.asarray(site_images) * _site_prevalence_targets(site_images, n_sclerotic)
+    counts = np.floor(expected).astype(int)
+    counts[np.argsort(-(expected - counts), kind="stable")[:n_sclerotic - counts.sum()]] += 1
+    return [int(np.clip(c, MIN_PER_CLASS, m - MIN_PER_CLASS)) for c, m in zip(counts, site_images)]
 
 
 def _draw_stain(seed: int, biopsy: int, difficulty: float) -> _Stain:
@@ -366,14 +495,82 @@ def _draw_stain(seed: int, biopsy: int, difficulty: float) -> _Stain:
                   blur=float(0.35 + amp * 0.6 * rng.random()))
 
 
+def _draw_site_looks(seed: int, n_sites: int) -> list[_SiteLook]:
+    """Each site's stain and scanner, from its own stream: independent of image and biopsy draws."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SITE_STREAM,)))
+
+    def spread(lo: float, hi: float) -> np.ndarray:  # one value per stratum of [lo, hi], in a seeded order
+        return lo + (hi - lo) * (rng.permutation(n_sites) + rng.uniform(0.2, 0.8, n_sites)) / n_sites
+
+    hema_amount, pas_amount = np.exp(spread(*SITE_LOG_CONCENTRATION)), np.exp(spread(*SITE_LOG_CONCENTRATION))
+    blur, tissue = spread(*SITE_BLUR), spread(*SITE_TISSUE)
+    lightness, tint_angle = spread(-SITE_LIGHTNESS, SITE_LIGHTNESS), spread(0.0, 2 * np.pi)
+    warm, green = np.array([-1.0, 0.0, 1.0]) / np.sqrt(2), np.array([-1.0, 2.0, -1.0]) / np.sqrt(6)  # in B, G, R
+    looks = []
+    for k in range(n_sites):
+        hue = 1.0 + SITE_HUE_SHIFT * rng.standard_normal((2, 3))
+        tint = SITE_TINT * (np.cos(tint_angle[k]) * warm + np.sin(tint_angle[k]) * green)
+        white = np.clip(SITE_WHITE + lightness[k] + tint, 0.0, 255.0)
+        looks.append(_SiteLook(
+            hema_rgb=tuple(float(x) for x in np.clip(np.asarray(HEMATOXYLIN_OD_RGB) * hue[0], 0.03, None)),
+            pas_rgb=tuple(float(x) for x in np.clip(np.asarray(PAS_OD_RGB) * hue[1], 0.03, None)),
+            hema_amount=float(hema_amount[k]), pas_amount=float(pas_amount[k]),
+            white=tuple(float(x) for x in white), blur=float(blur[k]), tissue=float(tissue[k])))
+    return looks
+
+
+def _draw_site_stain(seed: int, biopsy: int, difficulty: float, site: _SiteLook) -> _Stain:
+    """One biopsy's stain in a multi-site sample: its site's look, jittered as _draw_stain jitters, but less."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_BIOPSY_STREAM, biopsy)))
+    amp = WITHIN_SITE_VARIATION * (0.4 + 1.2 * difficulty)
+
+    def vector(base, amount, conc_spread):
+        v = np.asarray(base[::-1]) * (1.0 + 0.10 * amp * rng.standard_normal(3))  # hue shift
+        v = np.clip(v, 0.03, None) / np.linalg.norm(v)
+        conc = amount * np.exp(conc_spread * amp * rng.standard_normal())
+        return tuple(float(x) for x in v * conc * LN10)
+
+    white = np.clip(np.asarray(site.white) + 6.0 * amp * (rng.random(3) - 0.5), 0.0, 255.0)
+    return _Stain(hema_od=vector(site.hema_rgb, site.hema_amount, 0.18),
+                  pas_od=vector(site.pas_rgb, site.pas_amount, 0.15),
+                  white=tuple(float(x) for x in white),
+                  blur=float(site.blur * (1.0 + 0.3 * amp * rng.uniform(-1.0, 1.0))),
+                  tissue=float(site.tissue * np.exp(0.1 * amp * rng.standard_normal())))
+
+
 def _write_csv(path: Path, jobs: list[_Job]) -> None:
     rows = sorted((j.name, j.label) for j in jobs)
     text = CSV_HEADER + "\n" + "".join(f"{name},{label}\n" for name, label in rows)
     path.write_text(text, encoding="utf-8", newline="")
 
 
+def _site_lines(jobs: list[_Job], fraction: float, n_sites: int) -> list[str]:
+    """The marker's account of the sites: how to read them from names, the prevalence rule, each site's counts."""
+    if n_sites == 1:
+        return []
+    site_ids = list(dict.fromkeys(j.site for j in jobs))  # SITE1.. in plan order
+    images = {s: [j for j in jobs if j.site == s] for s in site_ids}
+    targets = _site_prevalence_targets([len(images[s]) for s in site_ids],
+                                       _requested_sclerotic(len(jobs), fraction, n_sites))
+    lines = [
+        f"n_sites: {n_sites}",
+        f"site_regex: {SITE_REGEX} (the site in every file name; the biopsy id, before _PAS_, includes it)",
+        f"site prevalence rule: sites evenly spaced on the log-odds scale, {SITE_LOGIT_HALF_SPREAD} logits either "
+        f"side of a centre set by the overall count, {site_ids[0]} lowest; at least {MIN_PER_CLASS} of each class "
+        "per site",
+        "site and label are correlated on purpose (as in real cohorts): a model can score well by recognising a "
+        "site's stain",
+    ]
+    for site, target in zip(site_ids, targets):
+        rows = images[site]
+        n_scl = sum(j.label for j in rows)
+        lines.append(f"site {site}: n_images {len(rows)}, n_biopsies {len({j.name.split('_PAS_')[0] for j in rows})}, "
+                     f"n_sclerotic {n_scl}, prevalence {n_scl / len(rows):.3f} (rule {target:.3f})")
+    return lines
+
+
 def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed, size_range,
-                  structure_only: bool = False):
+                  structure_only: bool = False, site_lines: Iterable[str] = ()):
     lines = [
         MARKER_SIGNATURE,
         "",
@@ -391,6 +588,7 @@ def _write_marker(path: Path, n_images, n_scl, n_bio, fraction, difficulty, seed
         f"size_range: [{int(size_range[0])}, {int(size_range[1])}]",
         *(["structure_only: true (colour, brightness and nucleus count do not separate the classes)"]
           if structure_only else []),
+        *site_lines,
         f"biopsy ids start with {BIOPSY_PREFIX!r}; every PNG has a {PNG_TEXT_KEY!r} text chunk "
         f"starting with {PNG_TEXT_PREFIX!r}.",
     ]
@@ -662,6 +860,8 @@ def _render(job: _Job) -> np.ndarray:
 
     glom_mask = (cx, cy, ax, ay, r_caps, extent + 0.03)
     pas_bg, hema_bg, seeds = _draw_background(rng, h, w, scale, grain, low, glom_mask)
+    if job.stain.tissue != 1.0:  # a site's interstitium and tubules take up more or less PAS
+        pas_bg *= np.float32(job.stain.tissue)
 
     # Tuft: capillary lumens are the top tail of a smooth noise field, with PAS-bright rims.
     lumen_spacing = STRUCTURE_LUMEN_SPACING if job.structure_only else LUMEN_SPACING

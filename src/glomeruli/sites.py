@@ -9,26 +9,27 @@ from pathlib import Path
 import numpy as np
 
 from glomeruli.burden import biopsy_burden, burden_summary
-from glomeruli.metrics import binary_metrics
+from glomeruli.metrics import prediction_metrics
 
 # Pooled ROC-AUC this far above the mean within-site ROC-AUC: the model may be recognising the site.
 SITE_GAP_WARNING = 0.05
 
 
-def site_metrics(labels: np.ndarray, prob: np.ndarray, score: np.ndarray, threshold: float, sites: np.ndarray,
+def site_metrics(labels: np.ndarray, prob: np.ndarray, score: np.ndarray, predicted: np.ndarray, sites: np.ndarray,
                  biopsies: np.ndarray, burden_cutoff: float) -> dict[str, dict]:
-    """For each site (sorted): images, sclerotic count, ROC-AUC (of `score`), recall, specificity and F1 at
-    `threshold` (on `prob`), and the per-biopsy burden error. None where a site lacks a class (JSON has no NaN)."""
-    labels, prob, score = np.asarray(labels), np.asarray(prob), np.asarray(score)
+    """For each site (sorted): images, sclerotic count, ROC-AUC (of `score`), recall, specificity and F1 of
+    `predicted` (probability >= threshold; pooled folds: each fold's own), and the per-biopsy burden error.
+    None where a site lacks a class (JSON has no NaN)."""
+    labels, prob, score, predicted = np.asarray(labels), np.asarray(prob), np.asarray(score), np.asarray(predicted)
     sites, biopsies = np.asarray(sites), np.asarray(biopsies)
     out = {}
     for site in sorted(set(sites.tolist())):
         members = sites == site
-        y, p = labels[members], prob[members]
-        m = binary_metrics(y, p, threshold, score[members])
+        y, p, called = labels[members], prob[members], predicted[members].astype(int)
+        m = prediction_metrics(y, p, called, score[members])
         cm = m["confusion_matrix"]
         negatives = cm["tn"] + cm["fp"]
-        burden = burden_summary(biopsy_burden(biopsies[members], p, p >= threshold, y), burden_cutoff)
+        burden = burden_summary(biopsy_burden(biopsies[members], p, called, y), burden_cutoff)
         out[str(site)] = {
             "n": int(members.sum()), "sclerotic": int(y.sum()), "roc_auc": m["roc_auc"],
             "recall": m["recall"] if y.sum() else math.nan,

@@ -4,6 +4,12 @@
 reason, everything it will not read: hidden and OS junk files, unsafe zip member names, symlinks
 that loop, dangle or leave the source. `read_bytes` reads one of the listed files.
 
+Every read of a user's file goes through `read_file` (a folder's files, and `glomeruli predict`'s) or
+`_read_zip_member` (a zip's), with a cap: only a regular file is opened (a named pipe would block for
+ever, a device stream for ever), its size is checked before reading, and no more than the cap plus one
+byte is read, so a file that grows, or lies about its size, is refused all the same. The caps:
+`image_max_bytes(max_pixels)` for images, `LABELS_CSV_MAX_BYTES` for the labels file.
+
 Both kinds accept the same layouts: the class folders at the top, or all of them inside exactly one
 wrapper folder (`glomeruli/<class>/x.png`, as unzipping often leaves it); paths are then relative to the
 wrapper. The one rule is `_single_wrapper_folder`, applied to the files left after junk is set aside.
@@ -29,10 +35,26 @@ JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini"})  # compared case-insen
 MACOS_RESOURCE_FOLDER = "__MACOSX"
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 _MAX_OPEN_ZIPS = 8
+# CMIL's public.csv is ~300 KB; this holds ~300,000 rows of CMIL-length names. Parsing costs ~60 times
+# the file's size in memory (measured), so the cap keeps a labels file, or a zip bomb posing as one, near 1 GB.
+LABELS_CSV_MAX_BYTES = 16 << 20
+# No valid image of max_pixels is bigger than 16-bit RGBA stored raw (8 bytes a pixel) plus metadata.
+_IMAGE_BYTES_PER_PIXEL = 8
+_IMAGE_METADATA_BYTES = 16 << 20
+_READ_CHUNK = 1 << 20
 
 
 class SourceError(UserError, ValueError):
     """The dataset source exists but cannot be used (not a folder or zip, corrupt zip, bad member)."""
+
+
+class RefusedFileError(SourceError):
+    """A file left unread: not a regular file, or larger than its cap. The message names it and why."""
+
+
+def image_max_bytes(max_pixels: int) -> int:
+    """The most bytes an image file of at most `max_pixels` pixels can hold; larger files are refused unread."""
+    return max_pixels * _IMAGE_BYTES_PER_PIXEL + _IMAGE_METADATA_BYTES
 
 
 @dataclass(frozen=True)
@@ -84,14 +106,68 @@ def list_entries(source: Path) -> tuple[list[Entry], list[Skipped]]:
     return entries, skipped
 
 
-def read_bytes(source: Path, relpath: str) -> bytes:
-    """The bytes of one file listed by `list_entries`."""
+def read_bytes(source: Path, relpath: str, max_bytes: int) -> bytes:
+    """The bytes of one file listed by `list_entries`; `RefusedFileError` when it is no longer a regular file
+    or holds more than `max_bytes`."""
     source = Path(source)
     if source.is_dir():
         root = source.resolve(strict=True)
         wrapper = _folder_wrapper(root)
-        return _read_folder_file(root / wrapper if wrapper else root, relpath)
-    return _read_zip_member(source, relpath)
+        return _read_folder_file(root / wrapper if wrapper else root, relpath, max_bytes)
+    return _read_zip_member(source, relpath, max_bytes)
+
+
+def read_labels_file(source: Path, relpath: str) -> bytes:
+    """The labels CSV `relpath` of a source (ingest and predict alike), read under `LABELS_CSV_MAX_BYTES`."""
+    try:
+        return read_bytes(source, relpath, LABELS_CSV_MAX_BYTES)
+    except RefusedFileError as err:
+        raise RefusedFileError(f"{err}: a labels file holds one `name,ground truth` row per image (CMIL's is about "
+                               f"300 KB); check that {relpath} is the labels file, or set ingest.labels_csv: null to "
+                               "leave it unread") from None
+
+
+def read_file(path: Path | str, max_bytes: int, *, follow_symlinks: bool = True, name: str | None = None) -> bytes:
+    """The bytes of the regular file `path` when it holds at most `max_bytes`; else `RefusedFileError` (naming
+    the file as `name`, by default its path), unread.
+
+    Opened non-blocking, so a named pipe swapped in after the check cannot block; checked again on the open
+    descriptor (what is read is what was checked); read to at most `max_bytes` + 1 bytes.
+    """
+    name = str(path) if name is None else name
+    _check_regular(os.stat(path) if follow_symlinks else os.lstat(path), name, max_bytes)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        _check_regular(os.fstat(fd), name, max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = _read_at_most(f, max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise RefusedFileError(f"{name}: more than the {max_bytes} allowed bytes (it grew while read); not read")
+    return data
+
+
+def _check_regular(info: os.stat_result, name: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise RefusedFileError(f"{name}: not a regular file (a named pipe, device or socket would block or stream "
+                               "for ever); not read")
+    if info.st_size > max_bytes:
+        raise RefusedFileError(f"{name}: {info.st_size} bytes, more than the {max_bytes} allowed; not read")
+
+
+def _read_at_most(f, limit: int) -> bytes:
+    chunks, total = [], 0
+    while total < limit:
+        chunk = f.read(min(_READ_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def close_sources() -> None:
@@ -148,6 +224,11 @@ def _folder_wrapper(root: Path) -> str | None:
     return cached[1]
 
 
+def folder_wrapper(source: Path) -> str | None:
+    """The wrapper folder `list_entries` takes a folder source's paths relative to; None when there is none."""
+    return _folder_wrapper(Path(source).resolve(strict=True))
+
+
 def _walk_folder(root: Path) -> tuple[list[Entry], list[Skipped]]:
     entries: list[Entry] = []
     skipped: list[Skipped] = []
@@ -188,6 +269,8 @@ def _relative(root: Path, path: Path) -> str:
 def _name_reason(name: str) -> str | None:
     if not _is_utf8(name):
         return f"file name {name!r} is not valid UTF-8; rename it"
+    if "\r" in name or "\n" in name:  # a CSV row (the manifest) cannot carry it back unchanged
+        return f"file name {name!r} holds a line break; rename it"
     return None
 
 
@@ -230,14 +313,15 @@ def _regular_file_size(root: Path, path: Path) -> int | str:
     return info.st_size
 
 
-def _read_folder_file(source: Path, relpath: str) -> bytes:
+def _read_folder_file(source: Path, relpath: str, max_bytes: int) -> bytes:
     root = source.resolve(strict=True)
     if _unsafe_path_reason(relpath):
         raise FileNotFoundError(f"{relpath!r} is not a path inside {source}")
     path = (root / relpath).resolve(strict=True)
     if not path.is_relative_to(root):  # a symlink swapped in after listing must not leak outside files
         raise FileNotFoundError(f"{source}/{relpath} resolves outside the source ({path})")
-    return path.read_bytes()
+    # The resolved path names no link: one swapped in now is refused, not followed.
+    return read_file(path, max_bytes, follow_symlinks=False, name=relpath)
 
 
 # ---------------------------------------------------------------------------------------- zips
@@ -274,7 +358,8 @@ def _build_zip_index(archive: zipfile.ZipFile) -> _ZipIndex:
             skipped.append(Skipped(info.filename, reason))
             continue
         parts = [p for p in name.split("/") if p not in ("", ".")]
-        reason = next((r for r in map(junk_reason, parts) if r), None) or _member_skip_reason(info)
+        reason = (next((r for part in parts if (r := junk_reason(part) or _name_reason(part))), None)
+                  or _member_skip_reason(info))
         if reason:
             junk.append((parts, reason))
         else:
@@ -354,13 +439,20 @@ def _zip_index_of(source: Path) -> _ZipIndex:
     return _open_zip(source).index
 
 
-def _read_zip_member(source: Path, relpath: str) -> bytes:
+def _read_zip_member(source: Path, relpath: str, max_bytes: int) -> bytes:
     opened = _open_zip(source)
     info = opened.index.members.get(relpath)
     if info is None:
         raise FileNotFoundError(f"{relpath!r} is not a readable member of {source}")
+    if info.file_size > max_bytes:  # the declared size: a zip bomb is refused before it inflates
+        raise RefusedFileError(f"{relpath}: {info.file_size} bytes, more than the {max_bytes} allowed; not read")
     try:
-        return opened.archive.read(info)
+        with opened.archive.open(info) as member:
+            data = _read_at_most(member, max_bytes + 1)  # under the cap it reads to the end, where the CRC is checked
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as err:
         raise SourceError(f"{source}: zip member {info.filename!r} cannot be read "
                           f"({type(err).__name__}: {err}); re-create the zip") from None
+    if len(data) > max_bytes:
+        raise RefusedFileError(f"{relpath}: more than the {max_bytes} allowed bytes (more than it declares); "
+                               "not read")
+    return data

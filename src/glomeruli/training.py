@@ -41,6 +41,7 @@ from glomeruli.params import (FROM_SCRATCH_MIN_IMAGE_SIZE, FinetuneParams, Param
                               as_dict)
 from glomeruli.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
 from glomeruli.split import Split, read_split
+from glomeruli.stage_deps import stage_code
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
 
 def _checkpoint_dir(phase: str, params: Params) -> Path:
     """Resume state keyed by everything that shapes the run, so a stale one is never picked up."""
-    code = [file_sha256(Path(__file__).with_name(m)) for m in ("training.py", "model.py", "backend.py")]
+    code = [file_sha256(f) for f in stage_code(phase)]  # the phase's code deps in dvc.yaml
     inputs = [file_sha256(SPLIT), *_store_content_key(), keras.__version__, *code]
     if phase == "finetune":  # a retrained frozen-phase model makes fine-tuning state stale
         inputs.append(file_sha256(FROZEN_MODEL))
@@ -425,8 +426,8 @@ def _checkpoint_dir(phase: str, params: Params) -> Path:
     return CHECKPOINTS / f"{phase}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-# The code that writes the pixels of the augmented store (with the params, already in the key).
-_STORE_CODE = ("images.py", "preprocess.py", "augment.py", "h5store.py")
+# The stages whose code writes the pixels of the augmented store (with the params, already in the key).
+_STORE_STAGES = ("preprocess", "augment")
 
 
 def _store_content_key() -> list[str]:
@@ -438,7 +439,7 @@ def _store_content_key() -> list[str]:
     """
     import cv2  # imported here: only the key needs its version
 
-    code = [file_sha256(Path(__file__).with_name(m)) for m in _STORE_CODE]
+    code = [file_sha256(f) for f in stage_code(*_STORE_STAGES)]
     return [file_sha256(MANIFEST), *code, cv2.__version__, np.__version__]
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from glomeruli.errors import UserError
+from glomeruli.layout import MARKER_FILE
 from glomeruli.params import load_params
 from glomeruli.paths import CHECKPOINTS
-from glomeruli.sample_data import MARKER_FILE, generate_sample_dataset
+from glomeruli.sample_data import generate_sample_dataset
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,24 @@ def _committed_text(path: str) -> str | None:
 
 
 def _declared_outputs(root: Path) -> list[Path]:
+    """The `outs:` of dvc.yaml, each refused unless it lies inside the project: they are about to be deleted.
+
+    Where an output is a symlink (DVC's `cache.type: symlink`, perhaps into a cache outside the project), the
+    link lies inside and is what gets deleted, never its target; a symlinked folder above it is resolved.
+    """
     pipeline = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
+    project = root.resolve()
     outs = []
-    for stage in pipeline["stages"].values():
+    for stage_name, stage in pipeline["stages"].items():
         for out in stage.get("outs", []):
-            outs.append(root / (out if isinstance(out, str) else next(iter(out))))
+            declared = out if isinstance(out, str) else next(iter(out))
+            path = root / declared
+            where = path.parent.resolve() / path.name
+            if path.name in ("", ".", "..") or where == project or not where.is_relative_to(project):
+                raise WorkspaceError(f"dvc.yaml: stage {stage_name}'s output {declared!r} lies outside the project "
+                                     f"({where}); use-data deletes the outputs it declares and deletes nothing "
+                                     "outside the project: declare outputs inside it, then rerun")
+            outs.append(path)
     return outs
 
 
@@ -159,6 +173,7 @@ def use_data(source: Path, *, root: Path = Path(".")) -> list[str]:
     if source.is_dir() and (source / MARKER_FILE).is_file():
         raise WorkspaceError(f"{source} holds {MARKER_FILE}: it is synthetic sample data, not yours. Put your "
                              "own images in their own folder (e.g. data/raw) and name that folder")
+    outputs = _declared_outputs(root)  # all checked before anything changes
     done = []
     params_text = _committed_text("params.yaml")
     if params_text is None:
@@ -175,12 +190,12 @@ def use_data(source: Path, *, root: Path = Path(".")) -> list[str]:
         (root / "dvc.lock").unlink()
         done.append("dvc.lock removed (the demo's run)")
     removed = []
-    for out in _declared_outputs(root):
-        if out.is_dir():
+    for out in outputs:
+        if out.is_dir() and not out.is_symlink():
             shutil.rmtree(out)
             removed.append(str(out.relative_to(root)))
-        elif out.exists():
-            out.unlink()
+        elif out.is_symlink() or out.exists():
+            out.unlink()  # a symlink goes, its target stays
             removed.append(str(out.relative_to(root)))
     shutil.rmtree(root / CHECKPOINTS.parent, ignore_errors=True)
     if removed:

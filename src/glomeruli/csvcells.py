@@ -1,0 +1,23 @@
+"""Text cells of our CSVs (image names, biopsy ids) that a spreadsheet would run as formulas are written inert.
+
+A cell starting with `=`, `+`, `-`, `@`, tab or carriage return (OWASP's list) is a formula to Excel,
+LibreOffice and Google Sheets; a leading `'` makes it text there. The escape is reversible: a cell that
+already starts with `'` gets one more, so `original_cell` gives back exactly the name that was written and
+names keep their identity across stages (the manifest, the test predictions that cv-summary pools).
+Only text cells go through it: numbers keep their sign.
+"""
+
+from __future__ import annotations
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+ESCAPE = "'"
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` as a cell no spreadsheet runs: a leading `'` when it starts a formula (or with `'` itself)."""
+    return ESCAPE + text if text.startswith((*FORMULA_STARTS, ESCAPE)) else text
+
+
+def original_cell(cell: str) -> str:
+    """The text `spreadsheet_safe` was given."""
+    return cell[len(ESCAPE):] if cell.startswith(ESCAPE) else cell

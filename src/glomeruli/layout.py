@@ -1,0 +1,15 @@
+"""The CMIL dataset layout and the marks of our synthetic copy of it: names only.
+
+Ingest, predict, doctor and the workspace read folders by these names; the synthetic generator
+(`sample_data.py`) writes them. They live apart from the generator so that editing it reruns no stage
+that reads real data.
+"""
+
+SCLEROTIC_DIR = "globally_sclerotic_glomeruli"  # label 1
+NON_SCLEROTIC_DIR = "non_globally_sclerotic_glomeruli"  # label 0
+LABELS_CSV = "public.csv"
+CMIL_GROUP_REGEX = r"^(?P<group>.+?)_PAS_"  # the shipped ingest.group_regex: the biopsy id before _PAS_
+
+# The synthetic sample data: ingest refuses it mixed with real images, use-data refuses it as the user's data.
+MARKER_FILE = "SYNTHETIC_DATA.txt"
+BIOPSY_PREFIX = "SYNTH-"  # every synthetic biopsy id starts with it
