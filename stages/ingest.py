@@ -10,7 +10,8 @@ from glomeruli.stagekit import run_stage
 
 def main(params):
     config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=params.ingest.labels_csv,
-                          group_regex=params.ingest.group_regex, max_pixels=params.ingest.max_pixels,
+                          group_regex=params.ingest.group_regex, site_regex=params.ingest.site_regex,
+                          max_pixels=params.ingest.max_pixels,
                           max_unreadable_fraction=params.ingest.max_unreadable_fraction,
                           workers=params.runtime.workers)
     result = ingest_dataset(Path(params.data.source), config)

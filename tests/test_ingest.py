@@ -82,7 +82,7 @@ def test_report_counts_and_lists(messy):
     assert report["counts"][POSITIVE]["kept"] + report["counts"][NEGATIVE]["kept"] == report["n_kept"]
     assert report["counts"][NEGATIVE] == {"label": 0, "found": 8, "kept": 6}  # 6 good, same_name, clash_neg
     assert report["config"] == {"class_dirs": CLASS_DIRS, "labels_csv": "public.csv", "group_regex": GROUP_REGEX,
-                                "max_pixels": 40_000_000, "max_unreadable_fraction": 0.02}
+                                "max_pixels": 40_000_000, "max_unreadable_fraction": 0.02, "site_regex": None}
     assert report["name_in_both_classes"] == [
         {"name": "same_name.png", "files": [f"{POSITIVE}/same_name.png", f"{NEGATIVE}/same_name.png"]}]
     by_kept = {d["kept"]: d for d in report["duplicates"]}
@@ -93,6 +93,11 @@ def test_report_counts_and_lists(messy):
     assert report["csv"] == {"file": "public.csv", "present": False}
     assert f"{POSITIVE}/{cmil_name('P0', 1, 6, seed=100)}" not in report["ungrouped"]
     assert f"{POSITIVE}/photo.jpg" in report["ungrouped"]
+    # ingest.site_regex null: every kept image at the one site "all", none left out for its site
+    assert report["n_sites"] == 1 and report["no_site"] == []
+    assert report["sites"] == {"all": {"n": report["n_kept"], "by_label": {
+        "0": report["counts"][NEGATIVE]["kept"], "1": report["counts"][POSITIVE]["kept"]}}}
+    assert {row.site for row in result.rows} == {"all"}
 
 
 def test_manifest_rows_carry_label_group_hash_and_size(messy):
@@ -246,6 +251,65 @@ def test_bad_group_regex_is_refused(tmp_path):
         ingest_dataset(tmp_path / "data", dataclasses.replace(CONFIG, group_regex="^(.+?)_PAS_"))
 
 
+# ---------------------------------------------------------------------------------------- sites
+
+SITE_REGEX = r"^(?P<site>H\d+)-"  # hospital H<k> before the biopsy id: H2-B04_PAS_1of2_...
+
+
+def _write_site_dataset(root: Path) -> None:
+    names = {f"{POSITIVE}/H1-B01_PAS_1of1_a.png": 1, f"{POSITIVE}/H2-B02_PAS_1of1_b.png": 2,
+             f"{NEGATIVE}/H1-B03_PAS_1of1_c.png": 3, f"{NEGATIVE}/H2-B04_PAS_1of2_d.png": 4,
+             f"{NEGATIVE}/H2-B04_PAS_2of2_e.png": 5, f"{NEGATIVE}/B05_PAS_1of1_f.png": 6,  # no hospital
+             f"{NEGATIVE}/XH3-B06_PAS_1of1_g.png": 7}  # H3 not at the start: no site either
+    for relpath, seed in names.items():
+        (root / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (root / relpath).write_bytes(rgba_png(8, 8, seed=seed))
+
+
+def test_site_regex_gives_each_image_its_site_and_skips_names_without_one(tmp_path):
+    _write_site_dataset(tmp_path / "data")
+    config = dataclasses.replace(CONFIG, labels_csv=None, site_regex=SITE_REGEX)
+    result = ingest_dataset(tmp_path / "data", config)
+    assert {row.id: (row.site, row.group) for row in result.rows} == {
+        f"{POSITIVE}/H1-B01_PAS_1of1_a.png": ("H1", "H1-B01"), f"{POSITIVE}/H2-B02_PAS_1of1_b.png": ("H2", "H2-B02"),
+        f"{NEGATIVE}/H1-B03_PAS_1of1_c.png": ("H1", "H1-B03"), f"{NEGATIVE}/H2-B04_PAS_1of2_d.png": ("H2", "H2-B04"),
+        f"{NEGATIVE}/H2-B04_PAS_2of2_e.png": ("H2", "H2-B04")}
+    reasons = _skip_reasons(result)
+    for relpath in (f"{NEGATIVE}/B05_PAS_1of1_f.png", f"{NEGATIVE}/XH3-B06_PAS_1of1_g.png"):
+        assert reasons[relpath] == ("no site: the name does not match ingest.site_regex = '^(?P<site>H\\\\d+)-'; "
+                                    "rename the file or fix the regex (null: every image at one site)")
+    report = result.report
+    assert report["no_site"] == [f"{NEGATIVE}/B05_PAS_1of1_f.png", f"{NEGATIVE}/XH3-B06_PAS_1of1_g.png"]
+    assert report["n_sites"] == 2
+    assert report["sites"] == {"H1": {"n": 2, "by_label": {"0": 1, "1": 1}},
+                               "H2": {"n": 3, "by_label": {"0": 2, "1": 1}}}
+    assert report["config"]["site_regex"] == SITE_REGEX
+    assert report["counts"][NEGATIVE] == {"label": 0, "found": 5, "kept": 3}
+    check_ingest(result, config)
+    path = tmp_path / "manifest.csv"
+    write_manifest(result.rows, path)
+    assert read_manifest(path) == result.rows
+
+
+def test_a_class_whose_names_match_no_site_is_an_error_naming_the_regex(tmp_path):
+    _write_site_dataset(tmp_path / "data")
+    config = dataclasses.replace(CONFIG, labels_csv=None, site_regex=r"_PAS_1of1_(?P<site>[ab])\.png$")
+    result = ingest_dataset(tmp_path / "data", config)
+    assert {row.site for row in result.rows} == {"a", "b"}  # both positives
+    with pytest.raises(IngestError, match=rf"class folder '{NEGATIVE}' \(label 0\) has no usable images: 5 of its "
+                                          r"images have names that ingest.site_regex = .* does not match") as err:
+        check_ingest(result, config)
+    assert "null" in str(err.value)
+
+
+@pytest.mark.parametrize("pattern, message", [("(?P<site>H\\d+", "is not a regular expression"),
+                                              (r"^(H\d+)-", "has no named group \\(\\?P<site>")])
+def test_bad_site_regex_is_refused_naming_the_key(tmp_path, pattern, message):
+    write_clean_dataset(tmp_path / "data")
+    with pytest.raises(IngestError, match=rf"ingest.site_regex = .* {message}"):
+        ingest_dataset(tmp_path / "data", dataclasses.replace(CONFIG, site_regex=pattern))
+
+
 def test_progress_is_logged_when_not_a_terminal(tmp_path, caplog):
     write_clean_dataset(tmp_path / "data", per_class=10)
     with caplog.at_level(logging.INFO):
@@ -258,7 +322,7 @@ def test_progress_is_logged_when_not_a_terminal(tmp_path, caplog):
 def test_manifest_round_trip(tmp_path):
     rows = [ManifestRow(id=f"{POSITIVE}/glom 1 é, \"odd\".png", path=f"{POSITIVE}/glom 1 é, \"odd\".png",
                         name="glom 1 é, \"odd\".png", label=1, group="B1", sha256="ab" * 32, width=3, height=4,
-                        channels=4)]
+                        channels=4, site="=H1, \"north\"")]
     path = tmp_path / "manifest.csv"
     write_manifest(rows, path)
     data = path.read_bytes()
@@ -266,15 +330,28 @@ def test_manifest_round_trip(tmp_path):
     assert read_manifest(path) == rows
 
 
+def test_a_manifest_from_before_sites_reads_with_every_image_at_one_site(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("id,path,name,label,group,sha256,width,height,channels\n"
+                    f"{POSITIVE}/a.png,{POSITIVE}/a.png,a.png,1,B1,{'ab' * 32},3,4,3\n", encoding="utf-8")
+    assert read_manifest(path) == [ManifestRow(id=f"{POSITIVE}/a.png", path=f"{POSITIVE}/a.png", name="a.png",
+                                               label=1, group="B1", sha256="ab" * 32, width=3, height=4, channels=3,
+                                               site="all")]
+    path.write_text("id,path,name,label,group,sha256,width,height,channels\na,a,a,1,B1,h,1,1,3,extra\n",
+                    encoding="utf-8")
+    with pytest.raises(IngestError, match="line 2: 10 columns, expected 9"):
+        read_manifest(path)
+
+
 def test_manifest_with_a_wrong_header_or_row_is_refused(tmp_path):
     path = tmp_path / "manifest.csv"
     path.write_text("id,path,label\n", encoding="utf-8")
     with pytest.raises(IngestError, match="manifest.csv: header"):
         read_manifest(path)
-    path.write_text(",".join(MANIFEST_COLUMNS) + "\na,a,a,7,g,h,1,1,3\n", encoding="utf-8")
+    path.write_text(",".join(MANIFEST_COLUMNS) + "\na,a,a,7,g,s,h,1,1,3\n", encoding="utf-8")
     with pytest.raises(IngestError, match="line 2: label 7"):
         read_manifest(path)
-    path.write_text(",".join(MANIFEST_COLUMNS) + "\na,a,a,1,g,h,wide,1,3\n", encoding="utf-8")
+    path.write_text(",".join(MANIFEST_COLUMNS) + "\na,a,a,1,g,s,h,wide,1,3\n", encoding="utf-8")
     with pytest.raises(IngestError, match="line 2: width"):
         read_manifest(path)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import shipped_params_raw, shipped_params_text
+from glomeruli.layout import SYNTHETIC_SITE_REGEX
 from glomeruli.params import ParamsError, load_params, parse_params, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,10 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     ("runtime", "cache_features", "yes", "runtime.cache_features"),
     ("ingest", "group_regex", "([a-z", "ingest.group_regex"),
     ("ingest", "group_regex", "^(.+)_PAS_", "ingest.group_regex"),
+    ("ingest", "site_regex", "([a-z", "ingest.site_regex"),
+    ("ingest", "site_regex", "^(.+)_B", "ingest.site_regex"),  # no (?P<site>...)
+    ("ingest", "site_regex", "^(?P<group>.+)_B", "ingest.site_regex"),
+    ("ingest", "site_regex", 3, "ingest.site_regex"),
     ("ingest", "class_dirs", {"a": 1, "b": 1}, "ingest.class_dirs"),
     ("augment", "copies_per_class", {"1": 3}, "augment.copies_per_class"),
     ("augment", "scale", [1.2, 0.8], "augment.scale"),
@@ -64,6 +69,23 @@ def test_bad_values_name_key_value_and_allowed(section, key, value, message):
         parse_params(raw)
     assert message in str(err.value)
     assert repr(value) in str(err.value) or str(value) in str(err.value)
+
+
+def test_site_regex_null_is_one_site_and_a_regex_is_kept():
+    raw = shipped()
+    assert parse_params(raw).ingest.site_regex is None  # CMIL: one site
+    raw["ingest"]["site_regex"] = SYNTHETIC_SITE_REGEX
+    assert parse_params(raw).ingest.site_regex == r"^SYNTH-(?P<site>SITE\d+)_"
+    assert SYNTHETIC_SITE_REGEX in shipped_params_text()  # params.yaml's comment gives the synthetic sites' regex
+
+
+def test_bad_site_regex_message_is_one_line():
+    raw = shipped()
+    raw["ingest"]["site_regex"] = "^(.+)_B"
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert str(err.value) == ("params.yaml: `ingest.site_regex` = '^(.+)_B' is invalid: needs a named group "
+                              "(?P<site>...), or null for one site.")
 
 
 def test_missing_key_and_missing_file(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 
 from badfiles import CLASS_DIRS, GROUP_REGEX, NEGATIVE, POSITIVE, cmil_name, random_rgb, write_clean_dataset
 from glomeruli.h5store import ImageStore
-from glomeruli.ingest import IngestConfig, ingest_dataset
+from glomeruli.ingest import IngestConfig, ingest_dataset, read_manifest, write_manifest
 from glomeruli.preprocess import preprocess_images
 
 
@@ -33,6 +33,22 @@ def test_store_holds_each_image_padded_centred_in_0_255(tmp_path):
             assert label == expected[record_id][1]
         assert not store.meta.is_augmented.any()
         assert sorted(set(store.meta.groups)) == ["N0", "N1", "P0", "P1"]
+        assert set(store.meta.sites) == {"all"}  # ingest.site_regex null: one site
+
+
+def test_store_carries_each_image_site_from_the_manifest(tmp_path):
+    """Sites read by ingest.site_regex travel through the manifest file into the store's `sites` dataset."""
+    raw = tmp_path / "raw"
+    write_clean_dataset(raw, per_class=2)  # names P0_PAS_1of2_..., P1_..., N0_..., N1_...
+    config = IngestConfig(class_dirs=CLASS_DIRS, labels_csv=None, group_regex=GROUP_REGEX, max_pixels=10**8,
+                          max_unreadable_fraction=0.0, workers=1, site_regex=r"^(?P<site>[PN])\d_PAS_")
+    write_manifest(ingest_dataset(raw, config).rows, tmp_path / "manifest.csv")
+    preprocess_images(raw, read_manifest(tmp_path / "manifest.csv"), tmp_path / "pre.h5", size=26, fill=(0, 0, 0),
+                      max_pixels=10**8, workers=1)
+    with ImageStore(tmp_path / "pre.h5") as store:
+        assert dict(zip(store.meta.ids, store.meta.sites)) == {
+            f"{POSITIVE}/{cmil_name('P0', 1, 2, seed=800)}": "P", f"{POSITIVE}/{cmil_name('P1', 2, 2, seed=801)}": "P",
+            f"{NEGATIVE}/{cmil_name('N0', 1, 2, seed=900)}": "N", f"{NEGATIVE}/{cmil_name('N1', 2, 2, seed=901)}": "N"}
 
 
 def test_the_tiny_store_is_uint8_0_255(tiny_data):

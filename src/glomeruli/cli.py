@@ -1,4 +1,5 @@
-"""`glomeruli` command: predict, review, cross-validation summary, demo, switch to real data, doctor, sample data."""
+"""`glomeruli` command: predict, recalibrate, review, cross-validation summary, demo, switch to real data, doctor,
+sample data."""
 
 from __future__ import annotations
 
@@ -18,22 +19,28 @@ def _predict(args: argparse.Namespace) -> int:
     import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
     from glomeruli.atomic import check_file_output
     from glomeruli.distribute import start
-    from glomeruli.metadata import read_metadata
+    from glomeruli.metadata import metadata_path, read_metadata
     from glomeruli.predict import (dataset_layout, folder_labels, format_score, predict_folder, score_paths,
                                    score_predictions, write_predictions, write_score)
 
     # Only the model and its metadata: params.yaml describes training, and need not exist (or be valid) here.
     folder, model, output = Path(args.image_dir), Path(args.model), Path(args.output)
+    meta_path = Path(args.meta) if args.meta else None
     for path in (output, *score_paths(output), *([Path(args.by_biopsy)] if args.by_biopsy else [])):
         check_file_output(path)  # a folder at an output's path is refused before the work, not after it
-    meta = read_metadata(model)
-    layout = dataset_layout(model, meta)
+    meta = read_metadata(model, meta_path)  # --meta: refused when written for another model file (its checksum)
+    if meta.recalibration is not None:
+        log.info("metadata %s: temperature %.3f and threshold %.4f recalibrated on %s (%s)",
+                 meta_path or metadata_path(model), meta.temperature, meta.threshold,
+                 meta.recalibration.get("folder"), meta.recalibration.get("date"))
+    layout = dataset_layout(model, meta, meta_path)
     labels = folder_labels(folder, layout)  # None unless in the training layout
     threshold = meta.threshold if args.threshold is None else args.threshold
     with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
         predictions, skipped = predict_folder(model, folder, batch_size=args.batch_size, workers=args.workers,
                                               threshold=threshold, recursive=args.recursive,
-                                              ignore=frozenset({labels.csv_name} if labels and labels.csv_name else ()))
+                                              ignore=frozenset({labels.csv_name} if labels and labels.csv_name else ()),
+                                              meta=meta)
     write_predictions(output, predictions)
     n_pos = sum(p.label for p in predictions)
     log.info("wrote %s: %d images, %d predicted globally sclerotic, %d skipped", output, len(predictions),
@@ -49,6 +56,25 @@ def _predict(args: argparse.Namespace) -> int:
         score = score_predictions(predictions, labels, threshold)
         print(format_score(score.report))
         log.info("wrote %s and %s", *write_score(output, score))
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
+    from glomeruli.distribute import start
+    from glomeruli.recalibrate import format_recalibration, recalibrate_folder
+
+    model, output = Path(args.model), Path(args.output) if args.output else None
+    with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
+        result, output = recalibrate_folder(model, Path(args.image_dir), output=output,
+                                            threshold_rule=args.threshold_rule,
+                                            threshold_resamples=args.threshold_resamples,
+                                            bootstrap_resamples=args.bootstrap_resamples, seed=args.seed,
+                                            batch_size=args.batch_size, workers=args.workers)
+    print(format_recalibration(result))
+    log.info("wrote %s (temperature %.3f -> %.3f, threshold %.4f -> %.4f); the model's own metadata is unchanged. "
+             "Predict with it: glomeruli predict IMAGE_DIR --model %s --meta %s", output, result.old_temperature,
+             result.temperature, result.old_threshold, result.threshold, model, output)
     return 0
 
 
@@ -134,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--recursive", action="store_true",
                    help="also predict the images in subfolders (named by their path inside image_dir)")
     p.add_argument("--model", default="models/model.keras", help="trained model (its .meta.json must sit beside it)")
+    p.add_argument("--meta", metavar="META.json", default=None,
+                   help="metadata to predict with instead of the model's own (models/model.meta.json), e.g. one "
+                        "written by `glomeruli recalibrate`; refused when written for another model file")
     p.add_argument("-o", "--output", default="evaluation.csv",
                    help="CSV to write (default: evaluation.csv); a score goes beside it (evaluation.metrics.json, "
                         "evaluation.confusion_matrix.png)")
@@ -150,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regex with a named group `group` finding the biopsy id in file names (default: "
                         "ingest.group_regex the model was trained with, from its metadata)")
     p.set_defaults(func=_predict)
+    q = sub.add_parser("recalibrate", help="refit the temperature and threshold on a site's own labelled biopsies; "
+                       "writes new metadata beside the model (its own is kept) for `predict --meta`")
+    q.add_argument("image_dir", help="labelled folder in the model's training layout (class folders, and/or the "
+                   "labels file, as its metadata records them); biopsy ids from the file names (ingest.group_regex)")
+    q.add_argument("--model", default="models/model.keras", help="trained model (its .meta.json must sit beside it)")
+    q.add_argument("-o", "--output", metavar="NEW_META.json", default=None,
+                   help="metadata to write (default: beside the model, named by the folder: "
+                        "models/model.recalibrated-FOLDER.meta.json); never the model's own")
+    q.add_argument("--threshold-rule", choices=("max_f1", "youden", "fixed"), default=None,
+                   help="how the threshold is chosen (default: the rule in the model's metadata, "
+                        "evaluate.threshold_rule; fixed keeps its threshold)")
+    q.add_argument("--threshold-resamples", type=int, default=0, metavar="N",
+                   help="> 0: the median threshold over N resamples of the folder's biopsies "
+                        "(evaluate.threshold_resamples)")
+    q.add_argument("--bootstrap-resamples", type=int, default=1000, metavar="N",
+                   help="resamples of whole biopsies for the 95 %% intervals (0 = none)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    q.add_argument("--devices", type=_devices, default="auto",
+                   help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
+    q.set_defaults(func=_recalibrate)
     c = sub.add_parser("cv-summary", help="mean ± sd over the K cross-validation folds and the pooled out-of-fold "
                        "metrics, from the fold runs' DVC experiments (or run folders)")
     c.add_argument("folders", nargs="*", help="project folders of the fold runs (default: the DVC experiments of "

@@ -259,21 +259,28 @@ def write_reliability(folder: Path, test: TestSet, report: dict) -> None:
 
 def _bootstrap(params: EvaluateParams, test: TestSet, threshold: float, seed: int) -> tuple[dict, dict]:
     """Intervals of every test metric and of the calibration scores; ({}, {...}) when switched off."""
-    unit, unit_of = resample_units(test.biopsies)
-    info = {"resamples": params.bootstrap_resamples, "level": 0.95, "unit": unit, "units": int(unit_of.max()) + 1,
-            "seed": seed}
-    if params.bootstrap_resamples == 0:
+    return metric_intervals(test.labels, test.probability, test.score, test.biopsies, threshold,
+                            resamples=params.bootstrap_resamples, seed=seed, what="the test set")
+
+
+def metric_intervals(labels: np.ndarray, prob: np.ndarray, score: np.ndarray, biopsies: np.ndarray, threshold: float,
+                     *, resamples: int, seed: int, what: str) -> tuple[dict, dict]:
+    """95 % biopsy-bootstrap intervals of `scalar_metrics` and `calibration_metrics` at `threshold`, and what the
+    bootstrap drew; ({}, {...}) when `resamples` is 0 or `what` (the set, for the log) holds one biopsy."""
+    unit, unit_of = resample_units(biopsies)
+    info = {"resamples": resamples, "level": 0.95, "unit": unit, "units": int(unit_of.max()) + 1, "seed": seed}
+    if resamples == 0:
         return {}, info
     if info["units"] < 2:
-        log.warning("bootstrap: the test set holds one %s only; no intervals", unit)
+        log.warning("bootstrap: %s holds one %s only; no intervals", what, unit)
         return {}, info
 
     def statistic(y, prob_and_score):
-        p, score = prob_and_score[:, 0], prob_and_score[:, 1]
-        return {**scalar_metrics(y, p, threshold, score), **calibration_metrics(y, p)}
+        p, s = prob_and_score[:, 0], prob_and_score[:, 1]
+        return {**scalar_metrics(y, p, threshold, s), **calibration_metrics(y, p)}
 
-    return bootstrap_intervals(test.labels, np.column_stack([test.probability, test.score]), test.biopsies, statistic,
-                               n_resamples=params.bootstrap_resamples, seed=seed), info
+    return bootstrap_intervals(labels, np.column_stack([prob, score]), biopsies, statistic, n_resamples=resamples,
+                               seed=seed), info
 
 
 def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params: EvaluateParams, *,

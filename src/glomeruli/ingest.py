@@ -23,6 +23,7 @@ from typing import Any
 
 from glomeruli.csvcells import original_cell, spreadsheet_safe
 from glomeruli.errors import UserError
+from glomeruli.h5store import SINGLE_SITE
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
 from glomeruli.layout import BIOPSY_PREFIX, MARKER_FILE
 from glomeruli.logs import progress
@@ -31,7 +32,9 @@ from glomeruli.sources import Entry, SourceError, image_max_bytes, list_entries,
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("id", "path", "name", "label", "group", "sha256", "width", "height", "channels")
+MANIFEST_COLUMNS = ("id", "path", "name", "label", "group", "site", "sha256", "width", "height", "channels")
+# Manifests written before ingest.site_regex: read with every image at SINGLE_SITE.
+_MANIFEST_COLUMNS_WITHOUT_SITE = tuple(c for c in MANIFEST_COLUMNS if c != "site")
 LABELS_CSV_HEADER = ("name", "ground truth")
 VALID_LABELS = (0, 1)
 _FIRST_BAD_FILES_SHOWN = 5
@@ -52,6 +55,7 @@ class ManifestRow:
     width: int
     height: int
     channels: int
+    site: str = SINGLE_SITE  # hospital / scanner / series (ingest.site_regex)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class IngestConfig:
     max_pixels: int
     max_unreadable_fraction: float
     workers: int = 0
+    site_regex: str | None = None  # None: every image at SINGLE_SITE
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
     """List, label, read, hash and decode every image of `source`; report everything left out."""
     source = Path(source)
     group_pattern = compile_group_regex(config.group_regex)
+    site_pattern = compile_site_regex(config.site_regex)
     entries, listing_skipped = list_entries(source)
     skips = _Skips()
     for item in listing_skipped:
@@ -138,7 +144,12 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
         skips.add(relpath, reason)
     candidates = [_Candidate(e.relpath, folder, config.class_dirs[folder], e.size)
                   for e in entries if (folder := labelling.class_files.get(e.relpath))]
-    survivors = [c for c in candidates if c.relpath in labelling.labels]
+    labelled = [c for c in candidates if c.relpath in labelling.labels]
+    sites, no_site = _sites(labelled, site_pattern)
+    for relpath in no_site:  # before reading: an image of no site is not part of the data
+        skips.add(relpath, f"no site: the name does not match ingest.site_regex = {config.site_regex!r}; rename "
+                           "the file or fix the regex (null: every image at one site)")
+    survivors = [c for c in labelled if c.relpath in sites]
     to_read, unreadable = _drop_oversized_files(survivors, config.max_pixels)
     inspected = _inspect_all(source, [c.relpath for c in to_read], config.max_pixels, config.workers)
     decoded: list[tuple[_Candidate, _Inspected]] = []
@@ -152,14 +163,14 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
         skips.add(item["file"], item["reason"])
 
     kept, duplicates = _drop_duplicates(decoded, skips)
-    rows, ungrouped = _manifest_rows(kept, group_pattern)
+    rows, ungrouped = _manifest_rows(kept, group_pattern, sites)
 
     csv_extra = _csv_extra_rows(candidates, csv_labels, warnings)
     report = _build_report(
         source, config, n_listed=len(entries) + len(listing_skipped), candidates=candidates, rows=rows,
         unreadable=unreadable, skips=skips, outside=labelling.outside, duplicates=duplicates,
         label_conflicts=labelling.label_conflicts, in_both=labelling.in_both, csv_labels=csv_labels,
-        csv_extra=csv_extra, csv_missing=labelling.csv_missing, ungrouped=ungrouped,
+        csv_extra=csv_extra, csv_missing=labelling.csv_missing, ungrouped=ungrouped, no_site=no_site,
         folders_found=sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}), warnings=warnings)
     log.info("ingest: %d images kept of %d found in the class folders; %d unreadable, %d files skipped in all",
              len(rows), len(candidates), len(unreadable), len(report["skipped"]))
@@ -175,6 +186,35 @@ def compile_group_regex(pattern: str) -> re.Pattern[str]:
         raise IngestError(f"ingest.group_regex = {pattern!r} has no named group; write it as "
                           "'^(?P<group>.+?)_PAS_' so the biopsy id can be read from the file name")
     return compiled
+
+
+def compile_site_regex(pattern: str | None) -> re.Pattern[str] | None:
+    """ingest.site_regex compiled; None (every image at SINGLE_SITE) when it is null."""
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise IngestError(f"ingest.site_regex = {pattern!r} is not a regular expression ({err}); "
+                          "or set it to null for one site") from None
+    if "site" not in compiled.groupindex:
+        raise IngestError(f"ingest.site_regex = {pattern!r} has no named group (?P<site>...); write it as e.g. "
+                          "'^SYNTH-(?P<site>SITE\\d+)_', or set it to null for one site")
+    return compiled
+
+
+def _sites(candidates: list[_Candidate], site_pattern: re.Pattern[str] | None) -> tuple[dict[str, str], list[str]]:
+    """Each file's site from its name (as group_of reads the biopsy id), and the files whose name gives none."""
+    if site_pattern is None:
+        return {c.relpath: SINGLE_SITE for c in candidates}, []
+    sites, no_site = {}, []
+    for candidate in candidates:
+        match = site_pattern.search(candidate.name)
+        if match and match.group("site"):
+            sites[candidate.relpath] = match.group("site")
+        else:
+            no_site.append(candidate.relpath)
+    return sites, sorted(no_site)
 
 
 def group_of(name: str, group_pattern: re.Pattern[str]) -> str | None:
@@ -242,7 +282,8 @@ def _drop_duplicates(decoded, skips: _Skips):
     return kept, duplicates
 
 
-def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestRow], list[str]]:
+def _manifest_rows(kept, group_pattern: re.Pattern[str],
+                   sites: Mapping[str, str]) -> tuple[list[ManifestRow], list[str]]:
     rows, ungrouped = [], []
     for candidate, result in kept:
         group = group_of(candidate.name, group_pattern)
@@ -251,8 +292,8 @@ def _manifest_rows(kept, group_pattern: re.Pattern[str]) -> tuple[list[ManifestR
             ungrouped.append(candidate.relpath)
         info = result.info
         rows.append(ManifestRow(id=candidate.relpath, path=candidate.relpath, name=candidate.name,
-                                label=candidate.label, group=group, sha256=result.sha256,
-                                width=info.width, height=info.height, channels=info.channels))
+                                label=candidate.label, group=group, site=sites[candidate.relpath],
+                                sha256=result.sha256, width=info.width, height=info.height, channels=info.channels))
     return rows, ungrouped
 
 
@@ -462,12 +503,18 @@ def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidat
                   rows: list[ManifestRow], unreadable: list[dict], skips: _Skips, outside: list[str],
                   duplicates: list[dict], label_conflicts: list[dict], in_both: dict[str, list[str]],
                   csv_labels: LabelsCsv | None, csv_extra: list[dict], csv_missing: list[str],
-                  ungrouped: list[str], folders_found: list[str], warnings: list[str]) -> dict:
+                  ungrouped: list[str], no_site: list[str], folders_found: list[str], warnings: list[str]) -> dict:
     counts = {}
     for folder in sorted(config.class_dirs):
         counts[folder] = {"label": config.class_dirs[folder],
                           "found": sum(c.folder == folder for c in candidates),
                           "kept": sum(r.path.split("/")[0] == folder for r in rows)}
+    # Images kept per site and label: a site holding one class only is the user's to judge (split.group_by: site).
+    sites: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r.site):
+        site = sites.setdefault(row.site, {"n": 0, "by_label": {str(label): 0 for label in VALID_LABELS}})
+        site["n"] += 1
+        site["by_label"][str(row.label)] += 1
     return {
         "source": str(source),
         "config": _config_report(config),
@@ -477,6 +524,8 @@ def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidat
         "n_unreadable": len(unreadable),
         "n_groups": len({r.group for r in rows}),
         "counts": counts,
+        "n_sites": len(sites),
+        "sites": sites,
         "folders_found": folders_found,
         "skipped": skips.sorted(),
         "unreadable": unreadable,
@@ -488,6 +537,7 @@ def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidat
         "csv_extra_rows": csv_extra,
         "csv_missing_rows": sorted(csv_missing),
         "ungrouped": sorted(ungrouped),
+        "no_site": no_site,
         "warnings": warnings,
     }
 
@@ -501,6 +551,12 @@ def check_ingest(result: IngestResult, config: IngestConfig) -> None:
             raise IngestError(f"the ingest report has no class folder '{folder}': it was made with other "
                               "ingest.class_dirs; run ingest again")
         if counts["kept"] == 0:
+            no_site = [f for f in report.get("no_site", []) if f.split("/")[0] == folder]
+            if no_site:
+                raise IngestError(
+                    f"class folder '{folder}' (label {counts['label']}) has no usable images: {len(no_site)} of its "
+                    f"images have names that ingest.site_regex = {config.site_regex!r} does not match (e.g. "
+                    f"{no_site[0]}); fix the regex, or set it to null to put every image at one site")
             folder_skipped = [s["reason"] for s in report["skipped"] if s["file"] == folder]
             why = f" The folder itself was skipped: {folder_skipped[0]}." if folder_skipped else ""
             raise IngestError(
@@ -536,22 +592,24 @@ def _manifest_cell(value: Any) -> Any:
 
 
 def read_manifest(path: Path | str) -> list[ManifestRow]:
-    """Read a manifest written by write_manifest; a wrong header or row names the file and line."""
+    """Read a manifest written by write_manifest (one without a site column: every image at SINGLE_SITE);
+    a wrong header or row names the file and line."""
     path = Path(path)
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header is None or tuple(header) != MANIFEST_COLUMNS:
+        columns = tuple(header) if header is not None else ()
+        if columns not in (MANIFEST_COLUMNS, _MANIFEST_COLUMNS_WITHOUT_SITE):
             raise IngestError(f"{path}: header is {header!r}, expected {','.join(MANIFEST_COLUMNS)!r}; "
                               "regenerate it with the ingest stage (dvc repro)")
-        return [_manifest_row(path, reader.line_num, cells) for cells in reader]
+        return [_manifest_row(path, reader.line_num, columns, cells) for cells in reader]
 
 
-def _manifest_row(path: Path, line: int, cells: list[str]) -> ManifestRow:
-    if len(cells) != len(MANIFEST_COLUMNS):
-        raise IngestError(f"{path} line {line}: {len(cells)} columns, expected {len(MANIFEST_COLUMNS)}; "
+def _manifest_row(path: Path, line: int, columns: tuple[str, ...], cells: list[str]) -> ManifestRow:
+    if len(cells) != len(columns):
+        raise IngestError(f"{path} line {line}: {len(cells)} columns, expected {len(columns)}; "
                           "regenerate it with the ingest stage (dvc repro)")
-    values: dict[str, Any] = dict(zip(MANIFEST_COLUMNS, map(original_cell, cells), strict=True))
+    values: dict[str, Any] = dict(zip(columns, map(original_cell, cells), strict=True))
     try:
         for column in ("label", "width", "height", "channels"):
             values[column] = int(values[column])

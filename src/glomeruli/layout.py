@@ -13,3 +13,6 @@ CMIL_GROUP_REGEX = r"^(?P<group>.+?)_PAS_"  # the shipped ingest.group_regex: th
 # The synthetic sample data: ingest refuses it mixed with real images, use-data refuses it as the user's data.
 MARKER_FILE = "SYNTHETIC_DATA.txt"
 BIOPSY_PREFIX = "SYNTH-"  # every synthetic biopsy id starts with it
+# The ingest.site_regex for a multi-site sample (`glomeruli sample-data --sites N`): the site inside the biopsy id,
+# SYNTH-SITE2_B005_PAS_1of7_<hex>.png.
+SYNTHETIC_SITE_REGEX = r"^SYNTH-(?P<site>SITE\d+)_"

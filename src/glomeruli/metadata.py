@@ -45,6 +45,9 @@ class ModelMetadata:
     dataset_layout: DatasetLayout | None = None
     # the stain normalisation of preprocess and its reference: predict applies this one ("none" when written before)
     stain_normalization: StainNormalization = NO_NORMALIZATION
+    # None: the temperature and threshold are evaluate's. Else `glomeruli recalibrate`'s record of the labelled
+    # folder they were refitted on (date, counts, old and new values, metrics with intervals); JSON as written
+    recalibration: dict | None = None
 
 
 def metadata_path(model_path: Path) -> Path:
@@ -59,16 +62,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_metadata(model_path: Path, meta: ModelMetadata) -> None:
-    write_json(metadata_path(model_path), asdict(meta))
+def write_metadata(model_path: Path, meta: ModelMetadata, path: Path | None = None) -> None:
+    """Write `meta` to `path` (default: the model's own, `metadata_path`), atomically."""
+    write_json(metadata_path(model_path) if path is None else path, asdict(meta))
 
 
-def read_metadata(model_path: Path) -> ModelMetadata:
-    """Metadata of `model_path`, refused when missing, incomplete or written for another model file."""
-    path = metadata_path(model_path)
+def read_metadata(model_path: Path, path: Path | None = None) -> ModelMetadata:
+    """Metadata of `model_path` from `path` (default: `metadata_path`, the evaluate stage's), refused when
+    missing, incomplete or written for another model file."""
+    own = path is None
+    path = metadata_path(model_path) if own else path
+    # the way out: the evaluate stage writes the model's own metadata, `glomeruli recalibrate` any other
+    fix = ("rerun `dvc repro evaluate`" if own else
+           f"pass the metadata written for {model_path} (`glomeruli recalibrate ... --model {model_path}` writes one)")
     if not path.is_file():
-        raise MetadataError(f"{path} not found: the evaluate stage writes it beside {model_path.name} "
-                            "(run `dvc repro evaluate`); a model without it has no validated threshold")
+        if own:
+            raise MetadataError(f"{path} not found: the evaluate stage writes it beside {model_path.name} "
+                                "(run `dvc repro evaluate`); a model without it has no validated threshold")
+        raise MetadataError(f"{path} not found (--meta): {fix}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         meta = ModelMetadata(image_size=int(raw["image_size"]), fill=tuple(int(c) for c in raw["fill"]),
@@ -77,20 +88,26 @@ def read_metadata(model_path: Path) -> ModelMetadata:
                              max_pixels=int(raw["max_pixels"]), temperature=float(raw.get("temperature", 1.0)),
                              dataset_layout=_dataset_layout(raw.get("dataset_layout")),
                              stain_normalization=StainNormalization.from_json(
-                                 raw.get("stain_normalization", NO_NORMALIZATION.to_json())))
+                                 raw.get("stain_normalization", NO_NORMALIZATION.to_json())),
+                             recalibration=_recalibration(raw.get("recalibration")))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise MetadataError(f"{path} is incomplete or malformed ({err}); rerun `dvc repro evaluate`") from err
+        raise MetadataError(f"{path} is incomplete or malformed ({err}); {fix}") from err
     if (not 0.0 <= meta.threshold <= 1.0 or len(meta.fill) != 3 or len(meta.class_names) != 2
             or not meta.temperature > 0):
         raise MetadataError(f"{path} holds impossible values (threshold {meta.threshold}, fill {meta.fill}, "
-                            f"class names {meta.class_names}, temperature {meta.temperature}); "
-                            "rerun `dvc repro evaluate`")
+                            f"class names {meta.class_names}, temperature {meta.temperature}); {fix}")
     if meta.class_names != CLASS_NAMES:
         raise MetadataError(f"{path} names classes {meta.class_names}, expected {CLASS_NAMES}")
     if meta.model_sha256 != file_sha256(model_path):
         raise MetadataError(f"{path} was written for another version of {model_path.name} (checksum differs); "
-                            "rerun `dvc repro evaluate` so threshold and model match")
+                            f"{fix} so threshold and model match")
     return meta
+
+
+def _recalibration(raw: object) -> dict | None:
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"recalibration is {type(raw).__name__}, expected an object or null")
+    return raw
 
 
 def _dataset_layout(raw: dict | None) -> DatasetLayout | None:

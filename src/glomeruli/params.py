@@ -61,6 +61,7 @@ class IngestParams:
     class_dirs: dict[str, int]
     labels_csv: str | None
     group_regex: str
+    site_regex: str | None  # None: every image at one site (h5store.SINGLE_SITE)
     max_pixels: int
     max_unreadable_fraction: float
 
@@ -268,6 +269,13 @@ def parse_params(raw: dict) -> Params:
             _fail("ingest.group_regex", group_regex, "needs a named group (?P<group>...)")
     except (re.error, TypeError) as err:
         _fail("ingest.group_regex", group_regex, f"not a regular expression ({err})")
+    site_regex = _get(ing, "ingest", "site_regex")
+    if site_regex is not None:
+        try:
+            if "site" not in re.compile(site_regex).groupindex:
+                _fail("ingest.site_regex", site_regex, "needs a named group (?P<site>...), or null for one site")
+        except (re.error, TypeError) as err:
+            _fail("ingest.site_regex", site_regex, f"not a regular expression ({err}); or null for one site")
 
     copies = _get(aug, "augment", "copies_per_class")
     if not isinstance(copies, dict) or {str(k) for k in copies} != {"0", "1"}:
@@ -321,6 +329,7 @@ def parse_params(raw: dict) -> Params:
             class_dirs={str(k): int(v) for k, v in class_dirs.items()},
             labels_csv=labels_csv or None,
             group_regex=group_regex,
+            site_regex=site_regex,
             max_pixels=_number("ingest.max_pixels", _get(ing, "ingest", "max_pixels"), int, 1),
             max_unreadable_fraction=_number("ingest.max_unreadable_fraction",
                                             _get(ing, "ingest", "max_unreadable_fraction"), float, 0, 1),

@@ -132,11 +132,14 @@ def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMe
 
 
 def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, workers: int = 0,
-                   threshold: float | None = None, recursive: bool = False,
-                   ignore: frozenset[str] = frozenset()) -> tuple[list[Prediction], list[Skip]]:
+                   threshold: float | None = None, recursive: bool = False, ignore: frozenset[str] = frozenset(),
+                   meta: ModelMetadata | None = None) -> tuple[list[Prediction], list[Skip]]:
     """Predict every file of `folder` but the names in `ignore` (a labels file); unreadable files are skipped
-    and returned by name. Nothing predicted is an error: an empty output would pass for a result."""
-    meta = read_metadata(model_path)
+    and returned by name. Nothing predicted is an error: an empty output would pass for a result.
+
+    `meta`: the metadata to predict with (default: the model's own, `read_metadata`), e.g. one written by
+    `glomeruli recalibrate`, or temperature 1 for the model's raw probabilities."""
+    meta = read_metadata(model_path) if meta is None else meta
     files = [path for path in list_images(folder, recursive) if image_name(folder, path) not in ignore]
     if not files:
         raise PredictError(f"{folder} holds no files to predict: point at a folder of images")
@@ -191,15 +194,16 @@ CMIL_LAYOUT = DatasetLayout(class_dirs={SCLEROTIC_DIR: 1, NON_SCLEROTIC_DIR: 0},
                             group_regex=CMIL_GROUP_REGEX)
 
 
-def dataset_layout(model_path: Path, meta: ModelMetadata) -> DatasetLayout:
-    """The layout recorded in the model's metadata (the ingest settings it was trained with); for metadata
-    written before it was recorded, the CMIL layout, with a warning that names the file."""
+def dataset_layout(model_path: Path, meta: ModelMetadata, meta_path: Path | None = None) -> DatasetLayout:
+    """The layout recorded in the model's metadata (the ingest settings it was trained with; `meta_path`: where
+    `meta` was read, default the model's own); for metadata written before it was recorded, the CMIL layout,
+    with a warning that names the file."""
     if meta.dataset_layout is not None:
         return meta.dataset_layout
     log.warning("%s records no dataset layout (it was written before the layout travelled with the model): a "
                 "labelled folder is read in the CMIL layout (%s/ = 1, %s/ = 0, labels file %s, biopsy id %s); "
                 "rerun `dvc repro evaluate` to record the ingest settings the model was trained with",
-                metadata_path(model_path), SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV, CMIL_GROUP_REGEX)
+                meta_path or metadata_path(model_path), SCLEROTIC_DIR, NON_SCLEROTIC_DIR, LABELS_CSV, CMIL_GROUP_REGEX)
     return CMIL_LAYOUT
 
 
@@ -356,17 +360,23 @@ def burden_by_biopsy(predictions: list[Prediction], group_regex: str,
                      labels: FolderLabels | None = None) -> list[BiopsyBurden]:
     """The evaluate stage's per-biopsy summary (burden.biopsy_burden) of predicted images, the biopsy read
     from each file name with `group_regex` (ingest.group_regex); the true % too when every image is labelled."""
-    pattern = compile_group_regex(group_regex)
-    base_names = [p.name.rsplit("/", 1)[-1] for p in predictions]
-    biopsies = [group_of(name, pattern) for name in base_names]
-    ungrouped = [p.name for p, b in zip(predictions, biopsies) if not b]
-    if ungrouped:  # as in ingest: such an image is its own biopsy
-        log.warning("%d file name(s) carry no biopsy id (ingest.group_regex = %r), each counted as its own biopsy: "
-                    "%s", len(ungrouped), group_regex, ", ".join(ungrouped[:_FIRST_SHOWN]))
-    biopsies = [b or name for b, name in zip(biopsies, base_names)]
+    biopsies = biopsy_ids([p.name for p in predictions], group_regex)
     true = [labels.label_of(p.name) for p in predictions] if labels is not None else None
     if true is not None and None in true:
         log.warning("true %% per biopsy left empty: %d image(s) have no label", true.count(None))
         true = None
     return biopsy_burden(np.array(biopsies, dtype=object), np.array([p.probability for p in predictions]),
                          np.array([p.label for p in predictions]), None if true is None else np.array(true))
+
+
+def biopsy_ids(names: list[str], group_regex: str) -> list[str]:
+    """The biopsy id of every predicted image (its path inside the folder), read from its file name with
+    `group_regex` (ingest.group_regex); as in ingest, a name without one is its own biopsy, with a warning."""
+    pattern = compile_group_regex(group_regex)
+    base_names = [name.rsplit("/", 1)[-1] for name in names]
+    biopsies = [group_of(name, pattern) for name in base_names]
+    ungrouped = [name for name, b in zip(names, biopsies) if not b]
+    if ungrouped:
+        log.warning("%d file name(s) carry no biopsy id (ingest.group_regex = %r), each counted as its own biopsy: "
+                    "%s", len(ungrouped), group_regex, ", ".join(ungrouped[:_FIRST_SHOWN]))
+    return [b or name for b, name in zip(biopsies, base_names)]

@@ -35,7 +35,8 @@ def manifest_meta(rows: list[ManifestRow]) -> RecordMeta:
     ids = np.array([r.id for r in rows], dtype=object)
     return RecordMeta(ids=ids, source_ids=ids.copy(), groups=np.array([r.group for r in rows], dtype=object),
                       labels=np.array([r.label for r in rows], dtype=np.int8),
-                      is_augmented=np.zeros(len(rows), dtype=bool))
+                      is_augmented=np.zeros(len(rows), dtype=bool),
+                      sites=np.array([r.site for r in rows], dtype=object))
 
 
 def preprocess_images(source: Path, rows: list[ManifestRow], out_path: Path, *, size: int,

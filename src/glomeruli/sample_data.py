@@ -20,7 +20,7 @@ spaced on the log-odds scale with SITE1 lowest, and c is set so that the expecte
 overall fraction (18 % over three equal sites: about 3.5 %, 13 % and 38 %); every site keeps at least two of each
 class. The class is still decided by the glomerulus' structure alone: its features come from the image's own
 random stream, whatever its site. The site is part of the biopsy id in each file name,
-``SYNTH-SITE2_B005_PAS_1of7_<hex>.png``; SITE_REGEX (``^SYNTH-(?P<site>SITE\\d+)_``) reads it.
+``SYNTH-SITE2_B005_PAS_1of7_<hex>.png``; layout.SYNTHETIC_SITE_REGEX (``^SYNTH-(?P<site>SITE\\d+)_``) reads it.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ import numpy as np
 
 from glomeruli import __version__
 from glomeruli.errors import UserError
-from glomeruli.layout import BIOPSY_PREFIX, LABELS_CSV, MARKER_FILE, NON_SCLEROTIC_DIR, SCLEROTIC_DIR
+from glomeruli.layout import (BIOPSY_PREFIX, LABELS_CSV, MARKER_FILE, NON_SCLEROTIC_DIR, SCLEROTIC_DIR,
+                              SYNTHETIC_SITE_REGEX)
 
-__all__ = ["SITE_REGEX", "SampleSummary", "SitesError", "generate_sample_dataset"]
+__all__ = ["SampleSummary", "SitesError", "generate_sample_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ _PLAN_STREAM, _IMAGE_STREAM, _BIOPSY_STREAM, _SITE_STREAM = 0, 1, 2, 3
 
 # Several sites (`n_sites` > 1): each hospital has its own stain protocol and scanner, and its own share of
 # sclerotic glomeruli. File names carry the site inside the biopsy id, after BIOPSY_PREFIX (so ingest's synthetic
-# checks still hold): SYNTH-SITE2_B005_PAS_1of7_<hex>.png. SITE_REGEX reads it (the recommended ingest.site_regex).
+# checks still hold): SYNTH-SITE2_B005_PAS_1of7_<hex>.png. SYNTHETIC_SITE_REGEX (layout.py) reads it (the recommended
+# ingest.site_regex).
 SITE_PREFIX = "SITE"
-SITE_REGEX = r"^SYNTH-(?P<site>SITE\d+)_"
 MIN_BIOPSIES_PER_SITE = 3
 # Site prevalences are evenly spaced on the log-odds scale, this far either side of their centre: the extreme
 # sites' odds differ by e^2.8 = 16, as in a real three-hospital cohort (4 % vs 42 %); 18 % overall over 3 sites
@@ -248,7 +249,7 @@ def generate_sample_dataset(
     structure (open lumens and capillary loops vs a wrinkled scar and filled Bowman's space) tells
     them apart: the hard set on which a head over a random frozen base fails. ``n_sites`` > 1 spreads the
     biopsies over that many sites (hospitals), each with its own stain, scanner and share of sclerotic
-    glomeruli, named ``SYNTH-SITE<k>_B<b>_PAS_...`` (see SITE_REGEX); 1 writes exactly the one-site sample.
+    glomeruli, named ``SYNTH-SITE<k>_B<b>_PAS_...`` (see SYNTHETIC_SITE_REGEX); 1 writes exactly the one-site sample.
     Refuses (FileExistsError) a non-empty ``out_dir`` that is not a previous synthetic dataset; replaces one
     that is.
     """
@@ -554,7 +555,7 @@ def _site_lines(jobs: list[_Job], fraction: float, n_sites: int) -> list[str]:
                                        _requested_sclerotic(len(jobs), fraction, n_sites))
     lines = [
         f"n_sites: {n_sites}",
-        f"site_regex: {SITE_REGEX} (the site in every file name; the biopsy id, before _PAS_, includes it)",
+        f"site_regex: {SYNTHETIC_SITE_REGEX} (the site in every file name; the biopsy id, before _PAS_, includes it)",
         f"site prevalence rule: sites evenly spaced on the log-odds scale, {SITE_LOGIT_HALF_SPREAD} logits either "
         f"side of a centre set by the overall count, {site_ids[0]} lowest; at least {MIN_PER_CLASS} of each class "
         "per site",
