@@ -91,7 +91,7 @@ def tiny_data(tmp_path_factory) -> TinyData:
 
 @pytest.fixture(scope="session")
 def pipeline_repo(tmp_path_factory) -> Path:
-    """One tiny project (120 images at 64 px, split by biopsy) after a real `dvc repro`, committed as
+    """One tiny project (120 images at 64 px from 3 synthetic sites, split by biopsy) after a real `dvc repro`, committed as
     `baseline` on main. Shared by every test that needs a finished pipeline, in every xdist worker (the
     first builds it, the others wait for it): do not change it; work on
     `project.clone_project(pipeline_repo, tmp_path / "clone")` instead."""
@@ -113,8 +113,11 @@ def pipeline_repo(tmp_path_factory) -> Path:
 def _build_pipeline_repo(folder: Path) -> None:
     from project import STAGES, dvc, make_project, run, stages_run
 
-    repo = make_project(folder, shipped_params_raw(), n_images=120, seed=1,
-                        preprocess__image_size=64, model__weights="none", split__group_by="biopsy",
+    from glomeruli.layout import SYNTHETIC_SITE_REGEX
+
+    repo = make_project(folder, shipped_params_raw(), n_images=120, seed=1, sites=3,
+                        ingest__site_regex=SYNTHETIC_SITE_REGEX, preprocess__image_size=64, model__weights="none",
+                        split__group_by="biopsy",
                         split__val_fraction=0.2, split__folds=5, train_frozen__epochs=2, train_frozen__batch_size=16,
                         finetune__epochs=1, finetune__batch_size=16, finetune__unfreeze_blocks=1,
                         evaluate__bootstrap_resamples=200, runtime__workers=2, runtime__memory_budget_gb=1)

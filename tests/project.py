@@ -60,7 +60,7 @@ def set_params(repo: Path, **settings) -> None:
 
 
 def make_project(folder: Path, params_raw: dict, *, n_images: int = 120, seed: int = 1, commit: bool = True,
-                 **settings) -> Path:
+                 sites: int = 1, **settings) -> Path:
     """Copy the pipeline into `folder` with tiny settings and synthetic data in data/raw (nothing run yet)."""
     folder.mkdir(parents=True, exist_ok=True)
     for item in PROJECT_FILES:
@@ -72,7 +72,7 @@ def make_project(folder: Path, params_raw: dict, *, n_images: int = 120, seed: i
     (folder / "params.yaml").write_text(yaml.safe_dump(params_raw, sort_keys=False))
     set_params(folder, **settings)
     run(folder, sys.executable, "-m", "glomeruli.cli", "sample-data", "data/raw", "-n", str(n_images),
-        "--seed", str(seed), "--size-range", "48", "96", "--workers", "1")
+        "--seed", str(seed), "--size-range", "48", "96", "--workers", "1", "--sites", str(sites))
     (folder / ".gitignore").write_text("/data/raw/\n")
     if commit:
         run(folder, "git", "init", "-q", "-b", "main")

@@ -61,6 +61,27 @@ def test_test_predictions_match_the_report(outputs):
     assert all(r["name"].startswith(r["biopsy"] + "_PAS_") for r in rows)
 
 
+def test_by_site_counts_and_rates_by_hand(outputs, pipeline_repo):
+    """The fixture has three synthetic sites; by_site counts and rates recounted from test_predictions.csv."""
+    report, _, table = outputs
+    rows = table("test_predictions.csv")
+    assert {r["site"] for r in rows} <= {"SITE1", "SITE2", "SITE3"}
+    assert all(r["name"].startswith(f"SYNTH-{r['site']}_") for r in rows)
+    assert set(report["by_site"]) == {r["site"] for r in rows}
+    for site, values in report["by_site"].items():
+        mine = [r for r in rows if r["site"] == site]
+        positives = [r for r in mine if r["label"] == "1"]
+        negatives = [r for r in mine if r["label"] == "0"]
+        assert values["n"] == len(mine) and values["sclerotic"] == len(positives)
+        assert values["biopsies"] == len({r["biopsy"] for r in mine})
+        if positives:
+            assert values["recall"] == pytest.approx(sum(r["predicted"] == "1" for r in positives) / len(positives))
+        if negatives:
+            assert values["specificity"] == pytest.approx(
+                sum(r["predicted"] == "0" for r in negatives) / len(negatives))
+    assert (pipeline_repo / "metrics/plots/by_site.png").stat().st_size > 0
+
+
 def test_burden_and_reliability_tables(outputs, pipeline_repo):
     """burden.csv against plain counting: the test images named by the split, each labelled by the class folder
     it sits in, grouped by the biopsy id before `_PAS_` in its name, predicted sclerotic at the chosen threshold."""

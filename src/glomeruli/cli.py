@@ -128,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = value
-    run_demo(DemoSettings(n_images=args.n_images, seed=args.seed, difficulty=args.difficulty,
+    run_demo(DemoSettings(n_images=args.n_images, seed=args.seed, difficulty=args.difficulty, n_sites=args.sites,
                           overrides=tuple(overrides.items())))
     return 0
 
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-n", "--n-images", type=int, default=400)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--difficulty", type=float, default=0.3)
+    d.add_argument("--sites", type=int, default=3, help="synthetic hospitals in the sample (1: one site, no by-site "
+                   "results)")
     d.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                    help="another override for the demo's `dvc exp run` (e.g. -S preprocess.image_size=64)")
     d.set_defaults(func=_demo)
