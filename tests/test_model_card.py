@@ -86,7 +86,7 @@ def test_hand_built_inputs_give_these_lines():
             "reads the biopsy.",
             "- Source: `data/sample`; 50 images kept of 52 found in the class folders (2 left out, each with its "
             "reason, in `data/interim/ingest_report.json`).",
-            "- 12 biopsies, 2 site(s).",
+            "- 12 biopsies, 2 sites.",
             "- Class balance: 10 globally sclerotic (20.0 %), 40 non-globally sclerotic (80.0 %).",
             "| SITE1 | 30 | 6 | 24 |",
             "- Grouped by **biopsy**: every image of a biopsy in one partition (an honest estimate for new patients).",
@@ -94,7 +94,8 @@ def test_hand_built_inputs_give_these_lines():
             "40 test images from 8 biopsies, at the threshold 0.432 chosen on validation.",
             "| Balanced accuracy | 0.850 | 0.700–0.950 |",
             "| ROC-AUC | 0.910 | 0.800–0.980 |",
-            "Confusion matrix: 6 true positives, 2 false negatives, 3 false positives, 28 true negatives.",
+            "Confusion matrix: true positives 6, false negatives 2, false positives 3, true negatives 28 (positive: "
+            "globally sclerotic).",
             "Intervals: percentile bootstrap, 1000 resamples of whole biopsies (8 of them), seed 42.",
             "| ECE (10 bins) | 0.050 | 0.030–0.100 | 0.090 |",
             "| Brier score | 0.080 | 0.050–0.120 | 0.100 |",
@@ -115,7 +116,10 @@ def test_hand_built_inputs_give_these_lines():
     assert "**0.4321** on the calibrated probability (`evaluate.threshold_rule: max_f1`): the threshold with the " \
            "highest F1 on validation" in card
     assert "Validation: 10 images from 2 biopsies, never the test set." in card
-    assert "80 % of the heat lies on tissue, which covers 50 % of the image" in card
+    assert "Over 38 test images (2 more had no heat): 80 % of the heat lies on tissue, which covers 50 % of the image" \
+           in card
+    assert ("| fine-tuning | top 2 blocks unfrozen, 2 epochs at most, batch 16, lr 1e-05 (cosine, 1 warm-up epoch), "
+            "class weight balanced, patience 3, online augmentation off; the best validation epoch is kept |") in card
     assert _card() == card  # a function of its inputs: no clock
 
 
@@ -229,7 +233,8 @@ def test_the_tiny_pipelines_card_is_synthetic_with_sites_and_reproducible(pipeli
     assert "| site | images | globally sclerotic | biopsies | ROC-AUC |" in card
     for site in report["by_site"]:
         assert any(line.startswith(f"| {site} | {report['by_site'][site]['n']} |") for line in card.splitlines())
-    assert set(report["by_site"]) == {"SITE1", "SITE2", "SITE3"}
+    assert len(report["by_site"]) >= 2 and set(report["by_site"]) <= {"SITE1", "SITE2", "SITE3"}
+    assert "- 3 sites." in card  # the training data's sites, from the ingest report
     model_sha = hashlib.sha256((pipeline_repo / "models/model.keras").read_bytes()).hexdigest()
     assert f"`models/model.keras` sha256: `{model_sha}`" in card
     assert f"at the threshold {report['threshold']:.3f} chosen on validation" in card

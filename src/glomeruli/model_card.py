@@ -115,6 +115,10 @@ def _with_ci(value: object, interval: dict | None, digits: int = 3) -> tuple[str
     return _num(value, digits), f"{interval['low']:.{digits}f}–{interval['high']:.{digits}f}"
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f} %" if whole else "n/a"
 
@@ -204,7 +208,7 @@ def _training_data(ingest: dict, synthetic: bool) -> list[str]:
     out += [f"- Source: `{ingest.get('source', '?')}`; {n_kept} images kept of {ingest['n_found']} found in the "
             f"class folders ({int(ingest['n_found']) - n_kept} left out, each with its reason, in "
             "`data/interim/ingest_report.json`).",
-            f"- {ingest['n_groups']} biopsies, {len(ingest['sites'])} site(s).",
+            f"- {_count(ingest['n_groups'], 'biopsy', 'biopsies')}, {_count(len(ingest['sites']), 'site')}.",
             f"- Class balance: {by_label[1]} globally sclerotic ({_pct(by_label[1], n_kept)}), {by_label[0]} "
             f"non-globally sclerotic ({_pct(by_label[0], n_kept)}).", ""]
     if len(ingest["sites"]) >= 2:
@@ -245,8 +249,9 @@ def _test_results(report: dict) -> list[str]:
         if key in test:
             value, interval = _with_ci(test[key], ci.get(key))
             out.append(f"| {label} | {value} | {interval} |")
-    out += ["", f"Confusion matrix: {cm.get('tp', '?')} true positives, {cm.get('fn', '?')} false negatives, "
-            f"{cm.get('fp', '?')} false positives, {cm.get('tn', '?')} true negatives.", ""]
+    out += ["", f"Confusion matrix: true positives {cm.get('tp', '?')}, false negatives {cm.get('fn', '?')}, "
+            f"false positives {cm.get('fp', '?')}, true negatives {cm.get('tn', '?')} (positive: globally "
+            "sclerotic).", ""]
     if ci and boot.get("resamples"):
         unit = {"biopsy": "biopsies", "image": "images"}.get(boot.get("unit"), str(boot.get("unit")))
         out += [f"Intervals: percentile bootstrap, {boot['resamples']} resamples of whole {unit} "
@@ -342,7 +347,7 @@ def _recipe(meta: ModelMetadata, params: Params) -> list[str]:
     frozen, fine, aug = params.train_frozen, params.finetune, params.augment
     copies = ", ".join(f"class {label}: {n}" for label, n in sorted(aug.copies_per_class.items()))
     unfrozen = ("every layer unfrozen (stem included)" if fine.unfreeze_blocks == "all"
-                else f"top {fine.unfreeze_blocks} block(s) unfrozen")
+                else f"top {_count(fine.unfreeze_blocks, 'block')} unfrozen")
     return ["## Training recipe", "",
             "| | |", "|---|---|",
             f"| backbone | EfficientNetB3 (Keras), head: feature standardisation, dropout {params.model.dropout:g}, "
@@ -351,10 +356,10 @@ def _recipe(meta: ModelMetadata, params: Params) -> list[str]:
             f"| input | {meta.image_size}×{meta.image_size} px, padding RGB {list(meta.fill)}, stain normalisation "
             f"{meta.stain_normalization.method} |",
             f"| offline augmentation | copies per original ({copies}) |",
-            f"| frozen phase | {frozen.epochs} epochs at most, batch {frozen.batch_size}, lr {frozen.lr:g}, class "
+            f"| frozen phase | {_count(frozen.epochs, 'epoch')} at most, batch {frozen.batch_size}, lr {frozen.lr:g}, class "
             f"weight {frozen.class_weight}, early stopping patience {frozen.patience} |",
-            f"| fine-tuning | {unfrozen}, {fine.epochs} epochs at most, batch "
-            f"{fine.batch_size}, lr {fine.lr:g} ({fine.lr_schedule}, {fine.warmup_epochs} warm-up epoch(s)), class "
+            f"| fine-tuning | {unfrozen}, {_count(fine.epochs, 'epoch')} at most, batch "
+            f"{fine.batch_size}, lr {fine.lr:g} ({fine.lr_schedule}, {_count(fine.warmup_epochs, 'warm-up epoch')}), class "
             f"weight {fine.class_weight}, patience {fine.patience}, online augmentation "
             f"{'on' if fine.online_augment else 'off'}; the best validation epoch is kept |",
             f"| seed | {params.seed} |", ""]
@@ -365,7 +370,8 @@ def _gradcam(report: dict) -> list[str]:
     out = ["## Grad-CAM focus (test)", ""]
     if not focus or not focus.get("images"):
         return out + ["Not measured (no test image had Grad-CAM heat).", ""]
-    return out + [f"Over {focus['images']} test images ({focus.get('images_without_heat', 0)} more had no heat): "
+    return out + [f"Over {_count(focus['images'], 'test image')} ({focus.get('images_without_heat', 0)} more had no "
+                  "heat): "
                   f"{_pct_share(focus['heat_on_tissue'])} of the heat lies on tissue, which covers "
                   f"{_pct_share(focus['tissue_area'])} of the image, and {_pct_share(focus['heat_on_centre'])} in the "
                   f"central area, which covers {_pct_share(focus['centre_area'])}. A model that looks at the "
