@@ -56,7 +56,7 @@ def test_dvc_artifacts_get_fetches_the_model_through_the_remote(published, tmp_p
 
 
 def test_the_metadata_of_a_version_comes_with_dvc_get_and_matches_the_fetched_model(published, tmp_path):
-    """predict needs the model and its metadata: both fetched by the version's tag, and the metadata accepts the model."""
+    """predict needs the model and its metadata: both fetched by the version's tag; the metadata accepts the model."""
     from glomeruli.metadata import read_metadata
 
     repo, _ = published

@@ -44,9 +44,9 @@ _GROUP_BY = {
     "image": "only copies of one image kept together: images of one biopsy straddle the partitions, so the test "
              "numbers are optimistic",
 }
-_HEADLINE = (("balanced_accuracy", "Balanced accuracy"), ("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC (average precision)"),
-             ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall (sensitivity)"), ("accuracy", "Accuracy"),
-             ("loss", "Log loss"))
+_HEADLINE = (("balanced_accuracy", "Balanced accuracy"), ("roc_auc", "ROC-AUC"),
+             ("pr_auc", "PR-AUC (average precision)"), ("f1", "F1"), ("precision", "Precision"),
+             ("recall", "Recall (sensitivity)"), ("accuracy", "Accuracy"), ("loss", "Log loss"))
 
 
 class ModelCardError(UserError, ValueError):
@@ -227,7 +227,8 @@ def _split(summary: dict, params: Params) -> list[str]:
            f"- {summary['folds']} stratified folds; the test set is fold {summary['fold']}; validation "
            f"(`split.val_fraction` = {params.split.val_fraction:g} of all images) is drawn from the other folds, "
            "and chose the calibration and the threshold. Augmented copies are in training only.", "",
-           "| partition | originals | augmented copies | globally sclerotic | non-globally sclerotic | biopsies | sites |",
+           "| partition | originals | augmented copies | globally sclerotic | non-globally sclerotic | biopsies "
+           "| sites |",
            "|---|--:|--:|--:|--:|--:|---|"]
     for name in ("train", "val", "test"):
         p = summary[name]
@@ -288,8 +289,9 @@ def _burden(report: dict) -> list[str]:
             f"({b['n_glomeruli']} glomeruli):", "",
             f"- mean absolute error {_num(b['mae_pct_points'], 1)} percentage points counting glomeruli above the "
             f"threshold ({_num(b['mae_pct_points_mean_probability'], 1)} with the mean probability);",
-            f"- {b['wrong_side_of_cutoff']} of {b['n_biopsies']} biopsies on the wrong side of the {b['cutoff_pct']:g} % "
-            f"cutoff ({b['wrong_side_of_cutoff_mean_probability']} with the mean probability).", "",
+            f"- {b['wrong_side_of_cutoff']} of {b['n_biopsies']} biopsies on the wrong side of the "
+            f"{b['cutoff_pct']:g} % cutoff ({b['wrong_side_of_cutoff_mean_probability']} with the mean "
+            "probability).", "",
             "Per biopsy: `metrics/plots/burden.csv` and `burden.png`.", ""]
 
 
@@ -356,11 +358,11 @@ def _recipe(meta: ModelMetadata, params: Params) -> list[str]:
             f"| input | {meta.image_size}×{meta.image_size} px, padding RGB {list(meta.fill)}, stain normalisation "
             f"{meta.stain_normalization.method} |",
             f"| offline augmentation | copies per original ({copies}) |",
-            f"| frozen phase | {_count(frozen.epochs, 'epoch')} at most, batch {frozen.batch_size}, lr {frozen.lr:g}, class "
-            f"weight {frozen.class_weight}, early stopping patience {frozen.patience} |",
+            f"| frozen phase | {_count(frozen.epochs, 'epoch')} at most, batch {frozen.batch_size}, lr {frozen.lr:g}, "
+            f"class weight {frozen.class_weight}, early stopping patience {frozen.patience} |",
             f"| fine-tuning | {unfrozen}, {_count(fine.epochs, 'epoch')} at most, batch "
-            f"{fine.batch_size}, lr {fine.lr:g} ({fine.lr_schedule}, {_count(fine.warmup_epochs, 'warm-up epoch')}), class "
-            f"weight {fine.class_weight}, patience {fine.patience}, online augmentation "
+            f"{fine.batch_size}, lr {fine.lr:g} ({fine.lr_schedule}, {_count(fine.warmup_epochs, 'warm-up epoch')}), "
+            f"class weight {fine.class_weight}, patience {fine.patience}, online augmentation "
             f"{'on' if fine.online_augment else 'off'}; the best validation epoch is kept |",
             f"| seed | {params.seed} |", ""]
 
