@@ -234,7 +234,7 @@ def test_the_tiny_pipelines_card_is_synthetic_with_sites_and_reproducible(pipeli
     for site in report["by_site"]:
         assert any(line.startswith(f"| {site} | {report['by_site'][site]['n']} |") for line in card.splitlines())
     assert len(report["by_site"]) >= 2 and set(report["by_site"]) <= {"SITE1", "SITE2", "SITE3"}
-    assert "- 3 sites." in card  # the training data's sites, from the ingest report
+    assert " biopsies, 3 sites." in card  # the training data's sites, from the ingest report
     model_sha = hashlib.sha256((pipeline_repo / "models/model.keras").read_bytes()).hexdigest()
     assert f"`models/model.keras` sha256: `{model_sha}`" in card
     assert f"at the threshold {report['threshold']:.3f} chosen on validation" in card
