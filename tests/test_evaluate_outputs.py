@@ -51,9 +51,16 @@ def test_test_predictions_match_the_report(outputs):
     assert len(rows) == report["test"]["n"] and len({r["name"] for r in rows}) == len(rows)
     raw = np.array([float(r["probability"]) for r in rows])
     calibrated = np.array([float(r["calibrated_probability"]) for r in rows])
-    p = np.clip(raw, 1e-7, 1 - 1e-7)
-    by_hand = 1 / (1 + np.exp(-np.log(p / (1 - p)) / meta["temperature"]))
-    np.testing.assert_allclose(calibrated, by_hand, atol=2e-6)
+
+    def by_hand(raw_probability):
+        p = np.clip(raw_probability, 1e-7, 1 - 1e-7)
+        return 1 / (1 + np.exp(-np.log(p / (1 - p)) / meta["temperature"]))
+
+    # The CSV rounds the raw probability to 6 decimals; near 0 or 1 that half-unit moves the logit, and so the
+    # calibrated value, by more than its own rounding (raw 0.998814, T 2.19: 8e-6), so check against that band.
+    low, high = by_hand(raw - 5e-7), by_hand(raw + 5e-7)
+    assert ((calibrated >= low - 1e-6) & (calibrated <= high + 1e-6)).all(), (calibrated, low, high)
+    np.testing.assert_allclose(calibrated, by_hand(raw), atol=1e-4)
     labels, predicted = np.array([int(r["label"]) for r in rows]), np.array([int(r["predicted"]) for r in rows])
     assert (predicted == (calibrated >= report["threshold"] - 1e-6)).all()
     assert int(((labels == 1) & (predicted == 1)).sum()) == report["test"]["confusion_matrix"]["tp"]

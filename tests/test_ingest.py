@@ -98,6 +98,8 @@ def test_report_counts_and_lists(messy):
     assert report["sites"] == {"all": {"n": report["n_kept"], "by_label": {
         "0": report["counts"][NEGATIVE]["kept"], "1": report["counts"][POSITIVE]["kept"]}}}
     assert {row.site for row in result.rows} == {"all"}
+    # no marker and no SYNTH- names: real data, as far as ingest can tell (the model card reads these)
+    assert (report["synthetic"], report["synthetic_marker"], report["n_synthetic"]) == (False, False, 0)
 
 
 def test_manifest_rows_carry_label_group_hash_and_size(messy):
@@ -451,7 +453,13 @@ def test_synthetic_marker_beside_real_images_is_refused(tmp_path):
     for relpath in files:
         folder, name = relpath.split("/")
         (root / relpath).rename(root / folder / f"{BIOPSY_PREFIX}{name}")
-    assert ingest_dataset(root, CONFIG).rows  # all synthetic: accepted
+    report = ingest_dataset(root, CONFIG).report  # all synthetic: accepted, and the report says so
+    assert report["n_kept"] > 0
+    assert (report["synthetic"], report["synthetic_marker"], report["n_synthetic"]) == (True, True, report["n_kept"])
+    (root / MARKER_FILE).rename(tmp_path / MARKER_FILE)  # a copy of the sample that lost its marker: still synthetic
+    report = ingest_dataset(root, CONFIG).report
+    assert (report["synthetic"], report["synthetic_marker"], report["n_synthetic"]) == (True, False, report["n_kept"])
+    (tmp_path / MARKER_FILE).rename(root / MARKER_FILE)
     real = f"{POSITIVE}/{cmil_name('REAL7', 1, 1, seed=5)}"
     (root / real).write_bytes(rgba_png(20, 20, seed=5))
     with pytest.raises(IngestError) as err:

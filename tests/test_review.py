@@ -119,6 +119,15 @@ def test_review_of_two_revisions(revisions, tmp_path):
     for picture in pictures:
         _check_picture(picture, f"base {base[:7]}", f"head {head[:7]}")
     assert (out / "dvc_plots" / "index.html").is_file()
+    # the model card: the head's copied beside the report and linked, its changed lines (the threshold) shown
+    card = report.split("### Model card", 1)[1].split("<details>", 1)[0]
+    assert "[`models/MODEL_CARD.md`](MODEL_CARD.md) of the head; its changed lines" in card
+    assert (out / "MODEL_CARD.md").read_text() == run(repo, "git", "show", f"{head}:models/MODEL_CARD.md").stdout
+    changed = card.splitlines()
+    assert f"-**{old['threshold']:.4f}** on the calibrated probability (`evaluate.threshold_rule: max_f1`)" in \
+        "\n".join(changed) and any(line.startswith(f"+**{new['threshold']:.4f}** on the calibrated probability "
+                                                    "(`evaluate.threshold_rule: fixed`)") for line in changed)
+    assert not any(line.startswith(("+# Model card", "-# Model card")) for line in changed)  # changed lines only
     comment = (out / "comment.md").read_text()
     assert comment.startswith("<!-- glomeruli-review -->\n") and "@ARTIFACT_URL@" in comment
     assert "![" not in comment and _rows(comment)["F1"] == rows["F1"]
@@ -134,6 +143,7 @@ def test_first_pull_request_shows_the_head_alone(revisions, tmp_path):
     rows = _rows(report)
     assert rows["F1"] == [_cell(new, "f1")] and rows["Threshold"] == [_cell(new, None)]
     assert "first run of the pipeline" in report
+    assert "[`models/MODEL_CARD.md`](MODEL_CARD.md) of the head: new in this revision (the base has none)." in report
     for picture in _pictures(out, report):
         _check_picture(picture, f"head {head[:7]}")
         assert "base" not in Image.open(picture).text["Description"]

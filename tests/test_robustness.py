@@ -20,6 +20,7 @@ windows of a 32-px project are wide enough to hit by polling. It changes no outp
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -50,6 +51,7 @@ SLOW_S, SLOW_LOOP_S = 0.3, 1.0
 # Outputs compared byte for byte between runs: everything but the two .keras models and the metadata that
 # holds their hash.
 NOT_BYTE_COMPARED = ("models/frozen.keras", "models/model.keras", "models/model.meta.json")
+MODEL_CARD = "models/MODEL_CARD.md"  # compared with the model's hash masked (output_files)
 
 SLOW_WRITERS = """
 import os
@@ -113,13 +115,18 @@ def declared_outputs(repo: Path) -> list[str]:
 
 
 def output_files(repo: Path) -> dict[str, bytes]:
-    """Every file of every declared output (folders walked), by path relative to the project."""
+    """Every file of every declared output (folders walked), by path relative to the project; the model card with
+    the model's sha256 masked (the .keras file's bytes differ between runs, its weights do not)."""
     files = {}
     for out in declared_outputs(repo):
         path = repo / out
         for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
             if file.is_file():
                 files[file.relative_to(repo).as_posix()] = file.read_bytes()
+    model = repo / "models" / "model.keras"
+    if MODEL_CARD in files and model.is_file():
+        model_sha = hashlib.sha256(model.read_bytes()).hexdigest().encode()
+        files[MODEL_CARD] = files[MODEL_CARD].replace(model_sha, b"<model sha256>")
     return files
 
 

@@ -171,7 +171,8 @@ def ingest_dataset(source: Path, config: IngestConfig) -> IngestResult:
         unreadable=unreadable, skips=skips, outside=labelling.outside, duplicates=duplicates,
         label_conflicts=labelling.label_conflicts, in_both=labelling.in_both, csv_labels=csv_labels,
         csv_extra=csv_extra, csv_missing=labelling.csv_missing, ungrouped=ungrouped, no_site=no_site,
-        folders_found=sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}), warnings=warnings)
+        folders_found=sorted({e.relpath.split("/")[0] for e in entries if "/" in e.relpath}), warnings=warnings,
+        marker=any(e.relpath == MARKER_FILE for e in entries))
     log.info("ingest: %d images kept of %d found in the class folders; %d unreadable, %d files skipped in all",
              len(rows), len(candidates), len(unreadable), len(report["skipped"]))
     return IngestResult(rows=rows, report=report)
@@ -503,7 +504,8 @@ def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidat
                   rows: list[ManifestRow], unreadable: list[dict], skips: _Skips, outside: list[str],
                   duplicates: list[dict], label_conflicts: list[dict], in_both: dict[str, list[str]],
                   csv_labels: LabelsCsv | None, csv_extra: list[dict], csv_missing: list[str],
-                  ungrouped: list[str], no_site: list[str], folders_found: list[str], warnings: list[str]) -> dict:
+                  ungrouped: list[str], no_site: list[str], folders_found: list[str], warnings: list[str],
+                  marker: bool) -> dict:
     counts = {}
     for folder in sorted(config.class_dirs):
         counts[folder] = {"label": config.class_dirs[folder],
@@ -515,6 +517,9 @@ def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidat
         site = sites.setdefault(row.site, {"n": 0, "by_label": {str(label): 0 for label in VALID_LABELS}})
         site["n"] += 1
         site["by_label"][str(row.label)] += 1
+    # Whether the model will be trained on our synthetic sample data: the marker, or any kept image carrying the
+    # synthetic biopsy prefix (a copy without its marker). The model card shouts it; nothing downstream guesses.
+    n_synthetic = sum(PurePosixPath(r.path).name.startswith(BIOPSY_PREFIX) for r in rows)
     return {
         "source": str(source),
         "config": _config_report(config),
@@ -523,6 +528,9 @@ def _build_report(source: Path, config: IngestConfig, *, n_listed: int, candidat
         "n_kept": len(rows),
         "n_unreadable": len(unreadable),
         "n_groups": len({r.group for r in rows}),
+        "synthetic": marker or n_synthetic > 0,
+        "synthetic_marker": marker,
+        "n_synthetic": n_synthetic,
         "counts": counts,
         "n_sites": len(sites),
         "sites": sites,

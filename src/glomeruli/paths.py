@@ -14,5 +14,7 @@ MODEL = Path("models/model.keras")
 LIVE_FROZEN = Path("metrics/train_frozen")
 LIVE_FINETUNE = Path("metrics/finetune")
 METRICS = Path("metrics/evaluate.json")
+MODEL_CARD = Path("models/MODEL_CARD.md")  # git-tracked beside the model (cache: false), so review diffs it
+PARAMS_FILE = Path("params.yaml")
 PLOTS = Path("metrics/plots")
 CHECKPOINTS = Path(".glomeruli-tmp/checkpoints")  # resume state, outside DVC's outputs

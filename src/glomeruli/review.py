@@ -7,6 +7,7 @@ CSV/TSV data DVC's own plots use, so they render on a CI runner with no browser 
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 EVALUATE = "metrics/evaluate.json"
 SPLIT = "metrics/split.json"
+MODEL_CARD = "models/MODEL_CARD.md"  # paths.MODEL_CARD: git-tracked, so both revisions' cards are in git
+CARD_DIFF_LINES = 80  # changed lines shown in the report; the rest is in the card itself
 PHASE_SUMMARIES = {"metrics/train_frozen/metrics.json": "Training summary, frozen phase",
                    "metrics/finetune/metrics.json": "Training summary, fine-tune phase"}
 # The marker that finds this report's earlier pull-request comment, so CI updates it instead of adding one.
@@ -114,6 +117,22 @@ class Review:
     unchanged_stages: list[str]
     pictures: dict[str, str] = field(default_factory=dict)  # file name -> caption
     warnings: list[str] = field(default_factory=list)
+    card: CardChange | None = None  # None: the review was built without reading the model cards
+
+
+@dataclass(frozen=True)
+class CardChange:
+    """The model card (models/MODEL_CARD.md) of both revisions; None where a revision has none."""
+
+    base: str | None
+    head: str | None
+
+    def changed_lines(self, context: int = 0) -> list[str]:
+        """A unified diff of the two cards (hunk headers, then - and + lines); [] when equal or one is missing."""
+        if self.base is None or self.head is None:
+            return []
+        return [line.rstrip("\n") for line in difflib.unified_diff(
+            self.base.splitlines(), self.head.splitlines(), n=context, lineterm="")][2:]  # no ---/+++ file header
 
 
 def _is_number(value: object) -> bool:
@@ -177,6 +196,15 @@ def read_lock(repo: Path, rev: Revision) -> dict:
         shown = _git(repo, "show", f"{rev.sha}:dvc.lock")
         text = shown.stdout if shown.returncode == 0 else ""
     return (yaml.safe_load(text) or {}).get("stages", {})
+
+
+def read_card(repo: Path, rev: Revision) -> str | None:
+    """models/MODEL_CARD.md at a revision (the workspace's file when `rev` is the workspace); None when absent."""
+    if rev.sha is None:
+        path = repo / MODEL_CARD
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    shown = _git(repo, "show", f"{rev.sha}:{MODEL_CARD}")
+    return shown.stdout if shown.returncode == 0 else None
 
 
 def _hashes(entries: Iterable[dict] | None) -> dict[str, object]:
@@ -553,12 +581,37 @@ def render_report(review: Review, *, pictures_link: str | None = None) -> str:
             for name, caption in review.pictures.items():
                 out += [f"![{caption}]({name})", ""]
 
+    if review.card is not None:
+        out += _card_section(review, pictures_link)
+
     out += ["<details>", "<summary>Everything else: validation, calibration, burden, split counts, "
             "training summaries</summary>", ""]
     for title, changes, metrics in _details_sections(review):
         out += [f"#### {title}", ""] + _table(changes, review, metrics) + [""]
     out += ["</details>", ""]
     return "\n".join(out)
+
+
+def _card_section(review: Review, pictures_link: str | None) -> list[str]:
+    """A link to the head's model card (copied into the report's folder) and its lines changed since the base."""
+    card = review.card
+    out = ["### Model card", ""]
+    if card.head is None:
+        return out + [f"The head has no `{MODEL_CARD}` (the evaluate stage writes it): run `dvc repro` and commit "
+                      "it with `dvc.lock`.", ""]
+    link = (f"[`{MODEL_CARD}`]({pictures_link})" + " (in this run's artifact)" if pictures_link
+            else f"[`{MODEL_CARD}`](MODEL_CARD.md)")
+    if card.base is None:
+        return out + [f"{link} of the head: new in this revision (the base has none).", ""]
+    changed = card.changed_lines()
+    if not changed:
+        return out + [f"{link} of the head: unchanged since the base.", ""]
+    n = sum(1 for line in changed if line[:1] in "+-")
+    out += [f"{link} of the head; its changed lines ({n}: `-` base, `+` head):", "", "````diff"]
+    out += changed[:CARD_DIFF_LINES]
+    if len(changed) > CARD_DIFF_LINES:
+        out.append(f"@@ … {len(changed) - CARD_DIFF_LINES} more lines: see the card @@")
+    return out + ["````", ""]
 
 
 def build_review(repo: Path, base_name: str, head_name: str | None, out_dir: Path) -> Review:
@@ -570,9 +623,12 @@ def build_review(repo: Path, base_name: str, head_name: str | None, out_dir: Pat
         raise ReviewError(f"{head.label} has no {EVALUATE}: run `dvc repro` (or `dvc pull` its outputs) first")
     base_has_metrics = any(c.base is not None for c in evaluate.values())
     reran, unchanged = stages_rerun(read_lock(repo, base), read_lock(repo, head))
-    review = Review(base, head, base_has_metrics, metrics, read_params(repo, base, head), reran, unchanged)
+    review = Review(base, head, base_has_metrics, metrics, read_params(repo, base, head), reran, unchanged,
+                    card=CardChange(read_card(repo, base), read_card(repo, head)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if review.card.head is not None:  # beside report.md (the link) and in CI's artifact with the pictures
+        (out_dir / "MODEL_CARD.md").write_text(review.card.head, encoding="utf-8")
     data = read_plot_data(repo, base, head, out_dir / "dvc_plots")
     review.warnings += _missing_plot_sources(data, review)
     sides = _sides(review)
