@@ -15,4 +15,5 @@ LIVE_FROZEN = Path("metrics/train_frozen")
 LIVE_FINETUNE = Path("metrics/finetune")
 METRICS = Path("metrics/evaluate.json")
 PLOTS = Path("metrics/plots")
+EXPORT_ONNX = Path("models/export/model.onnx")  # the model for predict without TensorFlow (onnxruntime)
 CHECKPOINTS = Path(".glomeruli-tmp/checkpoints")  # resume state, outside DVC's outputs
