@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 CONVERTERS = {"tensorflow": ("tf2onnx", "tf2onnx==1.17.0"), "jax": ("jax2onnx", "jax2onnx==0.17.1")}
 # The exported file must give the Keras model's probabilities on these random inputs within this tolerance.
 CHECK_IMAGES, CHECK_TOLERANCE = 4, 1e-4
+# jax2onnx 0.17 writes opset-18 operators (ReduceMean with its axes as an input) whatever opset it is asked for:
+# below 18 its file fails onnx's checker.
+MIN_OPSET_JAX = 18
 
 
 class ExportError(UserError, RuntimeError):
@@ -39,6 +43,10 @@ def export_onnx(model_path: Path, out_path: Path, opset: int) -> ModelMetadata:
     meta = read_metadata(model_path)  # refuses metadata of another model file: the contract must match the model
     backend = keras.backend.backend()
     converter = _converter(backend)
+    if backend == "jax" and opset < MIN_OPSET_JAX:
+        raise ExportError(f"export.opset = {opset}: on JAX, jax2onnx writes opset {MIN_OPSET_JAX} operators whatever it "
+                          f"is asked, so its file would be invalid; set export.opset to {MIN_OPSET_JAX} (params.yaml) or "
+                          "export on TensorFlow (KERAS_BACKEND=tensorflow)")
     from glomeruli.model import load_model
 
     model = _float32(load_model(model_path))
@@ -47,7 +55,12 @@ def export_onnx(model_path: Path, out_path: Path, opset: int) -> ModelMetadata:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as scratch:
         raw = Path(scratch) / "raw.onnx"
-        model.export(str(raw), format="onnx", verbose=False, opset_version=opset)
+        for converter_log in ("tf2onnx", "jax2onnx", "onnx_ir"):  # their per-pass notes drown the stage's log
+            logging.getLogger(converter_log).setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            # Keras' tf2onnx patch probes `np.object`, which NumPy 2 warns about: not ours to act on
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*np.object.*")
+            model.export(str(raw), format="onnx", verbose=False, opset_version=opset)
         import onnx
 
         proto = onnx.load(str(raw))
@@ -75,12 +88,13 @@ def _converter(backend: str) -> str:
         raise ExportError(f"ONNX export runs on the tensorflow or jax backend, not {backend}: set KERAS_BACKEND")
     module, pin = CONVERTERS[backend]
     try:
-        converter = __import__(module)
+        __import__(module)
     except ImportError as err:
         raise ExportError(f"exporting on {backend} needs {module}, which is not installed ({err}): "
                           f"pip install {pin} (or bash scripts/setup.sh)") from err
-    version = getattr(converter, "__version__", "?")
-    return f"{module} {version}"
+    from importlib.metadata import version
+
+    return f"{module} {version(module)}"
 
 
 def _float32(model):

@@ -20,7 +20,7 @@ FROM_SCRATCH_MIN_IMAGE_SIZE = 128
 MIN_IMAGE_SIZE = 32
 # preprocess.stain_normalization (glomeruli.stain applies them; named here so params loads without it).
 STAIN_NORMALIZATION_METHODS = ("none", "macenko", "reinhard")
-# export.opset: tf2onnx 1.17 writes opsets 13-18 (its own limits); onnxruntime 1.32 runs up to 23
+# export.opset: tf2onnx 1.17 writes opsets 13-18 (jax2onnx 0.17 needs 18: export.py); onnxruntime 1.32 runs them all
 MIN_OPSET, MAX_OPSET = 13, 18
 
 
