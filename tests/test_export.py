@@ -255,3 +255,23 @@ def test_an_onnx_file_without_our_contract_is_refused(exported, tmp_path, capfd)
     err = capfd.readouterr().err
     assert "bare.onnx carries no glomeruli contract" in err and "dvc repro export" in err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_labelled_folder_without_the_scoring_libraries_is_refused_before_predicting(exported, tmp_path):
+    """The environment of requirements-predict.txt alone: scikit-learn and matplotlib missing. A labelled folder stops
+    with one line naming the way out; --no-score writes the predictions."""
+    _, onnx_model, images = exported
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER.replace(repr(NOT_ON_THE_ONNX_PATH),
+                                                                        repr((*NOT_ON_THE_ONNX_PATH, "sklearn",
+                                                                              "matplotlib", "scipy"))))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{ROOT / 'src'}")
+    command = [sys.executable, "-m", "glomeruli.cli", "predict", str(images), "-r", "--model", str(onnx_model),
+               "--workers", "1", "-o", str(tmp_path / "p.csv")]
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and not (tmp_path / "p.csv").exists()
+    assert "needs scikit-learn and matplotlib (not installed): pip install -r requirements-predict-score.txt, or " \
+           "pass --no-score" in refused.stderr and "predicting" not in refused.stderr
+    alone = subprocess.run([*command, "--no-score"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert len(_rows(tmp_path / "p.csv")) >= MIN_IMAGES and not (tmp_path / "p.metrics.json").exists()

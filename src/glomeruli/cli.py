@@ -42,8 +42,9 @@ def _predict(args: argparse.Namespace) -> int:
                  meta.recalibration.get("folder"), meta.recalibration.get("date"))
     layout = dataset_layout(model, meta, meta_source)
     labels = folder_labels(folder, layout)  # None unless in the training layout
-    if labels is not None and labels.scorable:
-        _check_scoring_libraries(folder)  # before the work: the score is why the folder was given labels
+    scored = labels is not None and labels.scorable and not args.no_score
+    if scored:
+        _check_scoring_libraries(folder)  # before the work, not after it
     threshold = meta.threshold if args.threshold is None else args.threshold
     ignore = frozenset({labels.csv_name} if labels and labels.csv_name else ())
     if onnx:
@@ -67,7 +68,7 @@ def _predict(args: argparse.Namespace) -> int:
         rows = burden_by_biopsy(predictions, args.group_regex or layout.group_regex, labels)
         write_burden_csv(Path(args.by_biopsy), rows)
         log.info("wrote %s: %d biopsies", args.by_biopsy, len(rows))
-    if labels is not None and labels.scorable:  # a labelled batch: score the model on it, as evaluate does
+    if scored:  # a labelled batch: score the model on it, as evaluate does
         score = score_predictions(predictions, labels, threshold)
         print(format_score(score.report))
         log.info("wrote %s and %s", *write_score(output, score))
@@ -79,11 +80,12 @@ def _check_scoring_libraries(folder: Path) -> None:
     (requirements-predict.txt) leaves out; refused in one line before anything is predicted."""
     import importlib.util
 
-    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    missing = [package for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(module) is None]
     if missing:
         raise UserError(f"{folder} is labelled (training layout), so predict scores itself, which needs "
-                        f"{' and '.join(missing)}: pip install -r requirements-predict-score.txt (or predict a folder "
-                        "of the images alone)")
+                        f"{' and '.join(missing)} (not installed): pip install -r requirements-predict-score.txt, or "
+                        "pass --no-score to write the predictions alone")
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
@@ -201,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the threshold chosen on validation (not recommended)")
+    p.add_argument("--no-score", action="store_true",
+                   help="do not score a labelled folder (no metrics JSON or confusion matrix; the environment of "
+                        "requirements-predict.txt alone, without scikit-learn and matplotlib, needs it for one)")
     p.add_argument("--by-biopsy", metavar="SUMMARY.csv", default=None,
                    help="also write the per-biopsy summary (glomeruli, predicted %% globally sclerotic by count and by "
                         "mean probability; the true %% for a labelled folder), biopsy ids read from the file names")
