@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE, BATCH = 300, 32
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def du_mb(path: Path) -> float:
     """Installed size of a folder in MB (as `du -sb`, symlinks not followed)."""
     out = subprocess.run(["du", "-sb", str(path.resolve())], capture_output=True, text=True, check=True).stdout
@@ -98,7 +109,7 @@ def main() -> None:
 
     full_venv = ROOT / ".venv"
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, load average "
                    f"{os.getloadavg()[0]:.1f} at the end",
         "keras": f"{keras.__version__} on {keras.backend.backend()}",
         "images": len(files), "size": SIZE, "batch": BATCH, "passes": args.passes,
