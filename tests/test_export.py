@@ -87,22 +87,29 @@ def test_export_opset_is_validated():
 
 
 def test_a_mixed_precision_model_is_exported_as_float32():
+    """Rebuilt in float32 with the same variables, the head's adapted standardisation included."""
     import keras
 
     from glomeruli.export import _float32
 
+    x = np.random.default_rng(0).normal(3.0, 2.0, (16, 4)).astype(np.float32)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         inputs = keras.Input((4,))
-        model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dense(3)(inputs)))
+        norm = keras.layers.Normalization(dtype="float32")
+        norm.adapt(x)
+        model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Dense(3)(norm(inputs))))
     finally:
         keras.config.set_dtype_policy(previous)
-    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"mixed_bfloat16"}
+    assert {layer.dtype_policy.name for layer in model.layers[2:]} == {"mixed_bfloat16"}
     copy = _float32(model)
     assert {layer.dtype_policy.name for layer in copy.layers[1:]} == {"float32"}
     for ours, theirs in zip(copy.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(ours, theirs)
+    standardised = keras.Model(copy.inputs, copy.layers[1].output).predict(x, verbose=0)
+    np.testing.assert_allclose(standardised.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(standardised.std(axis=0), 1, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------- parity

@@ -78,10 +78,14 @@ def _predict(args: argparse.Namespace) -> int:
 def _check_scoring_libraries(folder: Path) -> None:
     """Scoring a labelled folder needs scikit-learn and matplotlib, which the prediction-only environment
     (requirements-predict.txt) leaves out; refused in one line before anything is predicted."""
-    import importlib.util
+    import importlib
 
-    missing = [package for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
-               if importlib.util.find_spec(module) is None]
+    missing = []
+    for module, package in (("sklearn.metrics", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            importlib.import_module(module)  # imported, not only found: scoring imports them anyway
+        except ImportError:
+            missing.append(package)
     if missing:
         raise UserError(f"{folder} is labelled (training layout), so predict scores itself, which needs "
                         f"{' and '.join(missing)} (not installed): pip install -r requirements-predict-score.txt, or "

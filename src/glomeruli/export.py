@@ -108,8 +108,11 @@ def _float32(model):
     if not mixed:
         return model
     log.info("the model computes in %s: exported as float32 (its variables are float32 already)", ", ".join(sorted(mixed)))
+    from glomeruli.model import sync_normalization
+
     copy = keras.saving.deserialize_keras_object(config)
     copy.set_weights(model.get_weights())
+    sync_normalization(copy)  # set_weights leaves Normalization computing with its build-time statistics
     return copy
 
 
