@@ -53,7 +53,7 @@ def export_onnx(model_path: Path, out_path: Path, opset: int) -> ModelMetadata:
     _prepare(model, meta.image_size)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".export-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="glomeruli-export-") as scratch:  # not beside the output: DVC's folder
         raw = Path(scratch) / "raw.onnx"
         for converter_log in ("tf2onnx", "jax2onnx", "onnx_ir"):  # their per-pass notes drown the stage's log
             logging.getLogger(converter_log).setLevel(logging.WARNING)
@@ -73,7 +73,11 @@ def export_onnx(model_path: Path, out_path: Path, opset: int) -> ModelMetadata:
     proto.doc_string = (f"Glomerulus classifier (EfficientNetB3), exported from a Keras model with sha256 "
                         f"{meta.model_sha256}. Contract: metadata_props glomeruli.*; input: {props['glomeruli.input']}; "
                         f"output: {props['glomeruli.output']}")
-    onnx.checker.check_model(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"{exported_with} wrote an invalid ONNX graph ({str(err).splitlines()[0]}); nothing was "
+                          f"written to {out_path}: try another export.opset (13-18) or the other backend") from err
     with atomic_path(out_path) as tmp:  # renamed into place only after the check below passed
         onnx.save(proto, str(tmp))
         difference = _check_against_keras(model, tmp, meta.image_size)
