@@ -50,7 +50,8 @@ def export_onnx(model_path: Path, out_path: Path, opset: int) -> ModelMetadata:
     from glomeruli.model import load_model
 
     model = _float32(load_model(model_path))
-    _prepare(model, meta.image_size)
+    x = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, meta.image_size, meta.image_size, 3)).astype(np.float32)
+    expected = _prepare(model, x)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="glomeruli-export-") as scratch:  # not beside the output: DVC's folder
@@ -80,7 +81,7 @@ def export_onnx(model_path: Path, out_path: Path, opset: int) -> ModelMetadata:
                           f"written to {out_path}: try another export.opset (13-18) or the other backend") from err
     with atomic_path(out_path) as tmp:  # renamed into place only after the check below passed
         onnx.save(proto, str(tmp))
-        difference = _check_against_keras(model, tmp, meta.image_size)
+        difference = _check_against_keras(expected, x, tmp)
     log.info("wrote %s (%s; onnxruntime vs Keras on %d random images: max |diff| %.2g)", out_path, exported_with,
              CHECK_IMAGES, difference)
     return meta
@@ -137,27 +138,29 @@ def _set_float32(node) -> set[str]:
     return found
 
 
-def _prepare(model, image_size: int) -> None:
-    """Make the model exportable: called once (Keras refuses to export a model it never called; predict does not
-    count on JAX), and every Normalization's mean and variance as NumPy constants. Keras derives those as tensors
-    at build time; tf2onnx turns such captured tensors into extra graph inputs the file cannot run without."""
+def _prepare(model, x: np.ndarray) -> np.ndarray:
+    """Make the model exportable; returns its probabilities of `x`, for the check of the written file.
+
+    It must have been called (Keras refuses to export a model it never called, and `predict` does not count on
+    JAX): the call on `x` is that call. Every Normalization's mean and variance become NumPy constants: Keras derives
+    them as tensors at build time, and tf2onnx turns such captured tensors into extra graph inputs the file cannot
+    run without."""
     import keras
 
     from glomeruli.model import _all_layers
 
-    model(np.zeros((1, image_size, image_size, 3), np.float32), training=False)
+    expected = np.asarray(model(x, training=False), dtype=np.float64).reshape(-1)
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.Normalization) and layer.built:
             layer.mean, layer.variance = np.asarray(layer.mean), np.asarray(layer.variance)
+    return expected
 
 
-def _check_against_keras(model, onnx_path: Path, image_size: int) -> float:
-    """Max |probability difference| between onnxruntime on the written file and the Keras model, on random
-    0-255 images; more than CHECK_TOLERANCE fails the export."""
-    x = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, image_size, image_size, 3)).astype(np.float32)
-    expected = np.asarray(model(x, training=False), dtype=np.float64).reshape(-1)
+def _check_against_keras(expected: np.ndarray, x: np.ndarray, onnx_path: Path) -> float:
+    """Max |probability difference| between onnxruntime on the written file and the Keras model (`expected`, its
+    probabilities of the random 0-255 images `x`); more than CHECK_TOLERANCE fails the export."""
     exported = OnnxModel(onnx_path)
-    got = exported.predict_batch(x, CHECK_IMAGES).astype(np.float64).reshape(-1)
+    got = exported.predict_batch(x, len(x)).astype(np.float64).reshape(-1)
     difference = float(np.max(np.abs(got - expected)))
     if not difference <= CHECK_TOLERANCE:
         raise ExportError(f"the exported model disagrees with the Keras model by {difference:.3g} in probability "
