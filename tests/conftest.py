@@ -130,7 +130,7 @@ def _build_pipeline_repo(folder: Path) -> None:
 # Slowest modules first (measured on 2 cores): with two workers taking whole modules in this order, neither is
 # left alone with a long module at the end.
 SLOWEST_FIRST = ("test_training", "test_robustness", "test_backends", "test_workspace", "test_pipeline",
-                 "test_distribute", "test_finetune", "test_evaluate_outputs", "test_review")
+                 "test_distribute", "test_finetune", "test_evaluate_outputs", "test_review", "test_export")
 
 
 def pytest_collection_modifyitems(items):

@@ -16,31 +16,47 @@ log = logging.getLogger("glomeruli")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
     from glomeruli.atomic import check_file_output
-    from glomeruli.distribute import start
-    from glomeruli.metadata import metadata_path, read_metadata
-    from glomeruli.predict import (dataset_layout, folder_labels, format_score, predict_folder, score_paths,
-                                   score_predictions, write_predictions, write_score)
+    from glomeruli.metadata import metadata_path
+    from glomeruli.onnxmodel import is_onnx
+    from glomeruli.predict import (dataset_layout, folder_labels, format_score, model_metadata, predict_folder,
+                                   score_paths, score_predictions, write_predictions, write_score)
 
     # Only the model and its metadata: params.yaml describes training, and need not exist (or be valid) here.
     folder, model, output = Path(args.image_dir), Path(args.model), Path(args.output)
     meta_path = Path(args.meta) if args.meta else None
+    onnx = is_onnx(model)  # an ONNX export runs on onnxruntime: TensorFlow, JAX and Keras are never imported
+    if onnx and args.devices != "auto":
+        raise UserError(f"--devices {args.devices}: {model} runs on onnxruntime's CPU provider; --devices chooses "
+                        "accelerators for a Keras model (--model models/model.keras)")
+    if not onnx:
+        import glomeruli.backend  # noqa: F401  (first: a bad KERAS_BACKEND is one clear line, not a Keras traceback)
     for path in (output, *score_paths(output), *([Path(args.by_biopsy)] if args.by_biopsy else [])):
         check_file_output(path)  # a folder at an output's path is refused before the work, not after it
-    meta = read_metadata(model, meta_path)  # --meta: refused when written for another model file (its checksum)
+    meta = model_metadata(model, meta_path)  # --meta: refused when written for another model file (its checksum)
+    # where the metadata came from, for messages: --meta, the ONNX file's own contract, or model.meta.json
+    meta_source = meta_path or (model if onnx else metadata_path(model))
     if meta.recalibration is not None:
         log.info("metadata %s: temperature %.3f and threshold %.4f recalibrated on %s (%s)",
-                 meta_path or metadata_path(model), meta.temperature, meta.threshold,
+                 meta_source, meta.temperature, meta.threshold,
                  meta.recalibration.get("folder"), meta.recalibration.get("date"))
-    layout = dataset_layout(model, meta, meta_path)
+    layout = dataset_layout(model, meta, meta_source)
     labels = folder_labels(folder, layout)  # None unless in the training layout
+    scored = labels is not None and labels.scorable and not args.no_score
+    if scored:
+        _check_scoring_libraries(folder)  # before the work, not after it
     threshold = meta.threshold if args.threshold is None else args.threshold
-    with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
+    ignore = frozenset({labels.csv_name} if labels and labels.csv_name else ())
+    if onnx:
         predictions, skipped = predict_folder(model, folder, batch_size=args.batch_size, workers=args.workers,
-                                              threshold=threshold, recursive=args.recursive,
-                                              ignore=frozenset({labels.csv_name} if labels and labels.csv_name else ()),
-                                              meta=meta)
+                                              threshold=threshold, recursive=args.recursive, ignore=ignore, meta=meta)
+    else:
+        from glomeruli.distribute import start
+
+        with start(args.devices).scope():  # TensorFlow loads and runs the model in its strategy
+            predictions, skipped = predict_folder(model, folder, batch_size=args.batch_size, workers=args.workers,
+                                                  threshold=threshold, recursive=args.recursive, ignore=ignore,
+                                                  meta=meta)
     write_predictions(output, predictions)
     n_pos = sum(p.label for p in predictions)
     log.info("wrote %s: %d images, %d predicted globally sclerotic, %d skipped", output, len(predictions),
@@ -52,11 +68,28 @@ def _predict(args: argparse.Namespace) -> int:
         rows = burden_by_biopsy(predictions, args.group_regex or layout.group_regex, labels)
         write_burden_csv(Path(args.by_biopsy), rows)
         log.info("wrote %s: %d biopsies", args.by_biopsy, len(rows))
-    if labels is not None and labels.scorable:  # a labelled batch: score the model on it, as evaluate does
+    if scored:  # a labelled batch: score the model on it, as evaluate does
         score = score_predictions(predictions, labels, threshold)
         print(format_score(score.report))
         log.info("wrote %s and %s", *write_score(output, score))
     return 0
+
+
+def _check_scoring_libraries(folder: Path) -> None:
+    """Scoring a labelled folder needs scikit-learn and matplotlib, which the prediction-only environment
+    (requirements-predict.txt) leaves out; refused in one line before anything is predicted."""
+    import importlib
+
+    missing = []
+    for module, package in (("sklearn.metrics", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            importlib.import_module(module)  # imported, not only found: scoring imports them anyway
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise UserError(f"{folder} is labelled (training layout), so predict scores itself, which needs "
+                        f"{' and '.join(missing)} (not installed): pip install -r requirements-predict-score.txt, or "
+                        "pass --no-score to write the predictions alone")
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
@@ -159,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "predictions are also scored against the labels ingest would give them")
     p.add_argument("-r", "--recursive", action="store_true",
                    help="also predict the images in subfolders (named by their path inside image_dir)")
-    p.add_argument("--model", default="models/model.keras", help="trained model (its .meta.json must sit beside it)")
+    p.add_argument("--model", default="models/model.keras",
+                   help="trained model: a .keras file (its .meta.json must sit beside it), or its ONNX export "
+                        "(models/export/model.onnx, which carries its own metadata; runs on onnxruntime alone)")
     p.add_argument("--meta", metavar="META.json", default=None,
                    help="metadata to predict with instead of the model's own (models/model.meta.json), e.g. one "
                         "written by `glomeruli recalibrate`; refused when written for another model file")
@@ -172,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the threshold chosen on validation (not recommended)")
+    p.add_argument("--no-score", action="store_true",
+                   help="do not score a labelled folder (no metrics JSON or confusion matrix; the environment of "
+                        "requirements-predict.txt alone, without scikit-learn and matplotlib, needs it for one)")
     p.add_argument("--by-biopsy", metavar="SUMMARY.csv", default=None,
                    help="also write the per-biopsy summary (glomeruli, predicted %% globally sclerotic by count and by "
                         "mean probability; the true %% for a labelled folder), biopsy ids read from the file names")
@@ -237,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("head", nargs="?", default=None, help="the revision under review (default: the workspace)")
     r.add_argument("-o", "--output-dir", default="review", help="folder for report.md, comment.md and the PNGs")
     r.set_defaults(func=_review)
-    d = sub.add_parser("demo", help="the CPU demo: synthetic images in data/sample through all seven stages")
+    d = sub.add_parser("demo", help="the CPU demo: synthetic images in data/sample through every stage")
     d.add_argument("-n", "--n-images", type=int, default=400)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--difficulty", type=float, default=0.3)

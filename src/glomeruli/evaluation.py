@@ -23,7 +23,8 @@ from glomeruli.csvcells import spreadsheet_safe  # noqa: E402
 from glomeruli.gallery import write_error_sheets  # noqa: E402
 from glomeruli.h5store import SINGLE_SITE, ImageStore  # noqa: E402
 from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
-from glomeruli.metrics import binary_metrics, prediction_metrics, scalar_metrics  # noqa: E402, F401 (re-exported)
+from glomeruli.metrics import (binary_metrics, plot_confusion_matrix, prediction_metrics,  # noqa: E402, F401 (re-exported)
+                               scalar_metrics)
 from glomeruli.metadata import CLASS_NAMES, DatasetLayout, ModelMetadata, file_sha256, write_metadata  # noqa: E402
 from glomeruli.model import load_model  # noqa: E402
 from glomeruli.params import EvaluateParams  # noqa: E402
@@ -127,17 +128,6 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def plot_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, title: str) -> None:
-    """The confusion-matrix PNG of the evaluate stage and of `glomeruli predict` on a labelled folder."""
-    fig, ax = plt.subplots(figsize=(5, 4.6))
-    skm.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=[0, 1], display_labels=["non-GS (0)", "GS (1)"],
-                                                ax=ax, colorbar=False, cmap="Blues")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Software": None})
-    plt.close(fig)
 
 
 def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndarray, threshold: float,

@@ -16,9 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from glomeruli.layout import SINGLE_SITE  # noqa: F401 (the store's own name for it, as evaluation and crossval import it)
+
 _STR = h5py.string_dtype("utf-8")
-# The site of every image when the data names none (ingest.site_regex null): one site.
-SINGLE_SITE = "all"
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,8 @@ from typing import Any
 
 from glomeruli.csvcells import original_cell, spreadsheet_safe
 from glomeruli.errors import UserError
-from glomeruli.h5store import SINGLE_SITE
 from glomeruli.images import ImageError, ImageInfo, ImageTooLargeError, content_hash, decode_rgb, probe_image
-from glomeruli.layout import BIOPSY_PREFIX, MARKER_FILE
+from glomeruli.layout import BIOPSY_PREFIX, MARKER_FILE, SINGLE_SITE
 from glomeruli.logs import progress
 from glomeruli.parallel import ordered_map, resolve_workers
 from glomeruli.sources import Entry, SourceError, image_max_bytes, list_entries, read_bytes, read_labels_file

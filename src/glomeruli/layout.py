@@ -16,3 +16,6 @@ BIOPSY_PREFIX = "SYNTH-"  # every synthetic biopsy id starts with it
 # The ingest.site_regex for a multi-site sample (`glomeruli sample-data --sites N`): the site inside the biopsy id,
 # SYNTH-SITE2_B005_PAS_1of7_<hex>.png.
 SYNTHETIC_SITE_REGEX = r"^SYNTH-(?P<site>SITE\d+)_"
+# The site of every image when the data names none (ingest.site_regex null): one site. Here, not in h5store, so
+# that ingest's labelling (which predict runs) does not import h5py.
+SINGLE_SITE = "all"

@@ -67,9 +67,11 @@ def write_metadata(model_path: Path, meta: ModelMetadata, path: Path | None = No
     write_json(metadata_path(model_path) if path is None else path, asdict(meta))
 
 
-def read_metadata(model_path: Path, path: Path | None = None) -> ModelMetadata:
+def read_metadata(model_path: Path, path: Path | None = None, *, model_sha256: str | None = None) -> ModelMetadata:
     """Metadata of `model_path` from `path` (default: `metadata_path`, the evaluate stage's), refused when
-    missing, incomplete or written for another model file."""
+    missing, incomplete or written for another model file. `model_sha256`: the Keras model the metadata must
+    have been written for, where `model_path` is not that file itself (an ONNX export records the checksum of
+    the Keras model it came from)."""
     own = path is None
     path = metadata_path(model_path) if own else path
     # the way out: the evaluate stage writes the model's own metadata, `glomeruli recalibrate` any other
@@ -82,6 +84,20 @@ def read_metadata(model_path: Path, path: Path | None = None) -> ModelMetadata:
         raise MetadataError(f"{path} not found (--meta): {fix}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise MetadataError(f"{path} is incomplete or malformed ({err}); {fix}") from err
+    meta = parse_metadata(raw, str(path), fix)
+    expected = file_sha256(model_path) if model_sha256 is None else model_sha256
+    if meta.model_sha256 != expected:
+        raise MetadataError(f"{path} was written for another version of {model_path.name} (checksum differs); "
+                            f"{fix} so threshold and model match")
+    return meta
+
+
+def parse_metadata(raw: dict, source: str, fix: str) -> ModelMetadata:
+    """ModelMetadata from its JSON form (model.meta.json, or an ONNX export's contract), checked; `source` and
+    `fix` name the file and the way out in the error."""
+    try:
         meta = ModelMetadata(image_size=int(raw["image_size"]), fill=tuple(int(c) for c in raw["fill"]),
                              threshold=float(raw["threshold"]), threshold_rule=str(raw["threshold_rule"]),
                              class_names=tuple(raw["class_names"]), model_sha256=str(raw["model_sha256"]),
@@ -91,16 +107,13 @@ def read_metadata(model_path: Path, path: Path | None = None) -> ModelMetadata:
                                  raw.get("stain_normalization", NO_NORMALIZATION.to_json())),
                              recalibration=_recalibration(raw.get("recalibration")))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise MetadataError(f"{path} is incomplete or malformed ({err}); {fix}") from err
+        raise MetadataError(f"{source} is incomplete or malformed ({err}); {fix}") from err
     if (not 0.0 <= meta.threshold <= 1.0 or len(meta.fill) != 3 or len(meta.class_names) != 2
             or not meta.temperature > 0):
-        raise MetadataError(f"{path} holds impossible values (threshold {meta.threshold}, fill {meta.fill}, "
+        raise MetadataError(f"{source} holds impossible values (threshold {meta.threshold}, fill {meta.fill}, "
                             f"class names {meta.class_names}, temperature {meta.temperature}); {fix}")
     if meta.class_names != CLASS_NAMES:
-        raise MetadataError(f"{path} names classes {meta.class_names}, expected {CLASS_NAMES}")
-    if meta.model_sha256 != file_sha256(model_path):
-        raise MetadataError(f"{path} was written for another version of {model_path.name} (checksum differs); "
-                            f"{fix} so threshold and model match")
+        raise MetadataError(f"{source} names classes {meta.class_names}, expected {CLASS_NAMES}")
     return meta
 
 

@@ -3,6 +3,8 @@ import this alone); the positive class is globally sclerotic (1)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -52,3 +54,19 @@ def scalar_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     if not (np.asarray(prob) >= threshold).any():
         metrics["precision"] = float("nan")
     return metrics
+
+
+def plot_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, title: str) -> None:
+    """The confusion-matrix PNG of the evaluate stage and of `glomeruli predict` on a labelled folder."""
+    import matplotlib  # late: plain prediction (the ONNX environment) draws nothing and may not have it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    skm.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=[0, 1], display_labels=["non-GS (0)", "GS (1)"],
+                                                ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)

@@ -20,6 +20,8 @@ FROM_SCRATCH_MIN_IMAGE_SIZE = 128
 MIN_IMAGE_SIZE = 32
 # preprocess.stain_normalization (glomeruli.stain applies them; named here so params loads without it).
 STAIN_NORMALIZATION_METHODS = ("none", "macenko", "reinhard")
+# export.opset: tf2onnx 1.17 writes opsets 13-18 (jax2onnx 0.17 needs 18: export.py); onnxruntime 1.32 runs them all
+MIN_OPSET, MAX_OPSET = 13, 18
 
 
 class ParamsError(UserError, ValueError):
@@ -136,6 +138,11 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    opset: int  # ONNX opset of models/export/model.onnx: what the runtime that loads it must support
+
+
+@dataclass(frozen=True)
 class RuntimeParams:
     workers: int
     cache_features: bool
@@ -157,6 +164,7 @@ class Params:
     train_frozen: TrainParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    export: ExportParams
     runtime: RuntimeParams
 
 
@@ -259,6 +267,7 @@ def parse_params(raw: dict) -> Params:
     ing, pre, aug = _section(raw, "ingest"), _section(raw, "preprocess"), _section(raw, "augment")
     spl, mdl, tf, ft = _section(raw, "split"), _section(raw, "model"), _section(raw, "train_frozen"), _section(raw, "finetune")
     ev, rt, data = _section(raw, "evaluate"), _section(raw, "runtime"), _section(raw, "data")
+    ex = _section(raw, "export")
 
     class_dirs = _get(ing, "ingest", "class_dirs")
     if not isinstance(class_dirs, dict) or sorted(set(class_dirs.values())) != [0, 1] or len(class_dirs) != 2:
@@ -377,6 +386,7 @@ def parse_params(raw: dict) -> Params:
             gradcam_focus_images=_number("evaluate.gradcam_focus_images",
                                          _get(ev, "evaluate", "gradcam_focus_images"), int, 0),
         ),
+        export=ExportParams(opset=_number("export.opset", _get(ex, "export", "opset"), int, MIN_OPSET, MAX_OPSET)),
         runtime=RuntimeParams(
             workers=_number("runtime.workers", _get(rt, "runtime", "workers"), int, 0),
             cache_features=_bool("runtime.cache_features", _get(rt, "runtime", "cache_features")),
@@ -391,7 +401,8 @@ def parse_params(raw: dict) -> Params:
 
 # Section dataclass by its annotation (annotations are strings under `from __future__ import annotations`).
 _SECTIONS = {cls.__name__: cls for cls in (DataParams, IngestParams, PreprocessParams, AugmentParams, SplitParams,
-                                           ModelParams, TrainParams, FinetuneParams, EvaluateParams, RuntimeParams)}
+                                           ModelParams, TrainParams, FinetuneParams, EvaluateParams, ExportParams,
+                                           RuntimeParams)}
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

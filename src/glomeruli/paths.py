@@ -17,4 +17,5 @@ METRICS = Path("metrics/evaluate.json")
 MODEL_CARD = Path("models/MODEL_CARD.md")  # git-tracked beside the model (cache: false), so review diffs it
 PARAMS_FILE = Path("params.yaml")
 PLOTS = Path("metrics/plots")
+EXPORT_ONNX = Path("models/export/model.onnx")  # the model for predict without TensorFlow (onnxruntime)
 CHECKPOINTS = Path(".glomeruli-tmp/checkpoints")  # resume state, outside DVC's outputs

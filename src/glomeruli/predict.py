@@ -1,5 +1,9 @@
 """Predict on a folder of images: same preprocessing as training, decoding overlapped with inference.
 
+The model is a Keras file (models/model.keras, with its model.meta.json) or its ONNX export
+(models/export/model.onnx, carrying its own contract), run on onnxruntime: that path imports neither TensorFlow,
+JAX nor Keras, so Keras is only ever imported late, inside `KerasModel`.
+
 A folder in the training layout (class folders, and/or a `name,ground truth` labels file) is also
 scored: the evaluate stage's metrics and confusion matrix, against the labels ingest would give its images
 (`ingest.label_files`, in the layout recorded in the model's metadata).
@@ -26,12 +30,11 @@ from glomeruli.calibration import apply_temperature
 from glomeruli.csvcells import spreadsheet_safe
 from glomeruli.errors import UserError
 from glomeruli.images import ImageError, load_model_input
-from glomeruli.inference import predict_batch
 from glomeruli.ingest import Labelling, LabelsCsv, compile_group_regex, group_of, label_files, parse_labels_csv
 from glomeruli.layout import CMIL_GROUP_REGEX, LABELS_CSV, NON_SCLEROTIC_DIR, SCLEROTIC_DIR
 from glomeruli.logs import progress
 from glomeruli.metadata import DatasetLayout, ModelMetadata, metadata_path, read_metadata
-from glomeruli.model import load_model
+from glomeruli.onnxmodel import OnnxModel, is_onnx
 from glomeruli.parallel import WorkerDied, process_context, resolve_workers
 from glomeruli.sources import (RefusedFileError, folder_wrapper, image_max_bytes, junk_reason, list_entries,
                                read_file, read_labels_file)
@@ -131,15 +134,53 @@ def _decoded_batches(pool: ProcessPoolExecutor, files: list[Path], meta: ModelMe
     return ready_batches()
 
 
+class KerasModel:
+    """A .keras model behind the interface OnnxModel has (image_size, predict_batch)."""
+
+    def __init__(self, path: Path):
+        from glomeruli.model import load_model  # late: predicting with an ONNX export must not import Keras
+
+        self.model = load_model(path)
+        self.image_size = tuple(self.model.inputs[0].shape[1:3])
+
+    def predict_batch(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        from glomeruli.inference import predict_batch
+
+        return predict_batch(self.model, x, batch_size)
+
+
+def load_predictor(model_path: Path) -> KerasModel | OnnxModel:
+    """The model at `model_path`: an ONNX export (by its suffix, .onnx) on onnxruntime, else a Keras model."""
+    return OnnxModel(model_path) if is_onnx(model_path) else KerasModel(model_path)
+
+
+def model_metadata(model_path: Path, meta_path: Path | None = None) -> ModelMetadata:
+    """What to predict `model_path` with: `meta_path` (--meta: e.g. `glomeruli recalibrate`'s, refused when
+    written for another model), else the model's own: model.meta.json beside a Keras model, the contract inside
+    an ONNX export. Metadata given for an ONNX export must be written for the Keras model it was exported from."""
+    if not is_onnx(model_path):
+        return read_metadata(model_path, meta_path)
+    contract = OnnxModel(model_path).metadata()
+    if meta_path is None:
+        return contract
+    return read_metadata(model_path, meta_path, model_sha256=contract.model_sha256)
+
+
+def predict_batch(model: KerasModel | OnnxModel, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's (uncalibrated) probabilities of one batch."""
+    return model.predict_batch(x, batch_size)
+
+
 def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, workers: int = 0,
                    threshold: float | None = None, recursive: bool = False, ignore: frozenset[str] = frozenset(),
                    meta: ModelMetadata | None = None) -> tuple[list[Prediction], list[Skip]]:
     """Predict every file of `folder` but the names in `ignore` (a labels file); unreadable files are skipped
     and returned by name. Nothing predicted is an error: an empty output would pass for a result.
 
-    `meta`: the metadata to predict with (default: the model's own, `read_metadata`), e.g. one written by
-    `glomeruli recalibrate`, or temperature 1 for the model's raw probabilities."""
-    meta = read_metadata(model_path) if meta is None else meta
+    `model_path`: a .keras model or its .onnx export. `meta`: the metadata to predict with (default: the model's
+    own, `model_metadata`), e.g. one written by `glomeruli recalibrate`, or temperature 1 for the model's raw
+    probabilities."""
+    meta = model_metadata(model_path) if meta is None else meta
     files = [path for path in list_images(folder, recursive) if image_name(folder, path) not in ignore]
     if not files:
         raise PredictError(f"{folder} holds no files to predict: point at a folder of images")
@@ -147,9 +188,9 @@ def predict_folder(model_path: Path, folder: Path, *, batch_size: int = 32, work
         with ProcessPoolExecutor(resolve_workers(workers), mp_context=process_context(["glomeruli.images"]),
                                  initializer=_init_decoder) as pool:
             decoded = _decoded_batches(pool, files, meta, batch_size)
-            model = load_model(model_path)
-            if tuple(model.inputs[0].shape[1:3]) != (meta.image_size, meta.image_size):
-                raise ValueError(f"{model_path} takes {tuple(model.inputs[0].shape[1:3])} inputs but its metadata "
+            model = load_predictor(model_path)
+            if model.image_size != (meta.image_size, meta.image_size):
+                raise ValueError(f"{model_path} takes {model.image_size} inputs but its metadata "
                                  f"says {meta.image_size}; rerun `dvc repro evaluate`")
             threshold = meta.threshold if threshold is None else threshold
             log.info("predicting %d files in %s with threshold %.4f, temperature %.3f, stain normalisation %s",
@@ -285,7 +326,7 @@ class Score:
 
 def score_predictions(predictions: list[Prediction], labels: FolderLabels, threshold: float) -> Score:
     """The evaluate stage's metrics (evaluation.binary_metrics) on every prediction ingest would label."""
-    from glomeruli.evaluation import binary_metrics  # imported late: matplotlib and scikit-learn load slowly
+    from glomeruli.metrics import binary_metrics  # late: scikit-learn loads slowly, and only scoring needs it
 
     scored, not_scored = [], []
     for prediction in predictions:
@@ -326,7 +367,7 @@ def score_paths(output_csv: Path) -> tuple[Path, Path]:
 
 def write_score(output_csv: Path, score: Score) -> tuple[Path, Path]:
     """The metrics JSON and the confusion-matrix PNG (evaluation.plot_confusion_matrix) beside the predictions."""
-    from glomeruli.evaluation import plot_confusion_matrix
+    from glomeruli.metrics import plot_confusion_matrix  # not evaluation's module: that one imports Keras
 
     metrics_path, png_path = score_paths(output_csv)
     write_json(metrics_path, score.report)

@@ -15,10 +15,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from skimage.color import hed2rgb, rgb2hed
-from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
-from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab
 
+# scikit-image (augmentation) and torchstain (normalisation) are imported where used: prediction imports this
+# module, and the prediction-only environment (requirements-predict.txt) has no scikit-image.
 from glomeruli.params import STAIN_NORMALIZATION_METHODS
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,8 @@ def _jitter_hed(rgb: np.ndarray, scale: np.ndarray, shift_od: np.ndarray) -> np.
     concentrations (colours outside the H-E-DAB cone, e.g. saturated magenta), so a plain round trip would
     move those pixels by tens of levels even at zero jitter; the ratio changes them by the jitter alone.
     """
+    from skimage.color import hed2rgb, rgb2hed
+
     hed = rgb2hed(rgb)
     jittered = hed * scale + shift_od / SKIMAGE_OD_PER_UNIT
     ratio = hed2rgb(jittered) / hed2rgb(hed)  # exp of a bounded optical density: never 0 in float64
@@ -199,6 +200,8 @@ def _macenko(image: np.ndarray, tissue: np.ndarray, reference: dict) -> np.ndarr
         log.debug("Macenko skipped: the tissue's optical densities span no stain plane (principal variances "
                   "%.2g, %.2g, %.2g)", first, second, third)
         return image
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
     normalizer = NumpyMacenkoNormalizer()
     normalizer.HERef = np.asarray(reference["stain_matrix"], dtype=float)
     normalizer.maxCRef = np.asarray(reference["max_concentrations"], dtype=float)
@@ -213,6 +216,9 @@ def _macenko(image: np.ndarray, tissue: np.ndarray, reference: dict) -> np.ndarr
 
 
 def _reinhard(image: np.ndarray, reference: dict) -> np.ndarray:
+    from torchstain.numpy.normalizers import NumpyReinhardNormalizer
+    from torchstain.numpy.utils import get_mean_std, lab_split, rgb2lab
+
     lightness, a, b = (get_mean_std(channel)[1] for channel in lab_split(rgb2lab(image.astype(np.float32) / 255.0)))
     if lightness < MIN_LIGHTNESS_STD or min(a, b) < MIN_CHROMA_STD:
         log.debug("Reinhard skipped: a CIELAB channel barely varies (standard deviations L* %.2g, a* %.2g, b* %.2g)",

@@ -31,7 +31,7 @@ SAMPLE_DIR = Path("data/sample")
 # The demo's sample comes from three synthetic hospitals (own stain, scanner and share of sclerotic glomeruli), so
 # evaluate.json shows `by_site` and metrics/plots/by_site.png the per-site ROC curves, as a multi-site cohort would.
 DEMO_SITES = 3
-# What the demo changes in params.yaml so that all seven stages finish in minutes on a 2-core CPU.
+# What the demo changes in params.yaml so that all eight stages finish in minutes on a 2-core CPU.
 # The GPU defaults in params.yaml stay what a real run wants.
 CPU_OVERRIDES = {
     "data.source": str(SAMPLE_DIR),
@@ -112,7 +112,7 @@ def _require_project(root: Path) -> None:
 
 
 def run_demo(settings: DemoSettings = DemoSettings(), *, root: Path = Path(".")) -> None:
-    """Synthetic data in data/sample, all seven stages with the CPU overrides, ready for the queue."""
+    """Synthetic data in data/sample, all eight stages with the CPU overrides, ready for the queue."""
     _require_project(root)
     generate_sample_dataset(root / SAMPLE_DIR, settings.n_images, seed=settings.seed,
                             difficulty=settings.difficulty, n_sites=settings.n_sites, workers=0)
@@ -123,7 +123,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, root: Path = Path("."))
     args = ["exp", "run", "--name", name]
     for key, value in settings.overrides:
         args += ["-S", f"{key}={value}"]
-    log.info("running all seven stages on the CPU: dvc %s", " ".join(args))
+    log.info("running all eight stages on the CPU: dvc %s", " ".join(args))
     result = subprocess.run([sys.executable, "-m", "dvc", *args])
     if result.returncode != 0:
         raise WorkspaceError(f"the demo's `dvc exp run` failed (exit {result.returncode}); its log is above")
