@@ -195,7 +195,10 @@ def bench_data(work: Path, sizes: tuple[int, int], workers: int, repeats: int, c
         proj = work / f"stages-n{n}"
         shutil.rmtree(proj, ignore_errors=True)
         proj.mkdir(parents=True)
-        write_params(proj / "params.yaml", {"data.source": str(raw), "runtime.workers": workers})
+        # Stain normalisation off: the rows compare decoding, fitting and storing with a bare OpenCV loop (Macenko
+        # adds its own ~20 ms per 300 px image by design; README, Several hospitals).
+        write_params(proj / "params.yaml", {"data.source": str(raw), "runtime.workers": workers,
+                                            "preprocess.stain_normalization": "none"})
         row: dict = {}
         for stage in ("ingest", "preprocess", "augment"):
             log(f"n={n}: stage {stage}")
