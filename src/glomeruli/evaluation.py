@@ -295,7 +295,8 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
         log.info("temperature %.3f fitted on %d validation images", temperature, len(labels["val"]))
     threshold = bootstrap_threshold(labels["val"], prob["val"], val_biopsies, params.threshold_rule,
                                     resamples=params.threshold_resamples, seed=seed, fixed=params.fixed_threshold)
-    log.info("threshold %.4f chosen on %d validation images (%s)", threshold, len(labels["val"]), params.threshold_rule)
+    log.info("threshold %.4f chosen on %d validation images (%s%s)", threshold, len(labels["val"]), params.threshold_rule,
+             f", median over {params.threshold_resamples} biopsy resamples" if params.threshold_resamples else "")
     validation_warnings = warn_about_validation(labels["val"], val_biopsies, threshold)
     test = TestSet(split.test, test_ids, test_biopsies, labels["test"], raw["test"], prob["test"],
                    ranking_score(raw["test"], temperature), test_sites)

@@ -4,6 +4,7 @@ every within-site one, and recall or specificity that collapse at one site at a 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ def site_metrics(labels: np.ndarray, prob: np.ndarray, score: np.ndarray, predic
     for site in sorted(set(sites.tolist())):
         members = sites == site
         y, p, called = labels[members], prob[members], predicted[members].astype(int)
-        m = prediction_metrics(y, p, called, score[members])
+        with warnings.catch_warnings():  # a site holding one class: its undefined metrics are None below
+            warnings.simplefilter("ignore", UserWarning)
+            m = prediction_metrics(y, p, called, score[members])
         cm = m["confusion_matrix"]
         negatives = cm["tn"] + cm["fp"]
         burden = burden_summary(biopsy_burden(biopsies[members], p, called, y), burden_cutoff)
