@@ -105,16 +105,26 @@ MIN_VAL_BIOPSIES_PER_CLASS = 3
 EXTREME_THRESHOLD = (0.05, 0.95)
 
 
-def warn_about_validation(labels: np.ndarray, biopsies: np.ndarray, threshold: float) -> list[str]:
-    """Warn (and return the warnings) when what was chosen on validation rests on too little."""
-    warnings = []
+def thin_evidence(labels: np.ndarray, biopsies: np.ndarray, threshold: float) -> tuple[list[tuple[str, int]], bool]:
+    """What a threshold and temperature fitted on (labels, biopsies) rest on too little of: the classes held by fewer
+    than MIN_VAL_BIOPSIES_PER_CLASS biopsies, as (name, count), and whether the threshold lies at an extreme."""
+    few = []
     for label, name in ((0, "non-sclerotic"), (1, "sclerotic")):
         n = len(set(np.asarray(biopsies)[np.asarray(labels) == label].tolist()))
         if n < MIN_VAL_BIOPSIES_PER_CLASS:
-            warnings.append(f"validation holds {name} glomeruli from {n} biopsies only (fewer than "
-                            f"{MIN_VAL_BIOPSIES_PER_CLASS}): the threshold and temperature rest on too few patients; "
-                            "raise split.val_fraction or add data")
-    if not EXTREME_THRESHOLD[0] <= threshold <= EXTREME_THRESHOLD[1]:
+            few.append((name, n))
+    return few, not EXTREME_THRESHOLD[0] <= threshold <= EXTREME_THRESHOLD[1]
+
+
+def warn_about_validation(labels: np.ndarray, biopsies: np.ndarray, threshold: float) -> list[str]:
+    """Warn (and return the warnings) when what was chosen on validation rests on too little."""
+    warnings = []
+    few, extreme = thin_evidence(labels, biopsies, threshold)
+    for name, n in few:
+        warnings.append(f"validation holds {name} glomeruli from {n} biopsies only (fewer than "
+                        f"{MIN_VAL_BIOPSIES_PER_CLASS}): the threshold and temperature rest on too few patients; "
+                        "raise split.val_fraction or add data")
+    if extreme:
         warnings.append(f"the threshold {threshold:.3f} chosen on validation lies outside {EXTREME_THRESHOLD}: "
                         "validation is probably separated or tiny, and the threshold may not transfer to new "
                         "biopsies; check metrics/plots/roc_pr.png and consider evaluate.threshold_rule")

@@ -108,16 +108,15 @@ def refit_temperature(labels: np.ndarray, raw_probability: np.ndarray, old_tempe
 
 def _warn_about_set(labels: np.ndarray, biopsies: np.ndarray, threshold: float, source: str) -> list[str]:
     """Warn (and return the warnings) when the refitted values rest on too little; evaluate's limits."""
-    from glomeruli.evaluation import EXTREME_THRESHOLD, MIN_VAL_BIOPSIES_PER_CLASS
+    from glomeruli.evaluation import EXTREME_THRESHOLD, MIN_VAL_BIOPSIES_PER_CLASS, thin_evidence
 
     warnings = []
-    for label, name in ((0, "non-sclerotic"), (1, "sclerotic")):
-        n = len(set(np.asarray(biopsies)[np.asarray(labels) == label].tolist()))
-        if n < MIN_VAL_BIOPSIES_PER_CLASS:
-            warnings.append(f"{source} holds {name} glomeruli from {n} biopsies only (fewer than "
-                            f"{MIN_VAL_BIOPSIES_PER_CLASS}): the refitted threshold and temperature rest on too few "
-                            "patients; label more biopsies")
-    if not EXTREME_THRESHOLD[0] <= threshold <= EXTREME_THRESHOLD[1]:
+    few, extreme = thin_evidence(labels, biopsies, threshold)
+    for name, n in few:
+        warnings.append(f"{source} holds {name} glomeruli from {n} biopsies only (fewer than "
+                        f"{MIN_VAL_BIOPSIES_PER_CLASS}): the refitted threshold and temperature rest on too few "
+                        "patients; label more biopsies")
+    if extreme:
         warnings.append(f"the refitted threshold {threshold:.3f} lies outside {EXTREME_THRESHOLD}: {source} is "
                         "probably separated or tiny, and the threshold may not transfer to the site's next biopsies")
     for warning in warnings:
