@@ -45,7 +45,7 @@ def _bare_one(path: str) -> None:
 def bare_read_resize(args) -> dict:
     import multiprocessing as mp
 
-    from glomeruli.parallel import resolve_workers
+    from glomeruli.core.parallel import resolve_workers
 
     with open(args.manifest, encoding="utf-8", newline="") as f:
         paths = [str(Path(args.source) / row["path"]) for row in csv.DictReader(f)]
@@ -103,11 +103,11 @@ def _steady(values: list[float]) -> float:
 
 
 def _build_store(raw: Path, work: Path, size: int, seed: int):
-    from glomeruli.augment import augment_store
-    from glomeruli.ingest import IngestConfig, ingest_dataset
-    from glomeruli.params import load_params
-    from glomeruli.preprocess import preprocess_images
-    from glomeruli.split import split_records
+    from glomeruli.data.augment import augment_store
+    from glomeruli.data.ingest import IngestConfig, ingest_dataset
+    from glomeruli.core.params import load_params
+    from glomeruli.data.preprocess import preprocess_images
+    from glomeruli.data.split import split_records
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=params.ingest.labels_csv,
@@ -126,11 +126,11 @@ def training(args) -> dict:
     import keras
     import numpy as np
 
-    from glomeruli.backend import configure
-    from glomeruli.h5store import ImageStore
-    from glomeruli.model import build_model, split_at_block, unfreeze_top_blocks, freeze_base, head_of
-    from glomeruli import training as tr
-    from glomeruli.inference import ArrayRows
+    from glomeruli.model.backend import configure
+    from glomeruli.data.h5store import ImageStore
+    from glomeruli.model.efficientnet import build_model, split_at_block, unfreeze_top_blocks, freeze_base, head_of
+    from glomeruli.model import training as tr
+    from glomeruli.model.inference import ArrayRows
 
     seed, size = 0, args.size
     params, aug, split = _build_store(Path(args.raw), Path(args.work), size, seed)
@@ -156,7 +156,7 @@ def training(args) -> dict:
         model.save(frozen_path)
 
         # 2. Fine-tune at the default number of unfrozen blocks: epoch time, cached versus uncached.
-        from glomeruli.model import load_model
+        from glomeruli.model.efficientnet import load_model
 
         for cache in (True, False):
             keras.utils.set_random_seed(seed)
@@ -196,12 +196,12 @@ def training(args) -> dict:
 
 
 def _compare_fit(model, x, y, xv, yv, params, seed, name, repeats) -> dict:
-    """Our fit loop (glomeruli.training._fit: Batches PyDataset, shuffling, weights, validation, early
+    """Our fit loop (glomeruli.model.training._fit: Batches PyDataset, shuffling, weights, validation, early
     stopping) versus keras `model.fit(x, y, batch_size, validation_data)` on the same arrays. Whole epochs
     (training and validation) are timed: on JAX the steps run asynchronously and only the epoch end waits."""
-    from glomeruli import training as tr
-    from glomeruli.inference import ArrayRows
-    from glomeruli.model import compile_model
+    from glomeruli.model import training as tr
+    from glomeruli.model.inference import ArrayRows
+    from glomeruli.model.efficientnet import compile_model
 
     epochs = 4
     params = replace(params, epochs=epochs, patience=100)
@@ -227,9 +227,9 @@ def _compare_fit(model, x, y, xv, yv, params, seed, name, repeats) -> dict:
 def predict(args) -> dict:
     import numpy as np
 
-    from glomeruli import predict as pr
-    from glomeruli.images import load_model_input
-    from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata
+    from glomeruli.commands import predict as pr
+    from glomeruli.data.images import load_model_input
+    from glomeruli.model.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata
 
     work, images = Path(args.work), Path(args.images)
     work.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def predict(args) -> dict:
 
 
 def _save_model(args) -> dict:
-    from glomeruli.model import build_model
+    from glomeruli.model.efficientnet import build_model
 
     build_model(args.size, "none", 0.3).save(args.model)
     return {}

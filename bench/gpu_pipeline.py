@@ -75,12 +75,12 @@ def save(path: Path) -> None:
 def data_stages(args, work: Path):
     """Synthetic data, then ingest, preprocess, augment and split. No Keras yet: the data stages fork
     worker processes, which must happen before JAX starts its threads."""
-    from glomeruli.augment import augment_store
-    from glomeruli.ingest import IngestConfig, ingest_dataset
-    from glomeruli.params import load_params
-    from glomeruli.preprocess import preprocess_images
-    from glomeruli.sample_data import generate_sample_dataset
-    from glomeruli.split import split_records
+    from glomeruli.data.augment import augment_store
+    from glomeruli.data.ingest import IngestConfig, ingest_dataset
+    from glomeruli.core.params import load_params
+    from glomeruli.data.preprocess import preprocess_images
+    from glomeruli.data.sample_data import generate_sample_dataset
+    from glomeruli.data.split import split_records
 
     params = load_params(ROOT / "params.yaml")
     raw = work / f"raw-{args.images}"
@@ -118,19 +118,19 @@ def scaling(args) -> None:
 
     Weak scaling, as data parallelism is used: every device gets `--batch-size` images per step (global
     batch = batch size x devices). Training: full-graph fine-tuning of the top `finetune.unfreeze_blocks`
-    blocks through the package's own batches (glomeruli.training.Batches, padded and split by
-    glomeruli.distribute), timed over the second epoch (the first compiles). Inference: the package's
+    blocks through the package's own batches (glomeruli.model.training.Batches, padded and split by
+    glomeruli.model.distribute), timed over the second epoch (the first compiles). Inference: the package's
     predict_rows, timed over the second pass. Random pixels: throughput does not depend on content.
     """
     import jax
     import keras
     import numpy as np
 
-    from glomeruli import distribute
-    from glomeruli.inference import predict_rows
-    from glomeruli.model import build_model, compile_model, freeze_base, unfreeze_top_blocks
-    from glomeruli.params import load_params
-    from glomeruli.training import Batches
+    from glomeruli.model import distribute
+    from glomeruli.model.inference import predict_rows
+    from glomeruli.model.efficientnet import build_model, compile_model, freeze_base, unfreeze_top_blocks
+    from glomeruli.core.params import load_params
+    from glomeruli.model.training import Batches
 
     params = load_params(ROOT / "params.yaml")
     size, n_all = args.image_size, len(jax.local_devices())
@@ -233,12 +233,12 @@ def main() -> None:
 
     jax.monitoring.register_event_duration_secs_listener(on_duration)
 
-    from glomeruli import training as tr
-    from glomeruli.backend import configure
-    from glomeruli.evaluation import evaluate_model
-    from glomeruli.h5store import ImageStore
-    from glomeruli.metadata import DatasetLayout
-    from glomeruli.model import build_model, compile_model, load_model, split_at_block
+    from glomeruli.model import training as tr
+    from glomeruli.model.backend import configure
+    from glomeruli.evaluation.evaluate import evaluate_model
+    from glomeruli.data.h5store import ImageStore
+    from glomeruli.model.metadata import DatasetLayout
+    from glomeruli.model.efficientnet import build_model, compile_model, load_model, split_at_block
 
     policy = configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
     report("device", f"{jax.default_backend()}: {jax.devices()[0].device_kind}",

@@ -3,8 +3,8 @@
     .venv/bin/python bench/onnx_predict.py [--images 128] [--passes 3] [--predict-venv /tmp/predict-venv]
 
 A B3 at 300 px (weights none: speed does not depend on what the weights learnt) is saved with its metadata and
-exported by the export stage's own function (glomeruli.export.export_onnx); synthetic PNGs (250-950 px, as
-`glomeruli sample-data` writes them) are predicted by `glomeruli.predict.predict_folder` with the .keras file and
+exported by the export stage's own function (glomeruli.model.export.export_onnx); synthetic PNGs (250-950 px, as
+`glomeruli sample-data` writes them) are predicted by `glomeruli.commands.predict.predict_folder` with the .keras file and
 with the .onnx file, alternating, best pass of each kept. Two rows: whole predict calls (model load, decoding in
 worker processes, the forward passes), and the bare forward pass on the same decoded batches
 (`model.predict_on_batch` vs `InferenceSession.run`). Environment sizes: `du` of each virtual environment
@@ -56,13 +56,13 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from glomeruli.export import export_onnx
-    from glomeruli.images import load_model_input
-    from glomeruli.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata
-    from glomeruli.model import build_model
-    from glomeruli.onnxmodel import OnnxModel
-    from glomeruli.predict import list_images, predict_folder
-    from glomeruli.sample_data import generate_sample_dataset
+    from glomeruli.model.export import export_onnx
+    from glomeruli.data.images import load_model_input
+    from glomeruli.model.metadata import CLASS_NAMES, ModelMetadata, file_sha256, write_metadata
+    from glomeruli.model.efficientnet import build_model
+    from glomeruli.model.onnxmodel import OnnxModel
+    from glomeruli.commands.predict import list_images, predict_folder
+    from glomeruli.data.sample_data import generate_sample_dataset
 
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as scratch:
         scratch = Path(scratch)

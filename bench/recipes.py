@@ -12,11 +12,11 @@ functions and the shipped params.yaml (sizes and epochs overridden below). Recip
   b  the demo's fine-tune: a, then the top block unfrozen, BatchNormalization frozen, constant lr 1e-4, 4 epochs
   c  from scratch: a, then every layer (stem included) trained with BatchNormalization in training mode,
      cosine decay, the head's standardisation reset to the identity: the recommended offline recipe,
-     glomeruli.workspace.FROM_SCRATCH_OVERRIDES
+     glomeruli.model.recipes.FROM_SCRATCH_OVERRIDES
   d  c plus online augmentation (fresh variants every epoch)
 
 The threshold is chosen on validation (max F1); balanced accuracy and ROC-AUC are measured with 95 % bootstrap
-intervals that resample whole biopsies (glomeruli.uncertainty when present), on the split's test fold and on an
+intervals that resample whole biopsies (glomeruli.evaluation.uncertainty when present), on the split's test fold and on an
 independent hold-out set (`--holdout-images`, another seed, its own biopsies: four times the test fold's biopsies
 for the price of predicting them). Wall time includes the frozen phase. Not part of the test suite.
 """
@@ -42,19 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from glomeruli.augment import OnlineAugment, augment_store  # noqa: E402
-from glomeruli.backend import configure  # noqa: E402
-from glomeruli.evaluation import binary_metrics, choose_threshold  # noqa: E402
-from glomeruli.h5store import ImageStore  # noqa: E402
-from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
-from glomeruli.ingest import IngestConfig, ingest_dataset  # noqa: E402
-from glomeruli.model import build_model, load_model  # noqa: E402
-from glomeruli.params import parse_params, read_yaml  # noqa: E402
-from glomeruli.preprocess import preprocess_images  # noqa: E402
-from glomeruli.sample_data import generate_sample_dataset  # noqa: E402
-from glomeruli.split import split_records  # noqa: E402
-from glomeruli.training import finetune, load_phase_data, train_frozen  # noqa: E402
-from glomeruli.workspace import FROM_SCRATCH_OVERRIDES as SCRATCH  # noqa: E402
+from glomeruli.data.augment import OnlineAugment, augment_store  # noqa: E402
+from glomeruli.model.backend import configure  # noqa: E402
+from glomeruli.evaluation.evaluate import binary_metrics, choose_threshold  # noqa: E402
+from glomeruli.data.h5store import ImageStore  # noqa: E402
+from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
+from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402
+from glomeruli.model.efficientnet import build_model, load_model  # noqa: E402
+from glomeruli.core.params import parse_params, read_yaml  # noqa: E402
+from glomeruli.data.preprocess import preprocess_images  # noqa: E402
+from glomeruli.data.sample_data import generate_sample_dataset  # noqa: E402
+from glomeruli.data.split import split_records  # noqa: E402
+from glomeruli.model.training import finetune, load_phase_data, train_frozen  # noqa: E402
+from glomeruli.model.recipes import FROM_SCRATCH_OVERRIDES as SCRATCH  # noqa: E402
 
 RECIPES = {
     "a": "head on the frozen random base",
@@ -133,11 +133,11 @@ def intervals(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, threshold: fl
         return {"balanced_accuracy": balanced_accuracy_score(yy, pp >= threshold), "roc_auc": auc}
 
     try:
-        from glomeruli.uncertainty import bootstrap_intervals
+        from glomeruli.evaluation.uncertainty import bootstrap_intervals
 
         found = bootstrap_intervals(y, prob, groups, statistic, n_resamples=RESAMPLES, seed=seed)
         return {k: [v.low, v.high] for k, v in found.items()}
-    except ImportError:  # before glomeruli.uncertainty existed: the same percentile bootstrap by biopsy
+    except ImportError:  # before glomeruli.evaluation.uncertainty existed: the same percentile bootstrap by biopsy
         rng = np.random.default_rng(seed)
         units = [np.flatnonzero(groups == g) for g in np.unique(groups)]
         draws = {"balanced_accuracy": [], "roc_auc": []}
@@ -213,7 +213,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipes.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("glomeruli.training").setLevel(logging.INFO)
+    logging.getLogger("glomeruli.model.training").setLevel(logging.INFO)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     params = make_params(args)

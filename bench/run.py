@@ -117,7 +117,7 @@ def sha256(path: Path) -> str:
 def dataset(work: Path, n: int, seed: int = SEED, size_range: tuple[int, int] = SIZE_RANGE) -> Path:
     """A synthetic CMIL-layout dataset, generated once per arguments and reused."""
     from glomeruli import __version__
-    from glomeruli.sample_data import generate_sample_dataset
+    from glomeruli.data.sample_data import generate_sample_dataset
 
     out = work / "data" / f"raw-n{n}-seed{seed}-{size_range[0]}-{size_range[1]}"
     done = out.with_name(out.name + ".done")
@@ -299,7 +299,7 @@ def bench_predict(work: Path, quick: bool, workers: int) -> dict:
         for f in files:
             os.link(f, folder / f.name)
     out = work / "predict-result.json"
-    log(f"prediction: {n} images at 300 px, glomeruli.predict vs the bare forward pass")
+    log(f"prediction: {n} images at 300 px, glomeruli.commands.predict vs the bare forward pass")
     run_measured([PY, str(ROOT / "bench" / "_workloads.py"), "predict", "--images", str(folder), "--size", "300",
                   "--work", str(work / "predict-model"), "--workers", str(workers), "--out", str(out),
                   "--repeats", "2" if quick else "5"],
@@ -428,7 +428,7 @@ def table(r: dict, quick: bool) -> list[dict]:
         add("prediction images/s vs bare forward pass", f"{ours / bare:.2f}", ">= 0.9", ours / bare >= 0.9,
             f"{ours:.2f} vs {bare:.2f} img/s after the first batch, best of {p['repeats']} alternating passes "
             f"(median of the paired ratios {paired:.2f}); "
-            f"{p['images']} PNGs (decoded by glomeruli.predict; beforehand, untimed, for the bare pass), "
+            f"{p['images']} PNGs (decoded by glomeruli.commands.predict; beforehand, untimed, for the bare pass), "
             f"B3 {p['image_size']} px, batch {p['batch_size']}; whole calls incl. first batch, without model "
             f"load: {whole:.2f}")
     return rows

@@ -30,8 +30,8 @@ import recipes  # noqa: E402  (bench/recipes.py: the hard set, built with the pa
 import keras  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from glomeruli.h5store import ImageStore  # noqa: E402
-from glomeruli.inference import StoreRows  # noqa: E402
+from glomeruli.data.h5store import ImageStore  # noqa: E402
+from glomeruli.model.inference import StoreRows  # noqa: E402
 
 
 def small_cnn(shape) -> keras.Model:

@@ -42,24 +42,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from sklearn.metrics import f1_score, roc_auc_score  # noqa: E402
 
-from glomeruli.augment import augment_store  # noqa: E402
-from glomeruli.backend import configure  # noqa: E402
-from glomeruli.burden import biopsy_burden, burden_summary  # noqa: E402
-from glomeruli.calibration import apply_temperature, fit_temperature, ranking_score  # noqa: E402
-from glomeruli.evaluation import bootstrap_threshold, choose_threshold  # noqa: E402
-from glomeruli.h5store import ImageStore  # noqa: E402
-from glomeruli.inference import StoreRows, predict_rows  # noqa: E402
-from glomeruli.ingest import IngestConfig, ingest_dataset  # noqa: E402
-from glomeruli.layout import SYNTHETIC_SITE_REGEX  # noqa: E402
-from glomeruli.model import build_model  # noqa: E402
-from glomeruli.params import parse_params, read_yaml  # noqa: E402
-from glomeruli.preprocess import preprocess_images  # noqa: E402
-from glomeruli.sample_data import generate_sample_dataset  # noqa: E402
-from glomeruli.split import split_records  # noqa: E402
-from glomeruli.stain import stain_normalization  # noqa: E402
-from glomeruli.training import finetune, load_phase_data, train_frozen  # noqa: E402
-from glomeruli.uncertainty import bootstrap_intervals  # noqa: E402
-from glomeruli.workspace import FROM_SCRATCH_OVERRIDES as SCRATCH  # noqa: E402
+from glomeruli.data.augment import augment_store  # noqa: E402
+from glomeruli.model.backend import configure  # noqa: E402
+from glomeruli.evaluation.burden import biopsy_burden, burden_summary  # noqa: E402
+from glomeruli.evaluation.calibration import apply_temperature, fit_temperature, ranking_score  # noqa: E402
+from glomeruli.evaluation.evaluate import bootstrap_threshold, choose_threshold  # noqa: E402
+from glomeruli.data.h5store import ImageStore  # noqa: E402
+from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
+from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402
+from glomeruli.data.layout import SYNTHETIC_SITE_REGEX  # noqa: E402
+from glomeruli.model.efficientnet import build_model  # noqa: E402
+from glomeruli.core.params import parse_params, read_yaml  # noqa: E402
+from glomeruli.data.preprocess import preprocess_images  # noqa: E402
+from glomeruli.data.sample_data import generate_sample_dataset  # noqa: E402
+from glomeruli.data.split import split_records  # noqa: E402
+from glomeruli.data.stain import stain_normalization  # noqa: E402
+from glomeruli.model.training import finetune, load_phase_data, train_frozen  # noqa: E402
+from glomeruli.evaluation.uncertainty import bootstrap_intervals  # noqa: E402
+from glomeruli.model.recipes import FROM_SCRATCH_OVERRIDES as SCRATCH  # noqa: E402
 
 RESAMPLES = 1000
 # "on": Tellez et al. 2019 "HED-light" stain jitter with light colour jitter (the values params.yaml suggests).

@@ -1,10 +1,10 @@
 """Stage 3: originals plus seeded augmented copies (more for the minority class) into one HDF5, and a sheet of
 examples (metrics/augment/augment_examples.png)."""
 
-from glomeruli.atomic import atomic_path
-from glomeruli.augment import augment_store, write_examples
-from glomeruli.paths import AUGMENT_EXAMPLES, AUGMENTED, PREPROCESSED
-from glomeruli.stagekit import run_stage
+from glomeruli.core.atomic import atomic_path
+from glomeruli.data.augment import augment_store, write_examples
+from glomeruli.core.paths import AUGMENT_EXAMPLES, AUGMENTED, PREPROCESSED
+from glomeruli.core.stagekit import run_stage
 
 
 def main(params):

@@ -3,17 +3,17 @@ model card."""
 
 from pathlib import Path
 
-from glomeruli.stagekit import run_stage
+from glomeruli.core.stagekit import run_stage
 
 
 def main(params):
-    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
-    from glomeruli.backend import configure, request_xla_determinism
-    from glomeruli.distribute import start as start_devices
-    from glomeruli.evaluation import evaluate_model
-    from glomeruli.metadata import DatasetLayout, read_metadata
-    from glomeruli.model_card import build_model_card, read_json_input, read_provenance, write_model_card
-    from glomeruli.paths import (AUGMENTED, INGEST_REPORT, LIVE_FINETUNE, LIVE_FROZEN, MANIFEST, METRICS, MODEL,
+    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.model.backend checks it).
+    from glomeruli.model.backend import configure, request_xla_determinism
+    from glomeruli.model.distribute import start as start_devices
+    from glomeruli.evaluation.evaluate import evaluate_model
+    from glomeruli.model.metadata import DatasetLayout, read_metadata
+    from glomeruli.evaluation.model_card import build_model_card, read_json_input, read_provenance, write_model_card
+    from glomeruli.core.paths import (AUGMENTED, INGEST_REPORT, LIVE_FINETUNE, LIVE_FROZEN, MANIFEST, METRICS, MODEL,
                                  MODEL_CARD, PARAMS_FILE, PLOTS, SPLIT, SPLIT_SUMMARY)
 
     request_xla_determinism(params.runtime.deterministic)  # before anything starts JAX's backend

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from glomeruli.atomic import atomic_path, write_json
-from glomeruli.ingest import IngestConfig, check_ingest, ingest_dataset, write_manifest
-from glomeruli.paths import INGEST_REPORT, MANIFEST
-from glomeruli.stagekit import run_stage
+from glomeruli.core.atomic import atomic_path, write_json
+from glomeruli.data.ingest import IngestConfig, check_ingest, ingest_dataset, write_manifest
+from glomeruli.core.paths import INGEST_REPORT, MANIFEST
+from glomeruli.core.stagekit import run_stage
 
 
 def main(params):

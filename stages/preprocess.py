@@ -3,12 +3,12 @@ as uint8 HDF5."""
 
 from pathlib import Path
 
-from glomeruli.atomic import atomic_path
-from glomeruli.ingest import read_manifest
-from glomeruli.paths import MANIFEST, PREPROCESSED
-from glomeruli.preprocess import preprocess_images
-from glomeruli.stagekit import run_stage
-from glomeruli.stain import stain_normalization
+from glomeruli.core.atomic import atomic_path
+from glomeruli.data.ingest import read_manifest
+from glomeruli.core.paths import MANIFEST, PREPROCESSED
+from glomeruli.data.preprocess import preprocess_images
+from glomeruli.core.stagekit import run_stage
+from glomeruli.data.stain import stain_normalization
 
 
 def main(params):

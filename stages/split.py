@@ -1,10 +1,10 @@
 """Stage 4: stratified split by source image or biopsy; an index into the augmented store, not copies."""
 
-from glomeruli.atomic import write_json
-from glomeruli.h5store import ImageStore
-from glomeruli.paths import AUGMENTED, SPLIT, SPLIT_SUMMARY
-from glomeruli.split import split_records, summarize
-from glomeruli.stagekit import run_stage
+from glomeruli.core.atomic import write_json
+from glomeruli.data.h5store import ImageStore
+from glomeruli.core.paths import AUGMENTED, SPLIT, SPLIT_SUMMARY
+from glomeruli.data.split import split_records, summarize
+from glomeruli.core.stagekit import run_stage
 
 
 def main(params):

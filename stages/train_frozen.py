@@ -1,15 +1,15 @@
 """Stage 5: EfficientNetB3 base frozen, train the head (on cached base features by default)."""
 
-from glomeruli.stagekit import run_stage
+from glomeruli.core.stagekit import run_stage
 
 
 def main(params):
-    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.backend checks it).
-    from glomeruli.backend import configure, request_xla_determinism
-    from glomeruli.distribute import start as start_devices
-    from glomeruli.model import build_model
-    from glomeruli.paths import FROZEN_MODEL, LIVE_FROZEN
-    from glomeruli.training import run_phase
+    # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.model.backend checks it).
+    from glomeruli.model.backend import configure, request_xla_determinism
+    from glomeruli.model.distribute import start as start_devices
+    from glomeruli.model.efficientnet import build_model
+    from glomeruli.core.paths import FROZEN_MODEL, LIVE_FROZEN
+    from glomeruli.model.training import run_phase
 
     request_xla_determinism(params.runtime.deterministic)  # before anything starts JAX's backend
     start_devices(params.runtime.devices)  # first: on several hosts it joins the JAX job

@@ -15,13 +15,13 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from glomeruli.augment import augment_store  # noqa: E402
-from glomeruli.h5store import ImageStore  # noqa: E402
-from glomeruli.ingest import IngestConfig, ingest_dataset  # noqa: E402
-from glomeruli.params import Params, load_params, parse_params, read_yaml  # noqa: E402
-from glomeruli.preprocess import preprocess_images  # noqa: E402
-from glomeruli.sample_data import generate_sample_dataset  # noqa: E402
-from glomeruli.split import Split, split_records  # noqa: E402
+from glomeruli.data.augment import augment_store  # noqa: E402
+from glomeruli.data.h5store import ImageStore  # noqa: E402
+from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402
+from glomeruli.core.params import Params, load_params, parse_params, read_yaml  # noqa: E402
+from glomeruli.data.preprocess import preprocess_images  # noqa: E402
+from glomeruli.data.sample_data import generate_sample_dataset  # noqa: E402
+from glomeruli.data.split import Split, split_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
 def _build_pipeline_repo(folder: Path) -> None:
     from project import STAGES, dvc, make_project, run, stages_run
 
-    from glomeruli.layout import SYNTHETIC_SITE_REGEX
+    from glomeruli.data.layout import SYNTHETIC_SITE_REGEX
 
     repo = make_project(folder, shipped_params_raw(), n_images=120, seed=1, sites=3,
                         ingest__site_regex=SYNTHETIC_SITE_REGEX, preprocess__image_size=64, model__weights="none",

@@ -1,4 +1,4 @@
-"""One training run for tests/test_distribute.py, in a process of its own.
+"""One training run for tests/model/test_distribute.py, in a process of its own.
 
 The device layout must be set before JAX starts (XLA_FLAGS) or TensorFlow initialises (logical CPU
 devices), so each 1-device, 2-device or 2-process run is a fresh interpreter running this file:
@@ -35,13 +35,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import small_params  # noqa: E402
-from glomeruli import distribute  # noqa: E402
-from glomeruli import model as gm  # noqa: E402
-from glomeruli.backend import configure  # noqa: E402
-from glomeruli.h5store import ImageStore  # noqa: E402
-from glomeruli.inference import ArrayRows, StoreRows, predict_batch, predict_rows  # noqa: E402
-from glomeruli.split import read_split  # noqa: E402
-from glomeruli.training import Batches, finetune, load_phase_data, train_frozen  # noqa: E402
+from glomeruli.model import distribute  # noqa: E402
+from glomeruli.model import efficientnet as gm  # noqa: E402
+from glomeruli.model.backend import configure  # noqa: E402
+from glomeruli.data.h5store import ImageStore  # noqa: E402
+from glomeruli.model.inference import ArrayRows, StoreRows, predict_batch, predict_rows  # noqa: E402
+from glomeruli.data.split import read_split  # noqa: E402
+from glomeruli.model.training import Batches, finetune, load_phase_data, train_frozen  # noqa: E402
 
 
 def stand_in_base(image_size: int, weights: str) -> keras.Model:

@@ -42,7 +42,7 @@ def dvc(repo: Path, *args: str, check: bool = True, **extra_env: str) -> subproc
 
 
 def glomeruli(repo: Path, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    return run(repo, sys.executable, "-m", "glomeruli.cli", *args, check=check, **extra_env)
+    return run(repo, sys.executable, "-m", "glomeruli.commands.cli", *args, check=check, **extra_env)
 
 
 def stages_run(output: str) -> list[str]:
@@ -71,7 +71,7 @@ def make_project(folder: Path, params_raw: dict, *, n_images: int = 120, seed: i
             shutil.copy(src, folder / item)
     (folder / "params.yaml").write_text(yaml.safe_dump(params_raw, sort_keys=False))
     set_params(folder, **settings)
-    run(folder, sys.executable, "-m", "glomeruli.cli", "sample-data", "data/raw", "-n", str(n_images),
+    run(folder, sys.executable, "-m", "glomeruli.commands.cli", "sample-data", "data/raw", "-n", str(n_images),
         "--seed", str(seed), "--size-range", "48", "96", "--workers", "1", "--sites", str(sites))
     (folder / ".gitignore").write_text("/data/raw/\n")
     if commit:

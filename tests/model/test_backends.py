@@ -1,0 +1,94 @@
+"""The training path on both Keras backends; JAX runs with TensorFlow made unimportable, as on our GPU boxes."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_TENSORFLOW = """
+import sys
+
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def test_tensorflow_is_imported_only_by_the_backend_adapter():
+    offenders = []
+    for path in sorted((ROOT / "src" / "glomeruli").glob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
+        text = path.read_text()
+        if re.search(r"^\s*(import tensorflow|from tensorflow)", text, re.M) and path.name != "backend.py":
+            offenders.append(path.name)
+        if "dvclive.keras" in text:
+            offenders.append(f"{path.name} (dvclive.keras imports TensorFlow)")
+    assert offenders == []
+
+
+def jax_env(tmp_path: Path) -> dict:
+    """Environment of a process on JAX with TensorFlow made unimportable (a sitecustomize in tmp_path)."""
+    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    return dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}",
+                JAX_PLATFORMS="cpu")
+
+
+def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run this suite's tests `args` on JAX with TensorFlow made unimportable; asserts they pass."""
+    env = jax_env(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                             "-W", "ignore::DeprecationWarning"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_training_path_under_jax_without_tensorflow(tmp_path):
+    """Training, the model and prediction on JAX. The learning tests and the top-block twin of the never-beats
+    test run on TensorFlow only, for time."""
+    result = pytest_under_jax(tmp_path, "tests/model/test_training.py", "tests/model/test_efficientnet.py", "tests/commands/test_predict.py",
+                              "-k", "not learns and not (never_beats and top)")
+    assert " passed" in result.stdout and "failed" not in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import keras, glomeruli.model.training, glomeruli.model.efficientnet, sys; "
+                            "print(keras.backend.backend(), 'tensorflow' in sys.modules)"],
+                           cwd=ROOT, env=jax_env(tmp_path), capture_output=True, text=True)
+    assert probe.stdout.split() == ["jax", "False"], probe.stderr[-2000:]
+
+
+_DETERMINISM_PROBE = """
+import os
+from glomeruli.model.backend import configure
+from tensorflow.python.framework import config as tf_config
+for setting in ("false", "auto", "false"):
+    configure(0, "float32", setting if setting == "auto" else setting == "true")
+    print(setting, tf_config.is_op_determinism_enabled())
+"""
+
+
+def test_op_determinism_follows_the_param_on_tensorflow():
+    """auto turns TensorFlow op determinism on for a CPU run; false leaves it off (and turns it off again)."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", _DETERMINISM_PROBE], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:3] == ["false False", "auto True", "false False"], result.stdout
+
+
+def test_deterministic_true_on_jax_sets_the_xla_flag_before_jax_starts(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)  # as on our JAX boxes (and faster to start)
+    probe = ("import os; from glomeruli.model.backend import configure; configure(0, 'float32', True); import jax; "
+             "print(jax.default_backend(), os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["cpu", "--xla_gpu_deterministic_ops=true"], result.stdout
