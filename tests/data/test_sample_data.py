@@ -316,16 +316,19 @@ CMIL_GROUP_REGEX = r"^(?P<group>.+?)_PAS_"
 
 
 def _digest(root: Path) -> tuple[int, str, str]:
-    """(PNG count, sha256 over the PNGs' names and bytes, sha256 over public.csv and the marker, version masked)."""
+    """(PNG count, sha256 over the PNGs' names and decoded pixels, sha256 over public.csv and the marker), with
+    the version and the generator's module path masked: they name the code, not the sample."""
     from glomeruli import __version__
 
     pngs = hashlib.sha256()
     files = sorted(root.rglob("*.png"))
     for path in files:
-        pngs.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        pngs.update(path.relative_to(root).as_posix().encode() + b"\0" + str(pixels.shape).encode() + pixels.tobytes())
     text = hashlib.sha256()
     for name in ("public.csv", "SYNTHETIC_DATA.txt"):
-        text.update((root / name).read_text(encoding="utf-8").replace(__version__, "VERSION").encode())
+        content = (root / name).read_text(encoding="utf-8").replace(__version__, "VERSION")
+        text.update(re.sub(r"glomeruli(\.data)?\.sample_data", "GENERATOR", content).encode())
     return len(files), pngs.hexdigest(), text.hexdigest()
 
 
@@ -335,10 +338,10 @@ def test_one_site_is_the_sample_written_before_sites_existed(tmp_path):
     generate_sample_dataset(tmp_path / "a", 12, seed=11, size_range=(48, 96), progress=False, n_sites=1)
     generate_sample_dataset(tmp_path / "b", 8, seed=12, size_range=(200, 220), structure_only=True, difficulty=0.6,
                             progress=False)
-    assert _digest(tmp_path / "a") == (12, "d0206a510e3b4f9c671fb73633cbc46bb944d871a3824dbdfbc10839fc5fcca4",
-                                       "a6a4585f2e173e91d866753772bb4f3876afd3a936c2b2dbce0880ecee6b3bf6")
-    assert _digest(tmp_path / "b") == (8, "b6f433c613499b6b648f6d6da6c315537675093c0366f455e31d0ab67f36bc84",
-                                       "8c9abac2d3dca69847cde37ffe5400904a196dc8f3765630a5b911740c62fef3")
+    assert _digest(tmp_path / "a") == (12, "2064d05fc4825f5f283ca910bd46f7ccd33113f32ec6e7555dead3e9c8332278",
+                                       "ce2272ac09d9ddc60b1dadb34014830a0f4b671d68da0d8e0b3227d67bd853a7")
+    assert _digest(tmp_path / "b") == (8, "67ce6159177eb9e927bba9ccf3b4cb100d81abe99ccd59893148a8424827d232",
+                                       "a72aeda23bb5a1c4e5288fa4a47bd456941241c33107038260493e241889f188")
 
 
 @pytest.fixture(scope="module")
