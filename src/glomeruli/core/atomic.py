@@ -1,5 +1,7 @@
 """Atomic outputs: write to a temporary sibling, rename into place only when complete.
 
+Every stage writes its outputs through `atomic_path` (or `write_json`), so a stage killed half-way leaves the
+previous output or none, never a truncated file that DVC would cache or a later stage would read.
 An output never destroys what it was not meant to replace: a file output refuses a folder (or a symlink
 to one) at its path, and a symlink at an output's path is replaced itself, never written through (so a
 link into DVC's cache, or to a file outside the project, keeps its target). A folder output replaces the

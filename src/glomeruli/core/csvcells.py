@@ -4,7 +4,8 @@ A cell starting with `=`, `+`, `-`, `@`, tab or carriage return (OWASP's list) i
 LibreOffice and Google Sheets; a leading `'` makes it text there. The escape is reversible: a cell that
 already starts with `'` gets one more, so `original_cell` gives back exactly the name that was written and
 names keep their identity across stages (the manifest, the test predictions that cv-summary pools).
-Only text cells go through it: numbers keep their sign.
+Only text cells go through it: numbers keep their sign. Every CSV we write (the manifest, test predictions,
+per-biopsy burden, predict's output) escapes its text cells with `spreadsheet_safe`; readers undo it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""Ordered, memory-bounded parallel map over a process pool."""
+"""Ordered, memory-bounded parallel map over a process pool: the pool of the data stages.
+
+Ingest, preprocess and augment decode and write images through `ordered_map`: results come back in input
+order, at most about a block of them in memory, and the output does not depend on the worker count (so the
+stores are byte-identical whatever `runtime.workers` is). Workers come from a fork server, image results
+come back through shared memory, and a worker that dies raises `WorkerDied` (a UserError naming the likely
+cause) instead of hanging. Prediction keeps its own small pool (`commands.predict._decoded_batches`): it decodes whole
+batches ahead of the model, at lower priority, and hands unreadable files back as skips.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""The one loader of params.yaml: reads, types and validates every setting before work starts."""
+"""The one loader of params.yaml: reads, types and validates every setting before work starts.
+
+Every stage and command reads params.yaml through `load_params`, which checks every key before any work, so a
+bad value fails in one line naming the key instead of an hour into training; an unknown key is refused (with
+the nearest known one), because a misspelt key would otherwise be silently ignored. Bounds that come from the
+model or a converter (EfficientNetB3's block count, ONNX opsets) are constants here so params loads without
+importing Keras.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Where each stage reads and writes, relative to the project root (the same paths as dvc.yaml)."""
+"""Where each stage reads and writes, relative to the project root (the same paths as dvc.yaml).
+
+Names only: a path that disagrees with dvc.yaml's `outs` fails the stage rather than changing an output, so
+this module is one of `stage_deps.CANNOT_CHANGE_OUTPUTS`.
+"""
 
 from pathlib import Path
 

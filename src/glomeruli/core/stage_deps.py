@@ -1,8 +1,10 @@
 """The package modules a stage runs, read from the import statements of its script (transitively).
 
-`dvc.yaml` declares each stage's code dependencies and `training.py`'s resume key hashes them; both take
-them from here (the test in tests/core/test_stage_deps.py checks dvc.yaml against this walk), so a module a
-stage reaches cannot be left out by hand.
+The walk reads source with `ast` (late imports inside functions included) and imports nothing. A stage's code
+deps in `dvc.yaml` are exactly that walk less `CANNOT_CHANGE_OUTPUTS` (modules that only validate, log and
+name things, so editing them reruns nothing); tests/core/test_stage_deps.py checks dvc.yaml against it both
+ways, and the training resume key hashes the same files (`stage_code`), so a module a stage reaches cannot be
+left out by hand, and a checkpoint is never resumed under changed code.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """Augmentation: the augment stage (every original plus K seeded variants per image, K by class, offline) and
-online augmentation for fine-tuning (fresh variants every epoch); both draw with `augment_image`."""
+online augmentation for fine-tuning (fresh variants every epoch); both draw with `augment_image`.
+
+`augment_store` writes the augmented store, each copy marked (`is_augmented`, `source_ids`) so that split keeps
+copies in train and validation and test hold originals only. `OnlineAugment` gives fine-tuning's per-epoch
+variants with the same transforms, each drawn from (seed, epoch, record), so batches repeat exactly and a
+resumed run sees the images an uninterrupted one would. Colour (stain jitter, brightness, contrast,
+saturation, hue) comes from `stain.jitter_colour`.
+"""
 
 from __future__ import annotations
 

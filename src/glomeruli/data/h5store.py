@@ -1,8 +1,11 @@
 """The image store: one HDF5 layout (and one reader) for preprocessed and augmented images.
 
-Datasets: images (N, S, S, 3) uint8, labels int8, ids / source_ids / groups / sites UTF-8 strings,
-is_augmented bool. Written with fixed chunk shapes and no timestamps so identical inputs
-give byte-identical files (DVC compares hashes).
+Datasets: images (N, S, S, 3) uint8, labels int8, ids / source_ids / groups (biopsy) / sites UTF-8 strings,
+is_augmented bool; file attributes record how the images were made (stage, image size, fill, the stain
+normalisation and its reference). Written with fixed chunk shapes, no timestamps (`track_times=False`) and
+the HDF5 1.10 format, so identical inputs give byte-identical files: DVC compares hashes, and an unchanged
+store lets it skip every stage downstream. Augment, split, training and evaluation read stores through
+`ImageStore`, which serves images by index without loading the whole file.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ Images arrive as bytes (from a folder or a zip). `probe_image` reads only the he
 oversized images are refused before any pixel is allocated; `decode_rgb` then decodes with
 OpenCV and turns every supported layout (grey, grey+alpha, palette, 16-bit, BGR, BGRA) into
 HxWx3 uint8 RGB; `resize_and_pad` fits it into the square model input without squashing.
+
+`load_model_input` is the only path from file bytes to model input (decode, fit, normalise the stain,
+pad); preprocess (hence training and evaluation) and `glomeruli predict` both call it, so they see the
+same pixels. Values stay 0-255: EfficientNetB3 normalises internally. While OpenCV decodes, file
+descriptor 2 points at a scratch file (one lock per process), so the native decoders' own lines
+(`libpng error: ...`) become part of our message about the file instead of stray stderr noise.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Every file found ends up either in the manifest or in `report["skipped"]` with one reason; nothing
 is dropped silently. Each kept image was read, hashed and fully decoded with the same decoder
 training and prediction use, so later stages never meet an unreadable file.
+
+`label_files` is the one labelling rule (class folders, or the labels CSV, `parse_labels_csv`):
+`glomeruli predict` calls it too, with the layout the model's metadata records, so a labelled folder is scored
+against the labels ingest would give it. `ingest.group_regex` reads each file's biopsy id (`group_of`, shared
+with `predict --by-biopsy`) and `ingest.site_regex` its site (`layout.SINGLE_SITE`, "all", when null); the
+store carries both into split and evaluation.
 """
 
 from __future__ import annotations

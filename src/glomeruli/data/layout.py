@@ -1,8 +1,9 @@
 """The CMIL dataset layout and the marks of our synthetic copy of it: names only.
 
-Ingest, predict, doctor and the workspace read folders by these names; the synthetic generator
-(`sample_data.py`) writes them. They live apart from the generator so that editing it reruns no stage
-that reads real data.
+The CMIL layout's names (class folders, `public.csv`, the biopsy-id rule) and the synthetic data's marks
+(`MARKER_FILE`, `BIOPSY_PREFIX`, the site rule). Ingest, predict, doctor and the workspace read folders by
+these names; the synthetic generator (`sample_data.py`) imports them to write them. No stage imports the
+generator, so editing it reruns nothing.
 """
 
 SCLEROTIC_DIR = "globally_sclerotic_glomeruli"  # label 1

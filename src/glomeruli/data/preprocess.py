@@ -1,5 +1,8 @@
 """Preprocess stage: decode every manifest image, fit it into S x S (aspect kept), normalise its stain (optional),
-pad, store as uint8."""
+pad, store as uint8.
+
+Each image goes through `images.load_model_input`, the function `glomeruli predict` calls too, so a model
+sees the same pixels in training and in use."""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """Split stage: grouped, stratified K-fold test set (or one held-out site per fold), validation from the rest;
-augmented copies only in train."""
+augmented copies only in train.
+
+Test is fold `split.fold` of a seeded `StratifiedGroupKFold` by biopsy (`split.group_by: site`: the fold-th
+site, whole; `image`: by source image); validation is the first fold of the rest that holds both classes.
+A biopsy (by image: a source image and its copies) never straddles partitions, and the folds depend only on
+(data, K, seed), so the K runs of cross-validation test every original exactly once (`fold_assignment`)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,14 @@ and the normalisation that removes them (Macenko, Reinhard) to a fixed reference
 
 Colour deconvolution is scikit-image's (`rgb2hed`/`hed2rgb`, Ruifrok and Johnston's H-E-DAB vectors);
 normalisation is torchstain's NumPy backend. Neither is re-implemented here: this module adds the draws, the
-units, the reference that travels with a model, and the guards for images those methods cannot handle.
+units, the reference that travels with a model, and the guards for images those methods cannot handle
+(blank and white tiles, flat colours: left unchanged rather than blown up into a colour cast).
+
+`jitter_colour` is called by `augment.augment_image`, for the augment stage and fine-tuning's online variants
+alike; the padding keeps its fill. `normalize_stain` is applied by `images.load_model_input`, so training,
+evaluation and predict see the same pixels; the method and its reference are recorded in the preprocessed
+store's attributes and in the model's metadata (`model.meta.json`, the ONNX contract), and predict applies
+the recorded one.
 """
 
 from __future__ import annotations

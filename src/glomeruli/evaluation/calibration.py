@@ -1,5 +1,6 @@
 """Do the probabilities mean what they say? Brier score, expected calibration error, reliability
-table, and temperature scaling fitted on validation (applied by evaluate and by `glomeruli predict`)."""
+table, and temperature scaling fitted on validation (applied by evaluate and by `glomeruli predict`;
+`glomeruli recalibrate` refits it, with the threshold, on a lab's own labelled folder)."""
 
 from __future__ import annotations
 

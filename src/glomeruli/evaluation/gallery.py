@@ -1,5 +1,5 @@
 """Errors you can see: which test images the model got wrong (errors.png) and where it looked
-(gradcam.png), as labelled tile sheets."""
+(gradcam.png), as labelled tile sheets; the heatmaps come from gradcam.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """Grad-CAM (Selvaraju et al. 2017): where in the image the last convolutional layer found the evidence
-for the class the model predicted. Gradients come from glomeruli.model.backend, so it runs on every backend."""
+for the class the model predicted. Gradients come from glomeruli.model.backend, so it runs on every backend.
+
+`efficientnet_cam_parts` splits the model at EfficientNet's `top_activation`, the way
+`efficientnet.split_at_block` splits it for the fine-tune cache, and `gradcam` differentiates the pre-sigmoid
+logit with respect to those activations through `backend.score_gradients`, the package's one gradient path.
+"""
 
 from __future__ import annotations
 

@@ -2,8 +2,10 @@
 is, its limits and how to reproduce it, in words, written by the evaluate stage beside the model.
 
 `build_model_card` is a plain function of the evaluate report, the model's metadata, the params, the ingest report
-and the split summary (and the provenance `read_provenance` collects); it holds no clock, so the card changes only
-when what it describes changes.
+and the split summary (and the provenance `read_provenance` collects from git and sha256s); it holds no clock, so
+the card changes only when what it describes changes. The ingest report's `synthetic` flag is its signal that the
+model was trained on the synthetic sample. The card is git-tracked beside the model (so `glomeruli review` diffs it),
+and dvc.yaml's `artifacts:` names the model `ARTIFACT_NAME` for `dvc artifacts get` and GTO's version tags.
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """Results per site (hospital, scanner, series): a model that learnt the site shows a pooled ROC-AUC above
-every within-site one, and recall or specificity that collapse at one site at a threshold chosen on a mix."""
+every within-site one, and recall or specificity that collapse at one site at a threshold chosen on a mix.
+
+The site comes from the file name (`ingest.site_regex`; every image is at site "all" without it), travels in the
+manifest and the image store (`sites`), and `split.group_by: site` holds one site out per fold. `site_metrics`
+gives the evaluate stage its `by_site` results and cv-summary its pooled per-site table; `site_gap` is the gap
+between the pooled and the mean within-site ROC-AUC (above `SITE_GAP_WARNING`, the model may recognise the site).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """The only place that knows which Keras backend runs: accelerator detection, precision, seeding.
 
 TensorFlow is imported here and nowhere else, and only when it is the backend, so the package
-runs on JAX machines that have no TensorFlow.
+runs on JAX machines that have no TensorFlow. `configure(seed, mixed_precision, deterministic)` seeds,
+applies `runtime.deterministic` (TensorFlow's op determinism; on JAX `request_xla_determinism` sets XLA's
+flag, which XLA reads only when its backend starts, so stages call it before anything queries a device)
+and sets the dtype policy. `score_gradients` is the package's one gradient path (GradientTape on
+TensorFlow, `jax.value_and_grad` on JAX), used by Grad-CAM; `tf_mirrored_strategy` builds TensorFlow's
+data parallelism for the distribution module. Doctor reports `local_devices` and `dtype_policy`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,13 @@
-"""EfficientNetB3 classifier: build, freeze / unfreeze, split at a block for caching, save and load safely."""
+"""EfficientNetB3 classifier: build, freeze / unfreeze, split at a block for caching, save and load safely.
+
+The base runs inside `InferenceMode` (training=False), so frozen layers give fixed activations: that is
+what makes training's feature and activation caches exact. Over pretrained weights BatchNormalization stays
+frozen; fine-tuning from scratch (`model.weights: none`) turns on `train_statistics`, and BatchNormalization
+is trained from scratch too (momentum `FROM_SCRATCH_BN_MOMENTUM`, after `calibrate_batchnorm` has set its
+statistics from one training-mode pass, and with the head's standardisation reset to the identity first).
+The head (Normalization, Dropout, Dense) computes in float32 under every dtype policy. `split_at_block` cuts
+the model where fine-tuning's cache ends; `sync_normalization` must follow any restore of weights.
+"""
 
 from __future__ import annotations
 
@@ -197,8 +206,8 @@ def reset_head_standardisation(model: keras.Model) -> None:
 
     For a base about to train from scratch: a random base's pooled features barely differ between images
     (spread ~0.1), so a standardisation fixed now would multiply the differences the base learns by ~10 to 30
-    and saturate the sigmoid (validation losses of 5 to 80, bench/RESULTS.md, run 5). Its own BatchNormalization
-    keeps the features at unit scale instead, as in the plain EfficientNet classifier.
+    and saturate the sigmoid (validation losses of 5 to 80: bench/RESULTS.md, "Training recipes on the hard set").
+    Its own BatchNormalization keeps the features at unit scale instead, as in the plain EfficientNet classifier.
     """
     norm = head_of(model).get_layer("head_norm")
     mean, variance, count = norm.get_weights()

@@ -1,8 +1,11 @@
 """The export stage: models/model.keras -> models/export/model.onnx, carrying its contract (onnxmodel.py).
 
 Through Keras 3's own `model.export(format="onnx")`: on TensorFlow it converts with tf2onnx, on JAX with jax2onnx
-(both pinned in the requirements, both work offline). The file is checked against the Keras model on onnxruntime
-before it is renamed into place, so a converter that changed the arithmetic fails the stage instead of shipping.
+(both pinned in the requirements, both work offline). A model trained in mixed precision is rebuilt in float32
+(the export requires it), Normalization statistics are pinned as constants, and the contract (the model's
+metadata, onnxmodel.contract_props) is written into the file's metadata_props. The file is checked against the
+Keras model on onnxruntime before it is renamed into place, so a converter that changed the arithmetic fails the
+stage instead of shipping.
 """
 
 from __future__ import annotations

@@ -1,5 +1,13 @@
 """What travels with a trained model: input size, padding, threshold, class names, calibration temperature and
-the dataset layout it was trained on (models/model.meta.json)."""
+the dataset layout it was trained on (models/model.meta.json).
+
+Written by the evaluate stage (threshold chosen and temperature fitted on validation), beside the model with the
+model file's sha256; `glomeruli predict` checks that checksum and applies the rest, and needs nothing else (no
+params.yaml). `dataset_layout` holds `ingest.class_dirs`, `ingest.labels_csv` and `ingest.group_regex` (params of
+the evaluate stage), so predict reads a labelled folder as ingest read the training data; metadata without it is
+read in the CMIL layout, with a warning naming the file. `glomeruli recalibrate` writes new metadata for the
+same model (`predict --meta`), and an ONNX export's contract is parsed by the same `parse_metadata` checks.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,14 @@
 The contract is what `glomeruli predict` needs to run the file on onnxruntime alone: input size and fill, the
 preprocessing (decode to 0-255 RGB, fit, pad, stain normalisation and its reference), threshold and rule,
 calibration temperature, class names, dataset layout, max_pixels, and the sha256 of the Keras model it was
-exported from. This module imports neither TensorFlow, JAX nor Keras (tests/model/test_export.py checks it): the
+exported from. `parse_contract` checks it with metadata.parse_metadata, the checks of model.meta.json; a
+`--meta` file given instead is checked against the recorded Keras checksum.
+
+Prediction without TensorFlow: `glomeruli predict --model model.onnx` picks `OnnxModel` by the suffix (one
+interface with the Keras model: `image_size`, `predict_batch`). This module imports neither TensorFlow, JAX nor
+Keras, and on that route Keras, TensorFlow, JAX, h5py and scikit-image are imported only late, on paths it never
+takes (tests/model/test_export.py checks it with them made unimportable); requirements-predict.txt is that
+environment (requirements-predict-score.txt adds scikit-learn and matplotlib to score a labelled folder). The
 export itself lives in export.py.
 """
 

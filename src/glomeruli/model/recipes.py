@@ -1,4 +1,9 @@
-"""Training recipes: named sets of params.yaml overrides the benchmark supports (bench/RESULTS.md)."""
+"""Training recipes: named sets of params.yaml overrides the benchmark supports (bench/RESULTS.md).
+
+`FROM_SCRATCH_OVERRIDES` is the offline recipe (no ImageNet weights), "Training recipes on the hard set" in
+bench/RESULTS.md: the README's command and `glomeruli doctor`'s advice (`from_scratch_command`), the learning
+test and the benchmark all take it from here.
+"""
 
 from __future__ import annotations
 
