@@ -25,7 +25,7 @@ sys.meta_path.insert(0, NoTensorFlow())
 
 def test_tensorflow_is_imported_only_by_the_backend_adapter():
     offenders = []
-    for path in sorted((ROOT / "src" / "glomeruli").glob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
+    for path in sorted((ROOT / "src" / "glomeruli").rglob("*.py")) + sorted((ROOT / "stages").glob("*.py")):
         text = path.read_text()
         if re.search(r"^\s*(import tensorflow|from tensorflow)", text, re.M) and path.name != "backend.py":
             offenders.append(path.name)
