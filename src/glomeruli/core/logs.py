@@ -121,7 +121,7 @@ def stderr_is_terminal() -> bool:
 
 def setup_logging(level: str | None = None) -> None:
     """Our loggers (`glomeruli.*`) at GLOMERULI_LOG_LEVEL (INFO); other libraries' at WARNING unless verbose."""
-    level = level or os.environ.get("GLOMERULI_LOG_LEVEL", "INFO")
+    level = level or os.environ.get("GLOMERULI_LOG_LEVEL") or "INFO"
     logging.basicConfig(level=level if verbose_requested() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     logging.getLogger("glomeruli").setLevel(level)
