@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def fresh_clone(folder: Path) -> Path:
     return folder
 
 
+def installed_environment(folder: Path) -> Path:
+    """What `bash scripts/setup.sh` leaves, without the network: this session's packages, and a `glomeruli` command
+    made from pyproject.toml's entry point (the session's own may have been installed from an older checkout)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["glomeruli"].split(":")
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "activate").write_text(f'source "{Path(sys.executable).parent}/activate"\n'
+                                             f'PATH="{folder / "bin"}:$PATH"\n')
+    command = folder / "bin" / "glomeruli"
+    command.write_text(f'#!/bin/sh\nexec python -c "import sys; from {module} import {function}; '
+                       f'sys.exit({function}())" "$@"\n')
+    command.chmod(0o755)
+    return folder
+
+
 def cmil_zip(path: Path) -> int:
     """A zip laid out as the CMIL download: one wrapper folder, the two class folders and public.csv."""
     wrapper = path.parent / "zip-contents" / "glomeruli"
@@ -62,7 +78,7 @@ def test_the_real_data_block_runs_as_written_on_a_fresh_clone(tmp_path):
     assert set(REPLACED) <= {line.strip() for line in lines}, f"a replaced line is no longer in the block: {lines}"
     script = "\n".join(REPLACED.get(line.strip(), line) for line in lines)
     repo = fresh_clone(tmp_path / "project")
-    (repo / ".venv").symlink_to(Path(sys.executable).parents[1])  # installed already: setup.sh uses it as it is
+    (repo / ".venv").symlink_to(installed_environment(tmp_path / "venv"))  # linked: setup.sh uses it as it is
     n_images = cmil_zip(repo / "glomeruli.zip")
 
     result = run(repo, "bash", "-euo", "pipefail", "-c", script, check=False)
