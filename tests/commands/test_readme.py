@@ -83,6 +83,7 @@ def test_the_real_data_block_runs_as_written_on_a_fresh_clone(tmp_path):
 
     result = run(repo, "bash", "-euo", "pipefail", "-c", script, check=False)
     assert result.returncode == 0, f"{script}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert "absl::InitializeLog" not in result.stderr and "oneDNN" not in result.stderr  # quiet logs (test_logs.py)
 
     manifest = (repo / "data" / "interim" / "manifest.csv").read_text().splitlines()
     assert len(manifest) == 1 + n_images  # every image of the zip, found where the block put it
