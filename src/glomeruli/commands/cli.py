@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from glomeruli.core.errors import UserError
-from glomeruli.core.logs import setup_logging
+from glomeruli.core.logs import quiet_startup, setup_logging
 
 log = logging.getLogger("glomeruli")
 
@@ -185,6 +184,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glomeruli", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything TensorFlow, JAX and other libraries log (also GLOMERULI_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify every image of a folder; writes name,ground truth,probability")
     p.add_argument("image_dir", help="folder of images (non-images and corrupt files are skipped and reported); in the "
@@ -296,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
     args = build_parser().parse_args(argv)
+    quiet_startup(args.verbose)  # before any command imports TensorFlow or JAX
     setup_logging()
     try:
         return args.func(args)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from glomeruli.core.errors import UserError
-from glomeruli.core.logs import setup_logging
+from glomeruli.core.logs import quiet_startup, setup_logging
 from glomeruli.core.params import Params, ParamsError, load_params
 
 log = logging.getLogger("glomeruli.stage")
@@ -16,6 +16,7 @@ log = logging.getLogger("glomeruli.stage")
 
 def run_stage(name: str, main: Callable[[Params], None]) -> None:
     """Parse --params, validate every setting, run `main`; user errors exit 1 with one clear line."""
+    quiet_startup()  # first: the stage's `main` imports Keras
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"DVC stage `{name}`")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args()
