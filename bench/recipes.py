@@ -44,7 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from glomeruli.data.augment import OnlineAugment, augment_store  # noqa: E402
 from glomeruli.model.backend import configure  # noqa: E402
-from glomeruli.evaluation.evaluate import binary_metrics, choose_threshold  # noqa: E402
+from glomeruli.evaluation.metrics import binary_metrics, choose_threshold  # noqa: E402
 from glomeruli.data.h5store import ImageStore  # noqa: E402
 from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402

@@ -46,7 +46,7 @@ from glomeruli.data.augment import augment_store  # noqa: E402
 from glomeruli.model.backend import configure  # noqa: E402
 from glomeruli.evaluation.burden import biopsy_burden, burden_summary  # noqa: E402
 from glomeruli.evaluation.calibration import apply_temperature, fit_temperature, ranking_score  # noqa: E402
-from glomeruli.evaluation.evaluate import bootstrap_threshold, choose_threshold  # noqa: E402
+from glomeruli.evaluation.metrics import bootstrap_threshold, choose_threshold  # noqa: E402
 from glomeruli.data.h5store import ImageStore  # noqa: E402
 from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402

@@ -6,7 +6,7 @@ import csv
 import numpy as np
 import pytest
 
-from glomeruli.evaluation.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv
+from glomeruli.evaluation.burden import biopsy_burden, burden_summary, write_burden_csv
 from glomeruli.model.metadata import DatasetLayout
 from glomeruli.commands.predict import Prediction, burden_by_biopsy, folder_labels
 
@@ -33,15 +33,13 @@ def test_per_biopsy_rows_by_hand():
     assert burden_summary(rows, cutoff=0.3)["wrong_side_of_cutoff"] == 0  # at 30 %: A, B below on both sides, C above
 
 
-def test_csv_and_plot(tmp_path):
+def test_csv(tmp_path):
     rows = biopsy_burden(BIOPSIES, PROB, PROB >= THRESHOLD, LABELS)
     write_burden_csv(tmp_path / "burden.csv", rows)
     with open(tmp_path / "burden.csv") as f:
         table = list(csv.DictReader(f))
     assert table[1] == {"biopsy": "B", "glomeruli": "5", "true_pct": "0.00", "predicted_pct": "20.00",
                         "mean_probability_pct": "20.00", "error_pct_points": "20.00"}
-    plot_burden(rows, 0.2, tmp_path / "burden.png", "title")
-    assert (tmp_path / "burden.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_predict_by_biopsy_reads_ids_from_file_names(caplog, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import build_tiny_data
 from glomeruli.model.backend import configure
-from glomeruli.evaluation.evaluate import binary_metrics, choose_threshold
+from glomeruli.evaluation.metrics import binary_metrics, choose_threshold
 from glomeruli.model.efficientnet import build_model, head_of, load_model
 from glomeruli.model.inference import ArrayRows, StoreRows, predict_rows
 from glomeruli.model.training import (Batches, finetune, load_phase_data,

@@ -25,14 +25,14 @@ from glomeruli.core.csvcells import original_cell
 from glomeruli.core.errors import UserError
 from glomeruli.data.h5store import SINGLE_SITE
 from glomeruli.evaluation.metrics import prediction_metrics
+from glomeruli.evaluation.outputs import (EVALUATE_JSON, NOT_SCALAR, PREDICTION_REQUIRED_COLUMNS,
+                                          PREDICTION_TEXT_COLUMNS, TEST_PREDICTIONS_CSV, Burden, Calibration,
+                                          Metric, PredictionColumn, Report, Site)
 from glomeruli.evaluation.sites import SITE_GAP_WARNING, site_gap, site_metrics
 
 log = logging.getLogger(__name__)
 
 SPLIT_JSON = "metrics/split.json"
-EVALUATE_JSON = "metrics/evaluate.json"
-PREDICTIONS_CSV = "metrics/plots/test_predictions.csv"
-TEXT_COLUMNS = ("name", "biopsy", "site")  # written spreadsheet-safe by evaluate (csvcells)
 
 
 class CrossValidationError(UserError, ValueError):
@@ -53,12 +53,14 @@ def _parse_run(source: str, read: Callable[[str], str]) -> FoldRun:
     try:
         split = json.loads(read(SPLIT_JSON))
         report = json.loads(read(EVALUATE_JSON))
-        predictions = [{key: original_cell(value) if key in TEXT_COLUMNS and value else value
-                        for key, value in row.items()} for row in csv.DictReader(io.StringIO(read(PREDICTIONS_CSV)))]
+        predictions = [{key: original_cell(value) if key in PREDICTION_TEXT_COLUMNS and value else value
+                        for key, value in row.items()}
+                       for row in csv.DictReader(io.StringIO(read(TEST_PREDICTIONS_CSV)))]
     except (OSError, KeyError, ValueError) as err:
-        raise CrossValidationError(f"{source}: cannot read its {SPLIT_JSON}, {EVALUATE_JSON} and {PREDICTIONS_CSV} "
-                                   f"({err}); was it run with this version of the pipeline?") from err
-    missing = {"name", "biopsy", "label", "probability", "predicted"} - set(predictions[0] if predictions else ())
+        raise CrossValidationError(f"{source}: cannot read its {SPLIT_JSON}, {EVALUATE_JSON} and "
+                                   f"{TEST_PREDICTIONS_CSV} ({err}); was it run with this version of the pipeline?"
+                                   ) from err
+    missing = set(PREDICTION_REQUIRED_COLUMNS) - set(predictions[0] if predictions else ())
     if "fold" not in split or missing:
         raise CrossValidationError(f"{source}: written by an older pipeline (no split.fold or prediction columns "
                                    f"{sorted(missing)}); rerun it")
@@ -135,46 +137,50 @@ def check_complete(runs: list[FoldRun]) -> int:
     seen: dict[str, int] = {}
     for r in runs:
         for row in r.predictions:
-            if row["name"] in seen:
-                raise CrossValidationError(f"{row['name']} is a test image of folds {seen[row['name']]} and {r.fold}: "
+            name = row[PredictionColumn.NAME]
+            if name in seen:
+                raise CrossValidationError(f"{name} is a test image of folds {seen[name]} and {r.fold}: "
                                            "the runs do not share one split (same data, seed and split.group_by)")
-            seen[row["name"]] = r.fold
+            seen[name] = r.fold
     return k
 
 
 def fold_metrics(report: dict) -> dict[str, float]:
     """The numbers of one run's evaluate.json that are averaged over folds."""
-    values = {k: v for k, v in report["test"].items() if k not in ("n", "confusion_matrix")}
-    values.update(brier=report["calibration"]["brier"], ece=report["calibration"]["ece"],
-                  burden_mae_pct_points=report["burden"]["mae_pct_points"],
-                  burden_wrong_side_of_cutoff=report["burden"]["wrong_side_of_cutoff"])
+    calibration, burden = report[Report.CALIBRATION], report[Report.BURDEN]
+    values = {k: v for k, v in report[Report.TEST].items() if k not in NOT_SCALAR}
+    values.update({Calibration.BRIER: calibration[Calibration.BRIER], Calibration.ECE: calibration[Calibration.ECE]},
+                  burden_mae_pct_points=burden[Burden.MAE_PCT_POINTS],
+                  burden_wrong_side_of_cutoff=burden[Burden.WRONG_SIDE_OF_CUTOFF])
     return {k: float(v) if v is not None else float("nan") for k, v in values.items()}
 
 
 def pooled_metrics(runs: list[FoldRun]) -> dict:
     """Metrics of every fold's test predictions together: each image predicted once, by the model that
     never saw it, at that model's threshold (calibrated probabilities when the runs calibrated)."""
+    c = PredictionColumn
     rows = [row for r in runs for row in r.predictions]
-    labels = np.array([int(row["label"]) for row in rows])
-    prob = np.array([float(row.get("calibrated_probability") or row["probability"]) for row in rows])
+    labels = np.array([int(row[c.LABEL]) for row in rows])
+    prob = np.array([float(row.get(c.CALIBRATED_PROBABILITY) or row[c.PROBABILITY]) for row in rows])
     # ROC/PR-AUC rank the calibrated logit where evaluate wrote it: probabilities written to six decimals tie near 0 and 1
-    score = (np.array([float(row["score"]) for row in rows]) if all(row.get("score") for row in rows)
+    score = (np.array([float(row[c.SCORE]) for row in rows]) if all(row.get(c.SCORE) for row in rows)
              else logit(prob))
-    predicted = np.array([int(row["predicted"]) for row in rows])
-    biopsies = np.array([row["biopsy"] for row in rows], dtype=object)
-    cutoffs = {r.report["burden"]["cutoff_pct"] for r in runs}
+    predicted = np.array([int(row[c.PREDICTED]) for row in rows])
+    biopsies = np.array([row[c.BIOPSY] for row in rows], dtype=object)
+    cutoffs = {r.report[Report.BURDEN][Burden.CUTOFF_PCT] for r in runs}
     if len(cutoffs) != 1:
         raise CrossValidationError(f"the runs use different evaluate.burden_cutoff ({sorted(cutoffs)})")
     cutoffs_pct = next(iter(cutoffs))
     pooled = prediction_metrics(labels, prob, predicted, score)
     pooled.update(calibration_metrics(labels, prob))
     burden = burden_summary(biopsy_burden(biopsies, prob, predicted, labels), cutoffs_pct / 100)
-    pooled.update(burden_mae_pct_points=burden["mae_pct_points"],
-                  burden_wrong_side_of_cutoff=burden["wrong_side_of_cutoff"], burden_biopsies=burden["n_biopsies"])
+    pooled.update(burden_mae_pct_points=burden[Burden.MAE_PCT_POINTS],
+                  burden_wrong_side_of_cutoff=burden[Burden.WRONG_SIDE_OF_CUTOFF],
+                  burden_biopsies=burden[Burden.N_BIOPSIES])
     # runs written before sites were recorded hold one site
-    sites = np.array([row.get("site") or SINGLE_SITE for row in rows], dtype=object)
+    sites = np.array([row.get(c.SITE) or SINGLE_SITE for row in rows], dtype=object)
     pooled["by_site"] = site_metrics(labels, prob, score, predicted, sites, biopsies, cutoffs_pct / 100)
-    pooled["site_gap_roc_auc"] = site_gap(pooled["roc_auc"], pooled["by_site"])
+    pooled["site_gap_roc_auc"] = site_gap(pooled[Metric.ROC_AUC], pooled["by_site"])
     return pooled
 
 
@@ -188,7 +194,7 @@ def summarize(runs: list[FoldRun]) -> dict:
     return {
         "folds": k,
         "runs": [{"fold": r.fold, "source": r.source, "test_images": len(r.predictions),
-                  "threshold": r.report["threshold"]} for r in runs],
+                  "threshold": r.report[Report.THRESHOLD]} for r in runs],
         "per_fold": {name: values.tolist() for name, values in table.items()},
         "mean": {name: float(np.nanmean(v)) if np.isfinite(v).any() else None for name, v in table.items()},
         "sd": {name: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else None for name, v in table.items()},
@@ -211,8 +217,9 @@ def format_summary(summary: dict) -> str:
                   f"{'site':<16}{'images':>7}{'GS':>6}{'ROC-AUC':>9}{'recall':>8}{'spec.':>7}{'F1':>7}{'burden pp':>11}"]
         number = (lambda v, width: f"{'n/a' if v is None else f'{v:.3f}':>{width}}")
         for site, m in by_site.items():
-            lines.append(f"{site:<16}{m['n']:>7}{m['sclerotic']:>6}{number(m['roc_auc'], 9)}{number(m['recall'], 8)}"
-                         f"{number(m['specificity'], 7)}{number(m['f1'], 7)}{m['burden_mae_pct_points']:>11.1f}")
+            lines.append(f"{site:<16}{m[Site.N]:>7}{m[Site.SCLEROTIC]:>6}{number(m[Site.ROC_AUC], 9)}"
+                         f"{number(m[Site.RECALL], 8)}{number(m[Site.SPECIFICITY], 7)}{number(m[Site.F1], 7)}"
+                         f"{m[Site.BURDEN_MAE_PCT_POINTS]:>11.1f}")
         gap = summary["pooled"].get("site_gap_roc_auc")
         if gap is not None:
             lines.append(f"pooled ROC-AUC minus mean within-site ROC-AUC: {gap:+.3f}")

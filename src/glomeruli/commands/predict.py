@@ -27,6 +27,7 @@ import numpy as np
 from glomeruli.core.atomic import atomic_path, write_json
 from glomeruli.evaluation.burden import BiopsyBurden, biopsy_burden
 from glomeruli.evaluation.calibration import apply_temperature
+from glomeruli.evaluation.outputs import Metric
 from glomeruli.core.csvcells import spreadsheet_safe
 from glomeruli.core.errors import UserError
 from glomeruli.data.images import ImageError, load_model_input
@@ -325,7 +326,7 @@ class Score:
 
 
 def score_predictions(predictions: list[Prediction], labels: FolderLabels, threshold: float) -> Score:
-    """The evaluate stage's metrics (evaluation.binary_metrics) on every prediction ingest would label."""
+    """The evaluate stage's metrics (metrics.binary_metrics) on every prediction ingest would label."""
     from glomeruli.evaluation.metrics import binary_metrics  # late: scikit-learn loads slowly, and only scoring needs it
 
     scored, not_scored = [], []
@@ -366,14 +367,14 @@ def score_paths(output_csv: Path) -> tuple[Path, Path]:
 
 
 def write_score(output_csv: Path, score: Score) -> tuple[Path, Path]:
-    """The metrics JSON and the confusion-matrix PNG (evaluation.plot_confusion_matrix) beside the predictions."""
-    from glomeruli.evaluation.metrics import plot_confusion_matrix  # not evaluation's module: that one imports Keras
+    """The metrics JSON and the confusion-matrix PNG (plots.plot_confusion_matrix) beside the predictions."""
+    from glomeruli.evaluation.plots import plot_confusion_matrix  # late: plain prediction (ONNX) draws nothing
 
     metrics_path, png_path = score_paths(output_csv)
     write_json(metrics_path, score.report)
     m = score.report["metrics"]
     title = (f"{output_csv.name}: {score.report['n_scored']} labelled images, threshold {score.report['threshold']:.3f}\n"
-             f"accuracy {m['accuracy']:.3f}, F1 {m['f1']:.3f}, recall {m['recall']:.3f}")
+             f"accuracy {m[Metric.ACCURACY]:.3f}, F1 {m[Metric.F1]:.3f}, recall {m[Metric.RECALL]:.3f}")
     with atomic_path(png_path) as tmp:
         plot_confusion_matrix(tmp, score.y_true, score.y_pred, title)
     return metrics_path, png_path
@@ -381,14 +382,14 @@ def write_score(output_csv: Path, score: Score) -> tuple[Path, Path]:
 
 def format_score(report: dict) -> str:
     """The score as a few lines for the terminal."""
-    m, cm = report["metrics"], report["metrics"]["confusion_matrix"]
+    m, cm = report["metrics"], report["metrics"][Metric.CONFUSION_MATRIX]
     auc = lambda v: "undefined (one class)" if v is None else f"{v:.3f}"  # noqa: E731
     return "\n".join([
         f"score on {report['n_scored']} of {report['n_predicted']} predicted images (labels from "
         f"{' and '.join(report['labels_from'])}), threshold {report['threshold']:.4f}:",
-        f"  accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  precision {m['precision']:.3f}  "
-        f"recall {m['recall']:.3f}  F1 {m['f1']:.3f}  ROC AUC {auc(m['roc_auc'])}  PR AUC {auc(m['pr_auc'])}  "
-        f"log loss {m['loss']:.3f}",
+        f"  accuracy {m[Metric.ACCURACY]:.3f}  balanced accuracy {m[Metric.BALANCED_ACCURACY]:.3f}  "
+        f"precision {m[Metric.PRECISION]:.3f}  recall {m[Metric.RECALL]:.3f}  F1 {m[Metric.F1]:.3f}  "
+        f"ROC AUC {auc(m[Metric.ROC_AUC])}  PR AUC {auc(m[Metric.PR_AUC])}  log loss {m[Metric.LOSS]:.3f}",
         "  confusion matrix     predicted 0  predicted 1",
         f"    actual 0 (non-GS)  {cm['tn']:>11}  {cm['fp']:>11}",
         f"    actual 1 (GS)      {cm['fn']:>11}  {cm['tp']:>11}",

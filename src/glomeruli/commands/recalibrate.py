@@ -17,6 +17,7 @@ from glomeruli.core.atomic import check_file_output
 from glomeruli.evaluation.calibration import (MIN_PER_CLASS, apply_temperature, calibration_metrics, fit_temperature,
                                    is_separated, ranking_score)
 from glomeruli.core.errors import UserError
+from glomeruli.evaluation.outputs import Bootstrap, Calibration, Metric
 from glomeruli.model.metadata import CLASS_NAMES, ModelMetadata, metadata_path, read_metadata, write_metadata
 from glomeruli.commands.predict import FolderLabels, Prediction, biopsy_ids, dataset_layout, folder_labels, predict_folder
 
@@ -108,7 +109,7 @@ def refit_temperature(labels: np.ndarray, raw_probability: np.ndarray, old_tempe
 
 def _warn_about_set(labels: np.ndarray, biopsies: np.ndarray, threshold: float, source: str) -> list[str]:
     """Warn (and return the warnings) when the refitted values rest on too little; evaluate's limits."""
-    from glomeruli.evaluation.evaluate import EXTREME_THRESHOLD, MIN_VAL_BIOPSIES_PER_CLASS, thin_evidence
+    from glomeruli.evaluation.metrics import EXTREME_THRESHOLD, MIN_VAL_BIOPSIES_PER_CLASS, thin_evidence
 
     warnings = []
     few, extreme = thin_evidence(labels, biopsies, threshold)
@@ -127,7 +128,7 @@ def _warn_about_set(labels: np.ndarray, biopsies: np.ndarray, threshold: float, 
 def _metrics(scores: LabelledScores, temperature: float, threshold: float, *, resamples: int, seed: int,
              source: str) -> tuple[dict, dict, dict]:
     """evaluate's metrics and calibration scores at `temperature` and `threshold`, their intervals and the bootstrap."""
-    from glomeruli.evaluation.evaluate import binary_metrics, metric_intervals
+    from glomeruli.evaluation.metrics import binary_metrics, metric_intervals
 
     prob = apply_temperature(scores.raw_probability, temperature)
     score = ranking_score(scores.raw_probability, temperature)
@@ -140,10 +141,10 @@ def _metrics(scores: LabelledScores, temperature: float, threshold: float, *, re
 def recalibrate_scores(scores: LabelledScores, *, old_temperature: float, old_threshold: float, rule: str,
                        threshold_resamples: int = 0, bootstrap_resamples: int = 1000, seed: int = 0,
                        source: str = "the labelled folder") -> Recalibration:
-    """Temperature (refit_temperature) and threshold (evaluation.bootstrap_threshold with `rule`, on the refitted
+    """Temperature (refit_temperature) and threshold (metrics.bootstrap_threshold with `rule`, on the refitted
     probabilities, as evaluate chooses it on validation) refitted on `scores`, with the metrics before and after.
     `source` names the set in messages."""
-    from glomeruli.evaluation.evaluate import bootstrap_threshold
+    from glomeruli.evaluation.metrics import bootstrap_threshold
 
     if rule not in THRESHOLD_RULES:
         raise RecalibrationError(f"unknown threshold rule {rule!r}: use one of {', '.join(THRESHOLD_RULES)}")
@@ -233,8 +234,9 @@ def recalibrate_folder(model_path: Path, folder: Path, *, output: Path | None = 
     return result, output
 
 
-_SHOWN_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("precision", "precision"),
-                  ("recall", "recall"), ("f1", "F1"), ("roc_auc", "ROC AUC"), ("brier", "Brier"), ("ece", "ECE"))
+_SHOWN_METRICS = ((Metric.ACCURACY, "accuracy"), (Metric.BALANCED_ACCURACY, "balanced accuracy"),
+                  (Metric.PRECISION, "precision"), (Metric.RECALL, "recall"), (Metric.F1, "F1"),
+                  (Metric.ROC_AUC, "ROC AUC"), (Calibration.BRIER, "Brier"), (Calibration.ECE, "ECE"))
 
 
 def format_recalibration(result: Recalibration) -> str:
@@ -253,7 +255,7 @@ def format_recalibration(result: Recalibration) -> str:
         after = format_interval(result.after[key], result.after_ci95.get(key), 3)
         lines.append(f"  {name:<18}  {before:<22}  {after}")
     if result.before_ci95:
-        lines.append(f"  in brackets: 95 % interval, {result.bootstrap['resamples']} resamples of "
-                     f"{result.bootstrap['units']} {result.bootstrap['unit']} units")
+        lines.append(f"  in brackets: 95 % interval, {result.bootstrap[Bootstrap.RESAMPLES]} resamples of "
+                     f"{result.bootstrap[Bootstrap.UNITS]} {result.bootstrap[Bootstrap.UNIT]} units")
     lines.append(f"  after: {IN_SAMPLE_NOTE}")
     return "\n".join(lines)

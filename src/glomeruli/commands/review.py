@@ -25,10 +25,11 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from glomeruli.core.errors import UserError  # noqa: E402
+from glomeruli.evaluation.outputs import EVALUATE_JSON, Bootstrap, Metric, Report, dotted, interval_key  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-EVALUATE = "metrics/evaluate.json"
+EVALUATE = EVALUATE_JSON
 SPLIT = "metrics/split.json"
 MODEL_CARD = "models/MODEL_CARD.md"  # paths.MODEL_CARD: git-tracked, so both revisions' cards are in git
 CARD_DIFF_LINES = 80  # changed lines shown in the report; the rest is in the card itself
@@ -40,12 +41,14 @@ ARTIFACT_URL_PLACEHOLDER = "@ARTIFACT_URL@"
 FIRST_RUN = "first run of the pipeline"
 
 # Headline: the test-set numbers a reviewer decides on, in this order.
-HEADLINE = (("test.balanced_accuracy", "Balanced accuracy"), ("test.f1", "F1"), ("test.roc_auc", "ROC-AUC"),
-            ("test.pr_auc", "PR-AUC"), ("test.precision", "Precision"), ("test.recall", "Recall"),
-            ("test.accuracy", "Accuracy"), ("threshold", "Threshold"))
+HEADLINE = tuple((dotted(Report.TEST, metric), title) for metric, title in (
+    (Metric.BALANCED_ACCURACY, "Balanced accuracy"), (Metric.F1, "F1"), (Metric.ROC_AUC, "ROC-AUC"),
+    (Metric.PR_AUC, "PR-AUC"), (Metric.PRECISION, "Precision"), (Metric.RECALL, "Recall"),
+    (Metric.ACCURACY, "Accuracy"))) + ((Report.THRESHOLD, "Threshold"),)
 # Groups of the collapsed section: evaluate.json key prefix -> title (anything left goes to "Other").
-EVALUATE_GROUPS = (("test.", "Test set, other numbers"), ("calibration.", "Calibration (test)"),
-                   ("burden.", "Per-biopsy sclerosis burden"), ("val.", "Validation set"))
+EVALUATE_GROUPS = ((dotted(Report.TEST, ""), "Test set, other numbers"),
+                   (dotted(Report.CALIBRATION, ""), "Calibration (test)"),
+                   (dotted(Report.BURDEN, ""), "Per-biopsy sclerosis burden"), (dotted(Report.VAL, ""), "Validation set"))
 
 # dvc.yaml plot ids whose data the pictures are drawn from.
 CONFUSION_PLOT, ROC_PLOT, PR_PLOT = "Confusion matrix (test)", "ROC (test)", "Precision-recall (test)"
@@ -463,10 +466,11 @@ def verdict(change: Change) -> str:
 def interval_keys(key: str) -> list[tuple[str, str]]:
     """Where evaluate writes a number's 95 % interval: `test_ci95.f1.low` for `test.f1`, `brier_ci95.low`
     beside `calibration.brier`."""
-    candidates = [f"{key}_ci95"]
-    if key.startswith("test."):
-        candidates.insert(0, f"test_ci95.{key[len('test.'):]}")
-    return [(f"{c}.low", f"{c}.high") for c in candidates]
+    candidates = [interval_key(key)]
+    test_prefix = dotted(Report.TEST, "")
+    if key.startswith(test_prefix):
+        candidates.insert(0, dotted(Report.TEST_CI95, key[len(test_prefix):]))
+    return [(dotted(c, "low"), dotted(c, "high")) for c in candidates]
 
 
 def _with_interval(value: object, metrics: dict[str, Change], key: str, side: str) -> str:
@@ -539,16 +543,16 @@ def render_report(review: Review, *, pictures_link: str | None = None) -> str:
                 "pipeline, or its `dvc.lock` and metrics were never committed): the head is shown alone.", ""]
     for warning in review.warnings:
         out += [f"> ⚠️ {warning}", ""]
-    n = evaluate.get("test.n")
+    n = evaluate.get(dotted(Report.TEST, Metric.N))
     sizes = "" if n is None else (f" (n = {fmt_value(n.base)} → {fmt_value(n.head)})" if review.base_has_metrics
                                   else f" (n = {fmt_value(n.head)})")
-    has_ci = any(k.startswith("test_ci95.") for k in evaluate)
+    has_ci = any(k.startswith(dotted(Report.TEST_CI95, "")) for k in evaluate)
     out += [f"### Test set{sizes}", ""]
     headline = [evaluate.get(key) or Change(key, None, None) for key, _ in HEADLINE]
     out += _table(headline, review, evaluate, labels=dict(HEADLINE))
     notes = ["better/worse follows each metric's direction"] if review.base_has_metrics else []
     if has_ci:
-        unit = evaluate.get("bootstrap.unit")
+        unit = evaluate.get(dotted(Report.BOOTSTRAP, Bootstrap.UNIT))
         notes.append("(low–high): 95 % bootstrap interval" + (f", resampled by {unit.head}" if unit and unit.head else ""))
     out += ["", f"<sub>{'; '.join(notes)}.</sub>" if notes else "", ""]
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glomeruli.evaluation.outputs import Calibration
+
 log = logging.getLogger(__name__)
 
 N_BINS = 10
@@ -94,6 +96,12 @@ def ranking_score(prob: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return logit(prob) / temperature
 
 
+def prob_of_score(score: np.ndarray) -> np.ndarray:
+    """The calibrated probability of a `ranking_score` (a calibrated logit); +inf (roc_curve's first) gives 1."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(score, dtype=np.float64)))
+
+
 @dataclass(frozen=True)
 class ReliabilityBin:
     low: float
@@ -134,4 +142,4 @@ def brier_score(y_true: np.ndarray, prob: np.ndarray) -> float:
 
 
 def calibration_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, float]:
-    return {"brier": brier_score(y_true, prob), "ece": expected_calibration_error(y_true, prob)}
+    return {Calibration.BRIER: brier_score(y_true, prob), Calibration.ECE: expected_calibration_error(y_true, prob)}

@@ -1,181 +1,39 @@
 """Evaluate stage: calibration and threshold chosen on validation; on test every metric with its 95 %
-interval, calibration, per-biopsy burden, error and Grad-CAM sheets, curves and plots for review."""
+interval, calibration, per-biopsy burden, error and Grad-CAM sheets, curves and plots for review.
+
+The stage body only: the numbers come from `metrics` (and the threshold rules), `calibration`, `burden` and
+`sites`, the pictures from `plots` and `gallery`; the names it writes are `outputs`'.
+"""
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on training boxes and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-
-from glomeruli.core.atomic import atomic_path, write_json  # noqa: E402
-from glomeruli.evaluation.burden import biopsy_burden, burden_summary, plot_burden, write_burden_csv  # noqa: E402
-from glomeruli.evaluation.calibration import (N_BINS, apply_temperature, calibration_metrics, fit_temperature,  # noqa: E402
-                                   ranking_score, reliability_bins)
-from glomeruli.core.csvcells import spreadsheet_safe  # noqa: E402
-from glomeruli.evaluation.gallery import write_error_sheets  # noqa: E402
-from glomeruli.data.h5store import SINGLE_SITE, ImageStore  # noqa: E402
-from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
-from glomeruli.evaluation.metrics import (binary_metrics, plot_confusion_matrix, prediction_metrics,  # noqa: E402, F401 (re-exported)
-                               scalar_metrics)
-from glomeruli.model.metadata import CLASS_NAMES, DatasetLayout, ModelMetadata, file_sha256, write_metadata  # noqa: E402
-from glomeruli.model.efficientnet import load_model  # noqa: E402
-from glomeruli.core.params import EvaluateParams  # noqa: E402
-from glomeruli.evaluation.sites import SITE_GAP_WARNING, plot_site_rocs, site_gap, site_metrics  # noqa: E402
-from glomeruli.data.split import read_split  # noqa: E402
-from glomeruli.data.stain import stored_normalization  # noqa: E402
-from glomeruli.evaluation.uncertainty import bootstrap_intervals, format_interval, resample_units  # noqa: E402
+from glomeruli.core.atomic import atomic_path, write_json
+from glomeruli.core.csvcells import spreadsheet_safe, write_csv
+from glomeruli.core.params import EvaluateParams
+from glomeruli.data.h5store import SINGLE_SITE, ImageStore
+from glomeruli.data.split import read_split
+from glomeruli.data.stain import stored_normalization
+from glomeruli.evaluation.burden import biopsy_burden, burden_summary, write_burden_csv
+from glomeruli.evaluation.calibration import (N_BINS, apply_temperature, calibration_metrics, fit_temperature,
+                                              ranking_score)
+from glomeruli.evaluation.gallery import write_error_sheets
+from glomeruli.evaluation.metrics import binary_metrics, bootstrap_threshold, metric_intervals, warn_about_validation
+from glomeruli.evaluation.outputs import (BURDEN_CSV, BURDEN_NAME, TEST_PREDICTIONS_NAME, Burden, Calibration,
+                                          Metric, Report, interval_key, prediction_columns)
+from glomeruli.evaluation.plots import (plot_burden, plot_site_rocs, plot_training_curves, write_confusion_roc_pr,
+                                        write_reliability)
+from glomeruli.evaluation.sites import SITE_GAP_WARNING, site_gap, site_metrics
+from glomeruli.model.efficientnet import load_model
+from glomeruli.model.inference import StoreRows, predict_rows
+from glomeruli.model.metadata import CLASS_NAMES, DatasetLayout, ModelMetadata, file_sha256, write_metadata
 
 log = logging.getLogger(__name__)
-
-
-def choose_threshold(y_true: np.ndarray, prob: np.ndarray, rule: str, fixed: float = 0.5) -> float:
-    """Decision threshold from VALIDATION data only (choosing it on test would inflate the results).
-
-    max_f1 / youden: of the thresholds that maximise the score, the one centred (in logit space) in the gap of
-    validation scores around them, so a small, well-separated validation set does not push the
-    threshold right against its lowest positive score.
-    """
-    if rule == "fixed":
-        return float(fixed)
-    if rule not in ("max_f1", "youden"):
-        raise ValueError(f"unknown threshold rule {rule!r} (evaluate.threshold_rule): use max_f1, youden or fixed")
-    fpr, tpr, thresholds = skm.roc_curve(y_true, prob, drop_intermediate=False)
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # the first threshold is +inf: predicts nothing
-    if rule == "youden":
-        score = tpr - fpr
-    else:
-        n_pos, n_neg = int(np.sum(y_true == 1)), int(np.sum(y_true == 0))
-        tp, fp = tpr * n_pos, fpr * n_neg
-        score = 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1e-12)
-    best = np.flatnonzero(score >= score.max() - 1e-12)
-    # thresholds descend: the optimal run that reaches the lowest optimal threshold, and the score below it
-    lowest = best[-1]
-    run_top = lowest
-    while run_top - 1 >= 0 and score[run_top - 1] >= score.max() - 1e-12:
-        run_top -= 1
-    below = prob[prob < thresholds[lowest]]
-    if not len(below):
-        return float(thresholds[lowest])
-    # centre in logit space: saturated probabilities (0.999 vs 0.99999) are far apart there
-    edges = np.clip([float(below.max()), min(float(thresholds[run_top]), 1.0)], 1e-7, 1 - 1e-7)
-    centre = float(np.mean(np.log(edges / (1 - edges))))
-    return float(1 / (1 + np.exp(-centre)))
-
-
-def bootstrap_threshold(y_true: np.ndarray, prob: np.ndarray, biopsies: np.ndarray, rule: str, *, resamples: int,
-                        seed: int, fixed: float = 0.5) -> float:
-    """Median of `rule`'s threshold over `resamples` bootstrap resamples of whole validation biopsies.
-
-    A threshold from one small validation set follows its few borderline biopsies; the median over resamples
-    follows what most subsets of them agree on. Resamples holding one class are skipped.
-    """
-    from glomeruli.evaluation.uncertainty import resample_rows, resample_units, rows_of_units
-
-    if rule == "fixed" or resamples == 0:
-        return choose_threshold(y_true, prob, rule, fixed)
-    y_true, prob = np.asarray(y_true), np.asarray(prob)
-    units = rows_of_units(resample_units(biopsies)[1])
-    rng = np.random.default_rng([seed, 7])
-    thresholds = []
-    for _ in range(resamples):
-        rows = resample_rows(units, rng)
-        if len(set(y_true[rows].tolist())) == 2:
-            thresholds.append(choose_threshold(y_true[rows], prob[rows], rule, fixed))
-    if not thresholds:
-        return choose_threshold(y_true, prob, rule, fixed)
-    return float(np.median(thresholds))
-
-
-def prob_of_score(score: np.ndarray) -> np.ndarray:
-    """The calibrated probability of a `ranking_score` (a calibrated logit); +inf (roc_curve's first) gives 1."""
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-np.asarray(score, dtype=np.float64)))
-
-
-# Below this many validation biopsies of a class the threshold and temperature rest on a few patients.
-MIN_VAL_BIOPSIES_PER_CLASS = 3
-EXTREME_THRESHOLD = (0.05, 0.95)
-
-
-def thin_evidence(labels: np.ndarray, biopsies: np.ndarray, threshold: float) -> tuple[list[tuple[str, int]], bool]:
-    """What a threshold and temperature fitted on (labels, biopsies) rest on too little of: the classes held by fewer
-    than MIN_VAL_BIOPSIES_PER_CLASS biopsies, as (name, count), and whether the threshold lies at an extreme."""
-    few = []
-    for label, name in ((0, "non-sclerotic"), (1, "sclerotic")):
-        n = len(set(np.asarray(biopsies)[np.asarray(labels) == label].tolist()))
-        if n < MIN_VAL_BIOPSIES_PER_CLASS:
-            few.append((name, n))
-    return few, not EXTREME_THRESHOLD[0] <= threshold <= EXTREME_THRESHOLD[1]
-
-
-def warn_about_validation(labels: np.ndarray, biopsies: np.ndarray, threshold: float) -> list[str]:
-    """Warn (and return the warnings) when what was chosen on validation rests on too little."""
-    warnings = []
-    few, extreme = thin_evidence(labels, biopsies, threshold)
-    for name, n in few:
-        warnings.append(f"validation holds {name} glomeruli from {n} biopsies only (fewer than "
-                        f"{MIN_VAL_BIOPSIES_PER_CLASS}): the threshold and temperature rest on too few patients; "
-                        "raise split.val_fraction or add data")
-    if extreme:
-        warnings.append(f"the threshold {threshold:.3f} chosen on validation lies outside {EXTREME_THRESHOLD}: "
-                        "validation is probably separated or tiny, and the threshold may not transfer to new "
-                        "biopsies; check metrics/plots/roc_pr.png and consider evaluate.threshold_rule")
-    for warning in warnings:
-        log.warning(warning)
-    return warnings
-
-
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def write_plots(folder: Path, ids: np.ndarray, y_true: np.ndarray, prob: np.ndarray, threshold: float,
-                ci: dict | None = None, score: np.ndarray | None = None) -> None:
-    """CSV data for `dvc plots` (confusion, ROC, PR) and PNG renderings of the same; `ci` (metric ->
-    {"low", "high"}) puts the 95 % intervals into the titles. The curves rank by `score` (default `prob`;
-    see `calibration.ranking_score`); their threshold columns stay probabilities."""
-    ci = ci or {}
-    score = prob if score is None else np.asarray(score)
-    folder.mkdir(parents=True, exist_ok=True)
-    y_pred = (prob >= threshold).astype(int)
-    _write_csv(folder / "confusion.csv", ["id", "actual", "predicted"],
-               zip(map(spreadsheet_safe, ids), y_true.tolist(), y_pred.tolist()))
-    as_probability = prob_of_score if score is not prob else (lambda values: values)
-    fpr, tpr, roc_thr = skm.roc_curve(y_true, score)
-    _write_csv(folder / "roc.csv", ["fpr", "tpr", "threshold"],
-               zip(np.round(fpr, 6), np.round(tpr, 6), np.round(np.minimum(as_probability(roc_thr), 1.0), 6)))
-    precision, recall, pr_thr = skm.precision_recall_curve(y_true, score)
-    _write_csv(folder / "precision_recall.csv", ["recall", "precision", "threshold"],
-               zip(np.round(recall[:-1], 6), np.round(precision[:-1], 6), np.round(as_probability(pr_thr), 6)))
-
-    m = scalar_metrics(y_true, prob, threshold, score)
-    plot_confusion_matrix(folder / "confusion_matrix.png", y_true, y_pred,
-                          f"Test set ({len(y_true)} images), threshold {threshold:.3f}"
-                          + ("; 95 % interval in brackets\n" if ci else "\n") +
-                          f"accuracy {format_interval(m['accuracy'], ci.get('accuracy'))}\n"
-                          f"F1 {format_interval(m['f1'], ci.get('f1'))}, "
-                          f"recall {format_interval(m['recall'], ci.get('recall'))}")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    skm.RocCurveDisplay.from_predictions(y_true, score, ax=axes[0], name="test")
-    skm.PrecisionRecallDisplay.from_predictions(y_true, score, ax=axes[1], name="test")
-    axes[0].set_title(f"ROC, AUC {format_interval(m['roc_auc'], ci.get('roc_auc'))}", fontsize=10)
-    axes[1].set_title(f"Precision-recall, AP {format_interval(m['pr_auc'], ci.get('pr_auc'))}", fontsize=10)
-    if ci:
-        fig.suptitle("test set; in brackets: 95 % bootstrap interval", fontsize=9, color="0.3")
-    fig.tight_layout()
-    fig.savefig(folder / "roc_pr.png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
 
 
 @dataclass(frozen=True)
@@ -201,10 +59,8 @@ class TestSet:
 
 
 def write_test_predictions(path: Path, test: TestSet, threshold: float, calibrated: bool) -> None:
-    """`name,biopsy,site,label,probability[,calibrated_probability],score,predicted`: what `glomeruli cv-summary`
-    pools (`score`, the calibrated logit, is what its ROC/PR-AUC rank: six decimals of a probability near 0 or 1
-    would tie)."""
-    header = ["name", "biopsy", "site", "label", "probability"] + (["calibrated_probability"] if calibrated else [])
+    """`outputs.prediction_columns`, one row per test image: what `glomeruli cv-summary` pools (`score`, the
+    calibrated logit, is what its ROC/PR-AUC rank: six decimals of a probability near 0 or 1 would tie)."""
     rows = []
     for i in range(len(test.rows)):
         row = [*map(spreadsheet_safe, (test.names[i], test.biopsies[i], test.sites[i])), int(test.labels[i]),
@@ -212,75 +68,50 @@ def write_test_predictions(path: Path, test: TestSet, threshold: float, calibrat
         if calibrated:
             row.append(f"{test.probability[i]:.6f}")
         rows.append(row + [f"{test.score[i]:.6f}", int(test.probability[i] >= threshold)])
-    _write_csv(path, header + ["score", "predicted"], rows)
+    write_csv(path, prediction_columns(calibrated), rows)
 
 
 def _calibration_report(params: EvaluateParams, temperature: float, test: TestSet, intervals: dict) -> dict:
-    report = {"method": params.calibration, "temperature": temperature, "fitted_on": "validation",
-              "bins": N_BINS, **calibration_metrics(test.labels, test.probability)}
+    report = {Calibration.METHOD: params.calibration, Calibration.TEMPERATURE: temperature,
+              Calibration.FITTED_ON: "validation", Calibration.BINS: N_BINS,
+              **calibration_metrics(test.labels, test.probability)}
     if params.calibration != "none":
         uncalibrated = calibration_metrics(test.labels, test.raw_probability)
-        report.update(brier_uncalibrated=uncalibrated["brier"], ece_uncalibrated=uncalibrated["ece"])
-    for name in ("brier", "ece"):
+        report.update({Calibration.BRIER_UNCALIBRATED: uncalibrated[Calibration.BRIER],
+                       Calibration.ECE_UNCALIBRATED: uncalibrated[Calibration.ECE]})
+    for name in (Calibration.BRIER, Calibration.ECE):
         if name in intervals:
-            report[f"{name}_ci95"] = intervals[name].to_json()
+            report[interval_key(name)] = intervals[name].to_json()
     return report
 
 
-def write_reliability(folder: Path, test: TestSet, report: dict) -> None:
-    """reliability.csv (non-empty bins, for `dvc plots`) and reliability.png (diagram + bin counts)."""
-    bins = reliability_bins(test.labels, test.probability)
-    filled = [b for b in bins if b.count]
-    _write_csv(folder / "reliability.csv", ["bin_low", "bin_high", "count", "mean_probability", "fraction_positive"],
-               [(f"{b.low:.2f}", f"{b.high:.2f}", b.count, f"{b.mean_probability:.6f}", f"{b.fraction_positive:.6f}")
-                for b in filled])
-    fig, (ax, bar) = plt.subplots(2, 1, figsize=(5.2, 6.2), height_ratios=[3, 1], sharex=True)
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
-    if report["method"] != "none":  # what calibration changed: the model's own probabilities, faintly
-        raw = [b for b in reliability_bins(test.labels, test.raw_probability) if b.count]
-        ax.plot([b.mean_probability for b in raw], [b.fraction_positive for b in raw], "s--", color="0.6", ms=4,
-                label=f"uncalibrated (ECE {report['ece_uncalibrated']:.3f})")
-    ax.plot([b.mean_probability for b in filled], [b.fraction_positive for b in filled], "o-", color="tab:blue",
-            label="test set" + (", calibrated" if report["method"] != "none" else ""))
-    ax.set(ylabel="observed fraction globally sclerotic", xlim=(0, 1), ylim=(-0.02, 1.02))
-    ax.set_title(f"Reliability ({report['method']}" + (f", T={report['temperature']:.2f}" if report["method"] != "none"
-                                                       else "") + ")\n"
-                 f"ECE {format_interval(report['ece'], report.get('ece_ci95'), 3)}, "
-                 f"Brier {format_interval(report['brier'], report.get('brier_ci95'), 3)}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    bar.bar([(b.low + b.high) / 2 for b in bins], [b.count for b in bins], width=0.09, color="tab:grey")
-    bar.set(xlabel="predicted probability (bin)", ylabel="images", yscale="log" if max(b.count for b in bins) > 50
-            else "linear")
-    fig.tight_layout()
-    fig.savefig(folder / "reliability.png", dpi=120, metadata={"Software": None})
-    plt.close(fig)
+def _site_warning(report: dict) -> str | None:
+    """The warning when the pooled ROC-AUC stands well above the within-site ones (None when it does not)."""
+    gap = report[Report.SITE_GAP_ROC_AUC]
+    if gap is None or gap <= SITE_GAP_WARNING:
+        return None
+    return (f"pooled test ROC-AUC {report[Report.TEST][Metric.ROC_AUC]:.3f} is {gap:.3f} above the mean "
+            "within-site ROC-AUC: the model may be recognising the site rather than the glomerulus (see "
+            "metrics/plots/by_site.png and README, 'Several hospitals')")
 
 
-def _bootstrap(params: EvaluateParams, test: TestSet, threshold: float, seed: int) -> tuple[dict, dict]:
-    """Intervals of every test metric and of the calibration scores; ({}, {...}) when switched off."""
-    return metric_intervals(test.labels, test.probability, test.score, test.biopsies, threshold,
-                            resamples=params.bootstrap_resamples, seed=seed, what="the test set")
-
-
-def metric_intervals(labels: np.ndarray, prob: np.ndarray, score: np.ndarray, biopsies: np.ndarray, threshold: float,
-                     *, resamples: int, seed: int, what: str) -> tuple[dict, dict]:
-    """95 % biopsy-bootstrap intervals of `scalar_metrics` and `calibration_metrics` at `threshold`, and what the
-    bootstrap drew; ({}, {...}) when `resamples` is 0 or `what` (the set, for the log) holds one biopsy."""
-    unit, unit_of = resample_units(biopsies)
-    info = {"resamples": resamples, "level": 0.95, "unit": unit, "units": int(unit_of.max()) + 1, "seed": seed}
-    if resamples == 0:
-        return {}, info
-    if info["units"] < 2:
-        log.warning("bootstrap: %s holds one %s only; no intervals", what, unit)
-        return {}, info
-
-    def statistic(y, prob_and_score):
-        p, s = prob_and_score[:, 0], prob_and_score[:, 1]
-        return {**scalar_metrics(y, p, threshold, s), **calibration_metrics(y, p)}
-
-    return bootstrap_intervals(labels, np.column_stack([prob, score]), biopsies, statistic, n_resamples=resamples,
-                               seed=seed), info
+def _write_pictures_and_tables(folder: Path, test: TestSet, threshold: float, report: dict, burden_rows: list,
+                               params: EvaluateParams, curves: dict[str, Path]) -> None:
+    """Everything under metrics/plots but the error sheets: the CSV data `dvc plots` reads and the PNGs."""
+    write_confusion_roc_pr(folder, test.ids, test.labels, test.probability, threshold, report[Report.TEST_CI95],
+                           test.score)
+    write_test_predictions(folder / TEST_PREDICTIONS_NAME, test, threshold, params.calibration != "none")
+    write_reliability(folder, test.labels, test.probability, test.raw_probability, report[Report.CALIBRATION])
+    write_burden_csv(folder / BURDEN_NAME, burden_rows)
+    b = report[Report.BURDEN]
+    plot_burden(burden_rows, params.burden_cutoff, folder / "burden.png",
+                f"Per-biopsy burden, {b[Burden.N_BIOPSIES]} test biopsies\nMAE {b[Burden.MAE_PCT_POINTS]:.1f} pp, "
+                f"{b[Burden.WRONG_SIDE_OF_CUTOFF]} on the wrong side of {b[Burden.CUTOFF_PCT]:g} %")
+    plot_training_curves(curves, folder / "training_curves.png")
+    gap = report[Report.SITE_GAP_ROC_AUC]
+    plot_site_rocs(folder / "by_site.png", test.labels, test.score, test.sites,
+                   "ROC by site (test); pooled minus mean within-site AUC: "
+                   + ("n/a" if gap is None else f"{gap:+.3f}"))
 
 
 def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params: EvaluateParams, *,
@@ -311,44 +142,30 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
     test = TestSet(split.test, test_ids, test_biopsies, labels["test"], raw["test"], prob["test"],
                    ranking_score(raw["test"], temperature), test_sites)
 
-    intervals, bootstrap_info = _bootstrap(params, test, threshold, seed)
+    intervals, bootstrap_info = metric_intervals(test.labels, test.probability, test.score, test.biopsies, threshold,
+                                                 resamples=params.bootstrap_resamples, seed=seed, what="the test set")
     metrics = binary_metrics(test.labels, test.probability, threshold, test.score)
     burden_rows = biopsy_burden(test.biopsies, test.probability, test.probability >= threshold, test.labels)
-    calibration = _calibration_report(params, temperature, test, intervals)
-    report = {"threshold": threshold, "threshold_rule": params.threshold_rule,
-              "threshold_resamples": params.threshold_resamples, "test": metrics,
-              "test_ci95": {k: intervals[k].to_json() for k in metrics if k in intervals},
-              "bootstrap": bootstrap_info, "calibration": calibration,
-              "burden": {**burden_summary(burden_rows, params.burden_cutoff), "per_biopsy": "metrics/plots/burden.csv"},
-              "val": binary_metrics(labels["val"], prob["val"], threshold, ranking_score(raw["val"], temperature)),
-              "warnings": validation_warnings,
-              "by_site": site_metrics(test.labels, test.probability, test.score, test.probability >= threshold,
-                                      test.sites, test.biopsies,
-                                      params.burden_cutoff)}
-    report["site_gap_roc_auc"] = site_gap(metrics["roc_auc"], report["by_site"])
-    if report["site_gap_roc_auc"] is not None and report["site_gap_roc_auc"] > SITE_GAP_WARNING:
-        warning = (f"pooled test ROC-AUC {metrics['roc_auc']:.3f} is {report['site_gap_roc_auc']:.3f} above the mean "
-                   "within-site ROC-AUC: the model may be recognising the site rather than the glomerulus (see "
-                   "metrics/plots/by_site.png and README, 'Several hospitals')")
+    report = {Report.THRESHOLD: threshold, Report.THRESHOLD_RULE: params.threshold_rule,
+              Report.THRESHOLD_RESAMPLES: params.threshold_resamples, Report.TEST: metrics,
+              Report.TEST_CI95: {k: intervals[k].to_json() for k in metrics if k in intervals},
+              Report.BOOTSTRAP: bootstrap_info,
+              Report.CALIBRATION: _calibration_report(params, temperature, test, intervals),
+              Report.BURDEN: {**burden_summary(burden_rows, params.burden_cutoff), Burden.PER_BIOPSY: BURDEN_CSV},
+              Report.VAL: binary_metrics(labels["val"], prob["val"], threshold, ranking_score(raw["val"], temperature)),
+              Report.WARNINGS: validation_warnings,
+              Report.BY_SITE: site_metrics(test.labels, test.probability, test.score, test.probability >= threshold,
+                                           test.sites, test.biopsies, params.burden_cutoff)}
+    report[Report.SITE_GAP_ROC_AUC] = site_gap(metrics[Metric.ROC_AUC], report[Report.BY_SITE])
+    if warning := _site_warning(report):
         log.warning(warning)
-        report["warnings"].append(warning)
-    log.info("test: %s", {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+        report[Report.WARNINGS].append(warning)
+    log.info("test: %s", {k: v for k, v in metrics.items() if k != Metric.CONFUSION_MATRIX})
     with atomic_path(plots_dir) as tmp:
-        write_plots(tmp, test_ids, test.labels, test.probability, threshold, report["test_ci95"], test.score)
-        write_test_predictions(tmp / "test_predictions.csv", test, threshold, params.calibration != "none")
-        write_reliability(tmp, test, calibration)
-        write_burden_csv(tmp / "burden.csv", burden_rows)
-        b = report["burden"]
-        plot_burden(burden_rows, params.burden_cutoff, tmp / "burden.png",
-                    f"Per-biopsy burden, {b['n_biopsies']} test biopsies\nMAE {b['mae_pct_points']:.1f} pp, "
-                    f"{b['wrong_side_of_cutoff']} on the wrong side of {b['cutoff_pct']:g} %")
-        report["gradcam_focus"] = write_error_sheets(
+        _write_pictures_and_tables(tmp, test, threshold, report, burden_rows, params, curves)
+        report[Report.GRADCAM_FOCUS] = write_error_sheets(
             tmp, model, store_path, test, threshold, max_tiles=params.max_error_tiles,
             per_class=params.gradcam_examples, batch_size=params.batch_size, focus_images=params.gradcam_focus_images)
-        plot_training_curves(curves, tmp / "training_curves.png")
-        plot_site_rocs(tmp / "by_site.png", test.labels, test.score, test.sites,
-                       f"ROC by site (test); pooled minus mean within-site AUC: "
-                       + ("n/a" if report["site_gap_roc_auc"] is None else f"{report['site_gap_roc_auc']:+.3f}"))
     write_json(metrics_path, report)
     write_metadata(model_path, ModelMetadata(image_size=image_size, fill=fill, threshold=threshold,
                                              threshold_rule=params.threshold_rule, class_names=CLASS_NAMES,
@@ -356,34 +173,3 @@ def evaluate_model(model_path: Path, store_path: Path, split_path: Path, params:
                                              temperature=temperature, dataset_layout=dataset_layout,
                                              stain_normalization=stain))
     return report
-
-
-def _read_curve(live_dir: Path, split: str, metric: str) -> tuple[list[int], list[float]]:
-    path = live_dir / "plots" / "metrics" / split / f"{metric}.tsv"
-    if not path.is_file():
-        return [], []
-    with open(path, encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [int(r["step"]) for r in rows], [float(r[metric]) for r in rows]
-
-
-def plot_training_curves(phases: dict[str, Path], out_png: Path) -> None:
-    """Loss and accuracy per epoch of both phases, fine-tuning continuing the frozen phase's x-axis."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    offset = 0
-    for phase, live_dir in phases.items():
-        n_steps = 0
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            for split, style in (("train", "-"), ("val", "--")):
-                steps, values = _read_curve(live_dir, split, metric)
-                ax.plot([s + offset + 1 for s in steps], values, style, label=f"{phase} {split}")
-                n_steps = max(n_steps, len(steps))
-            ax.set_xlabel("epoch")
-            ax.set_title(metric)
-        offset += n_steps
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120, metadata={"Software": None})
-    plt.close(fig)

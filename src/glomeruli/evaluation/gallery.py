@@ -132,7 +132,7 @@ def focus_summary(focus: Focus) -> dict:
 def write_error_sheets(folder: Path, model, store_path: Path, test, threshold: float, *, max_tiles: int,
                        per_class: int, batch_size: int, focus_images: int = 0) -> dict:
     """errors.png (every false negative and positive, up to `max_tiles`) and gradcam.png (those and
-    `per_class` correct cases of each class, with their Grad-CAM overlays and focus). `test`: evaluation.TestSet.
+    `per_class` correct cases of each class, with their Grad-CAM overlays and focus). `test`: evaluate.TestSet.
 
     Returns the Grad-CAM focus (gradcam.gradcam_focus) averaged over `focus_images` test images (0: all)."""
     errors = error_sections(test.labels, test.probability, threshold, max_tiles)

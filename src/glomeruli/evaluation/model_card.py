@@ -21,6 +21,8 @@ from glomeruli.core.atomic import write_text
 from glomeruli.core.errors import UserError
 from glomeruli.model.metadata import ModelMetadata, file_sha256
 from glomeruli.core.params import Params
+from glomeruli.evaluation.outputs import (BURDEN_CSV, EVALUATE_JSON, Bootstrap, Burden, Calibration, Metric, Report,
+                                          Site, interval_key)
 from glomeruli.evaluation.sites import SITE_GAP_WARNING
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,9 @@ _GROUP_BY = {
     "image": "only copies of one image kept together: images of one biopsy straddle the partitions, so the test "
              "numbers are optimistic",
 }
-_HEADLINE = (("balanced_accuracy", "Balanced accuracy"), ("roc_auc", "ROC-AUC"),
-             ("pr_auc", "PR-AUC (average precision)"), ("f1", "F1"), ("precision", "Precision"),
-             ("recall", "Recall (sensitivity)"), ("accuracy", "Accuracy"), ("loss", "Log loss"))
+_HEADLINE = ((Metric.BALANCED_ACCURACY, "Balanced accuracy"), (Metric.ROC_AUC, "ROC-AUC"),
+             (Metric.PR_AUC, "PR-AUC (average precision)"), (Metric.F1, "F1"), (Metric.PRECISION, "Precision"),
+             (Metric.RECALL, "Recall (sensitivity)"), (Metric.ACCURACY, "Accuracy"), (Metric.LOSS, "Log loss"))
 
 
 class ModelCardError(UserError, ValueError):
@@ -138,8 +140,8 @@ def build_model_card(report: dict, meta: ModelMetadata, params: Params, ingest_r
                      provenance: Provenance) -> str:
     """The model card's Markdown, from the evaluate report (metrics/evaluate.json), the model's metadata, the params,
     the ingest report (data/interim/ingest_report.json) and the split summary (metrics/split.json)."""
-    _require(report, ("test", "threshold", "threshold_rule", "calibration", "burden", "by_site", "warnings"),
-             "metrics/evaluate.json", "rerun `dvc repro evaluate`")
+    _require(report, (Report.TEST, Report.THRESHOLD, Report.THRESHOLD_RULE, Report.CALIBRATION, Report.BURDEN,
+                      Report.BY_SITE, Report.WARNINGS), EVALUATE_JSON, "rerun `dvc repro evaluate`")
     _require(ingest_report, ("synthetic", "n_synthetic", "n_kept", "n_found", "n_groups", "counts", "sites"),
              "data/interim/ingest_report.json", "rerun `dvc repro ingest` (then `dvc repro`)")
     _require(split_summary, ("group_by", "folds", "fold", "train", "val", "test"), "metrics/split.json",
@@ -168,7 +170,7 @@ def build_model_card(report: dict, meta: ModelMetadata, params: Params, ingest_r
     out += _recipe(meta, params)
     out += _gradcam(report)
     out += ["## Warnings from evaluate", ""]
-    out += [f"- {w}" for w in report["warnings"]] or ["None."]
+    out += [f"- {w}" for w in report[Report.WARNINGS]] or ["None."]
     out += [""]
     out += _limits(report, params, ingest_report, split_summary, synthetic)
     out += _reproduce(provenance)
@@ -241,12 +243,12 @@ def _split(summary: dict, params: Params) -> list[str]:
 
 
 def _test_results(report: dict) -> list[str]:
-    test, ci, boot = report["test"], report.get("test_ci95", {}), report.get("bootstrap", {})
-    cm = test.get("confusion_matrix", {})
-    biopsies = report["burden"].get("n_biopsies")
+    test, ci, boot = report[Report.TEST], report.get(Report.TEST_CI95, {}), report.get(Report.BOOTSTRAP, {})
+    cm = test.get(Metric.CONFUSION_MATRIX, {})
+    biopsies = report[Report.BURDEN].get(Burden.N_BIOPSIES)
     out = ["## Test results", "",
-           f"{test['n']} test images" + (f" from {biopsies} biopsies" if biopsies is not None else "")
-           + f", at the threshold {report['threshold']:.3f} chosen on validation.", "",
+           f"{test[Metric.N]} test images" + (f" from {biopsies} biopsies" if biopsies is not None else "")
+           + f", at the threshold {report[Report.THRESHOLD]:.3f} chosen on validation.", "",
            "| metric | value | 95 % interval |", "|---|--:|--:|"]
     for key, label in _HEADLINE:
         if key in test:
@@ -255,50 +257,53 @@ def _test_results(report: dict) -> list[str]:
     out += ["", f"Confusion matrix: true positives {cm.get('tp', '?')}, false negatives {cm.get('fn', '?')}, "
             f"false positives {cm.get('fp', '?')}, true negatives {cm.get('tn', '?')} (positive: globally "
             "sclerotic).", ""]
-    if ci and boot.get("resamples"):
-        unit = {"biopsy": "biopsies", "image": "images"}.get(boot.get("unit"), str(boot.get("unit")))
-        out += [f"Intervals: percentile bootstrap, {boot['resamples']} resamples of whole {unit} "
-                f"({boot.get('units', '?')} of them), seed {boot.get('seed', '?')}.", ""]
+    if ci and boot.get(Bootstrap.RESAMPLES):
+        unit = {"biopsy": "biopsies", "image": "images"}.get(boot.get(Bootstrap.UNIT), str(boot.get(Bootstrap.UNIT)))
+        out += [f"Intervals: percentile bootstrap, {boot[Bootstrap.RESAMPLES]} resamples of whole {unit} "
+                f"({boot.get(Bootstrap.UNITS, '?')} of them), seed {boot.get(Bootstrap.SEED, '?')}.", ""]
     else:
         out += ["No intervals (`evaluate.bootstrap_resamples` is 0, or the test set holds one biopsy).", ""]
     return out
 
 
 def _calibration(report: dict) -> list[str]:
-    cal = report["calibration"]
+    cal = report[Report.CALIBRATION]
     out = ["## Calibration", ""]
-    if cal["method"] == "none":
+    if cal[Calibration.METHOD] == "none":
         out += ["None (`evaluate.calibration: none`): the probabilities are the model's own output.",
-                f"On test: ECE {_num(cal.get('ece'))}, Brier {_num(cal.get('brier'))}.", ""]
+                f"On test: ECE {_num(cal.get(Calibration.ECE))}, Brier {_num(cal.get(Calibration.BRIER))}.", ""]
         return out
-    t = cal["temperature"]
+    t = cal[Calibration.TEMPERATURE]
     meaning = ("T > 1: the model was over-confident" if t > 1.0005 else "T < 1: the model was under-confident"
                if t < 0.9995 else "T = 1: left as it was (the fit keeps 1 on a separated or tiny validation set)")
-    out += [f"Temperature scaling fitted on {cal.get('fitted_on', 'validation')}: probability = sigmoid(logit / T), "
+    out += [f"Temperature scaling fitted on {cal.get(Calibration.FITTED_ON, 'validation')}: "
+            "probability = sigmoid(logit / T), "
             f"T = {t:.3f} ({meaning}).", "",
             "| on test | calibrated | 95 % interval | uncalibrated |", "|---|--:|--:|--:|"]
-    for key, label in (("ece", f"ECE ({cal.get('bins', 10)} bins)"), ("brier", "Brier score")):
-        value, interval = _with_ci(cal.get(key), cal.get(f"{key}_ci95"))
-        out.append(f"| {label} | {value} | {interval} | {_num(cal.get(f'{key}_uncalibrated'))} |")
+    for key, uncalibrated, label in (
+            (Calibration.ECE, Calibration.ECE_UNCALIBRATED, f"ECE ({cal.get(Calibration.BINS, 10)} bins)"),
+            (Calibration.BRIER, Calibration.BRIER_UNCALIBRATED, "Brier score")):
+        value, interval = _with_ci(cal.get(key), cal.get(interval_key(key)))
+        out.append(f"| {label} | {value} | {interval} | {_num(cal.get(uncalibrated))} |")
     out += ["", "Lower is better for both; the reliability diagram is `metrics/plots/reliability.png`.", ""]
     return out
 
 
 def _burden(report: dict) -> list[str]:
-    b = report["burden"]
+    b = report[Report.BURDEN]
     return ["## Per-biopsy burden (test)", "",
-            f"The percentage of globally sclerotic glomeruli per biopsy, over {b['n_biopsies']} test biopsies "
-            f"({b['n_glomeruli']} glomeruli):", "",
-            f"- mean absolute error {_num(b['mae_pct_points'], 1)} percentage points counting glomeruli above the "
-            f"threshold ({_num(b['mae_pct_points_mean_probability'], 1)} with the mean probability);",
-            f"- {b['wrong_side_of_cutoff']} of {b['n_biopsies']} biopsies on the wrong side of the "
-            f"{b['cutoff_pct']:g} % cutoff ({b['wrong_side_of_cutoff_mean_probability']} with the mean "
+            f"The percentage of globally sclerotic glomeruli per biopsy, over {b[Burden.N_BIOPSIES]} test biopsies "
+            f"({b[Burden.N_GLOMERULI]} glomeruli):", "",
+            f"- mean absolute error {_num(b[Burden.MAE_PCT_POINTS], 1)} percentage points counting glomeruli above "
+            f"the threshold ({_num(b[Burden.MAE_PCT_POINTS_MEAN_PROBABILITY], 1)} with the mean probability);",
+            f"- {b[Burden.WRONG_SIDE_OF_CUTOFF]} of {b[Burden.N_BIOPSIES]} biopsies on the wrong side of the "
+            f"{b[Burden.CUTOFF_PCT]:g} % cutoff ({b[Burden.WRONG_SIDE_OF_CUTOFF_MEAN_PROBABILITY]} with the mean "
             "probability).", "",
-            "Per biopsy: `metrics/plots/burden.csv` and `burden.png`.", ""]
+            f"Per biopsy: `{BURDEN_CSV}` and `burden.png`.", ""]
 
 
 def _sites(report: dict, summary: dict) -> list[str]:
-    by_site = report["by_site"]
+    by_site = report[Report.BY_SITE]
     if len(by_site) < 2:
         only = ", ".join(by_site) or "none"
         return ["## Per-site results (test)", "",
@@ -309,10 +314,10 @@ def _sites(report: dict, summary: dict) -> list[str]:
            "| site | images | globally sclerotic | biopsies | ROC-AUC | recall | specificity | F1 | burden MAE (pp) |",
            "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for site, m in by_site.items():
-        out.append(f"| {site} | {m['n']} | {m['sclerotic']} | {m['biopsies']} | {_num(m['roc_auc'])} | "
-                   f"{_num(m['recall'])} | {_num(m['specificity'])} | {_num(m['f1'])} | "
-                   f"{_num(m['burden_mae_pct_points'], 1)} |")
-    gap = report.get("site_gap_roc_auc")
+        out.append(f"| {site} | {m[Site.N]} | {m[Site.SCLEROTIC]} | {m[Site.BIOPSIES]} | {_num(m[Site.ROC_AUC])} | "
+                   f"{_num(m[Site.RECALL])} | {_num(m[Site.SPECIFICITY])} | {_num(m[Site.F1])} | "
+                   f"{_num(m[Site.BURDEN_MAE_PCT_POINTS], 1)} |")
+    gap = report.get(Report.SITE_GAP_ROC_AUC)
     out.append("")
     if gap is None:
         out.append("Site gap: n/a (fewer than two test sites hold both classes).")
@@ -325,14 +330,15 @@ def _sites(report: dict, summary: dict) -> list[str]:
 
 
 def _threshold(report: dict, summary: dict) -> list[str]:
-    rule = report["threshold_rule"]
+    rule = report[Report.THRESHOLD_RULE]
     val = summary["val"]
     how = _THRESHOLD_RULES.get(rule, f"rule {rule}")
-    resamples = report.get("threshold_resamples") or 0
+    resamples = report.get(Report.THRESHOLD_RESAMPLES) or 0
     if resamples and rule != "fixed":
         how += f"; the median over {resamples} bootstrap resamples of validation biopsies"
     return ["## Threshold", "",
-            f"**{report['threshold']:.4f}** on the calibrated probability (`evaluate.threshold_rule: {rule}`): {how}. "
+            f"**{report[Report.THRESHOLD]:.4f}** on the calibrated probability (`evaluate.threshold_rule: {rule}`): "
+            f"{how}. "
             + ("" if rule == "fixed" else
                f"Validation: {val['originals']} images from {val['biopsies']} biopsies, never the test set. ")
             + "A glomerulus at or above it is called globally sclerotic; `glomeruli predict` applies it "
@@ -370,7 +376,7 @@ def _recipe(meta: ModelMetadata, params: Params) -> list[str]:
 
 
 def _gradcam(report: dict) -> list[str]:
-    focus = report.get("gradcam_focus") or {}
+    focus = report.get(Report.GRADCAM_FOCUS) or {}
     out = ["## Grad-CAM focus (test)", ""]
     if not focus or not focus.get("images"):
         return out + ["Not measured (no test image had Grad-CAM heat).", ""]
@@ -396,15 +402,15 @@ def _limits(report: dict, params: Params, ingest: dict, summary: dict, synthetic
         limits.append("One site: trained and tested on images of one lab and scanner; another site's stain and "
                       "scanner may move the scores (`glomeruli recalibrate`).")
     else:
-        gap = report.get("site_gap_roc_auc")
+        gap = report.get(Report.SITE_GAP_ROC_AUC)
         limits.append(f"{n_sites} sites" + (f"; site gap {gap:+.3f}" if gap is not None else "")
                       + ": a site not among them may still differ (`glomeruli recalibrate`).")
     val = summary["val"]
-    if report["calibration"]["method"] != "none" or report["threshold_rule"] != "fixed":
+    if report[Report.CALIBRATION][Calibration.METHOD] != "none" or report[Report.THRESHOLD_RULE] != "fixed":
         small = val["originals"] < SMALL_VALIDATION_IMAGES
         limits.append(f"Calibration and threshold rest on {val['originals']} validation images from {val['biopsies']} "
                       "biopsies" + (": a small set, so both may not transfer." if small else "."))
-    biopsies = report["burden"]["n_biopsies"]
+    biopsies = report[Report.BURDEN][Burden.N_BIOPSIES]
     if biopsies < FEW_TEST_BIOPSIES:
         limits.append(f"The test set holds {biopsies} biopsies: its intervals are crude; cross-validation "
                       "(`glomeruli cv-summary`) is the better estimate.")
@@ -414,7 +420,7 @@ def _limits(report: dict, params: Params, ingest: dict, summary: dict, synthetic
     if params.model.weights == "none":
         limits.append("Trained from scratch, without pretrained features: it needs more data than a pretrained "
                       "model to learn subtle differences.")
-    if report["calibration"]["method"] == "none":
+    if report[Report.CALIBRATION][Calibration.METHOD] == "none":
         limits.append("Uncalibrated: a probability of 0.8 need not mean 8 in 10.")
     limits.append("One test fold of one split: another split gives other numbers; run every fold and "
                   "`glomeruli cv-summary` for the spread.")
