@@ -216,6 +216,28 @@ def test_nothing_predicted_exits_non_zero_and_keeps_decoder_noise_off(grey_model
     assert not [line for line in err.splitlines() if "libpng" in line], err
 
 
+def test_the_sample_datas_marker_is_not_reported_as_skipped(grey_model, tmp_path, monkeypatch, capfd):
+    """A folder `glomeruli sample-data` wrote holds its SYNTHETIC_DATA.txt marker: predict passes over it in
+    silence, and still names any other file that is no image."""
+    from glomeruli.data.layout import MARKER_FILE
+    from glomeruli.data.sample_data import generate_sample_dataset
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "sample"
+    generate_sample_dataset(folder, 6, seed=0, size_range=(32, 48), workers=1, progress=False)
+    assert (folder / MARKER_FILE).is_file()
+    (folder / "notes.txt").write_text("not an image")
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert len(images) == 6
+    out = tmp_path / "evaluation.csv"
+    assert cli.main(["predict", str(folder), "-r", "--model", str(grey_model), "-o", str(out), "--workers", "1"]) == 0
+    with open(out, newline="") as f:
+        assert sorted(row["name"] for row in csv.DictReader(f)) == images
+    err = capfd.readouterr().err
+    assert MARKER_FILE not in err and "1 skipped" in err, err
+    assert "skipped notes.txt: notes.txt: not an image file" in err, err
+
+
 # ---------------------------------------------------------------------------------------- model and metadata only
 
 @pytest.fixture()
