@@ -197,7 +197,7 @@ def reset_head_standardisation(model: keras.Model) -> None:
 
     For a base about to train from scratch: a random base's pooled features barely differ between images
     (spread ~0.1), so a standardisation fixed now would multiply the differences the base learns by ~10 to 30
-    and saturate the sigmoid (validation losses of 5 to 80, bench/RESULTS.md, run 5). Its own BatchNormalization
+    and saturate the sigmoid, so validation losses explode (bench/RESULTS.md, training recipes). Its own BatchNormalization
     keeps the features at unit scale instead, as in the plain EfficientNet classifier.
     """
     norm = head_of(model).get_layer("head_norm")
