@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _common  # noqa: F401  (src/ on sys.path, TensorFlow's start-up lines lowered)
 
 
 # ------------------------------------------------------------------------- bare OpenCV read + resize
@@ -304,7 +303,6 @@ def _save_model(args) -> dict:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     parser = argparse.ArgumentParser()
     parser.add_argument("workload", choices=["bare-read-resize", "training", "predict", "_save-model"])
     parser.add_argument("--manifest")

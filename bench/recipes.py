@@ -24,13 +24,9 @@ for the price of predicting them). Wall time includes the frozen phase. Not part
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -38,9 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _common import ROOT, log, machine, shipped_params  # first: puts src/ on sys.path
 
 from glomeruli.data.augment import OnlineAugment, augment_store  # noqa: E402
 from glomeruli.model.backend import configure  # noqa: E402
@@ -49,7 +43,7 @@ from glomeruli.data.h5store import ImageStore  # noqa: E402
 from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402
 from glomeruli.model.efficientnet import build_model, load_model  # noqa: E402
-from glomeruli.core.params import parse_params, read_yaml  # noqa: E402
+from glomeruli.core.params import parse_params  # noqa: E402
 from glomeruli.data.preprocess import preprocess_images  # noqa: E402
 from glomeruli.data.sample_data import generate_sample_dataset  # noqa: E402
 from glomeruli.data.split import split_records  # noqa: E402
@@ -64,17 +58,6 @@ RECIPES = {
 }
 RESAMPLES = 2000
 HOLDOUT_SEED_OFFSET = 1000
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def shipped_params() -> dict:
-    """params.yaml as committed (a demo's `dvc exp run -S` overrides may sit in the working copy)."""
-    out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
-    text = out.stdout if out.returncode == 0 and out.stdout.strip() else (ROOT / "params.yaml").read_text()
-    return read_yaml(io.StringIO(text))
 
 
 def make_params(args):
@@ -239,7 +222,7 @@ def main() -> int:
         log(f"recipe {recipe}: {RECIPES[recipe]}")
         rows.append(run_recipe(recipe, args, params, augmented, split, frozen, frozen_seconds, holdout))
         log(json.dumps(rows[-1]))
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    result = {"machine": machine(),
               "n_images": args.n_images, "n_biopsies": args.n_biopsies, "size": args.size, "sclerotic_fraction": args.sclerotic_fraction,
               "scratch_epochs": args.scratch_epochs, "scratch_lr": args.scratch_lr, "scratch_batch": args.scratch_batch,
               "n_train": int(len(split.train)), "n_val": int(len(split.val)), "n_test": int(len(split.test)),

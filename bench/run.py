@@ -35,8 +35,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from _common import ROOT, log  # first: puts src/ on sys.path
+
 PY = sys.executable
 GB = 1024**3
 MB = 1024**2
@@ -45,10 +45,6 @@ SIZE_RANGE = (250, 950)  # CMIL-sized RGBA PNGs
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
 
 def stage_env() -> dict:
     env = dict(os.environ)

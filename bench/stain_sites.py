@@ -22,13 +22,9 @@ and F1 on the held-out site against the best F1 any threshold reaches there. Not
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -36,9 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _common import ROOT, log, machine, shipped_params  # first: puts src/ on sys.path
 
 from sklearn.metrics import f1_score, roc_auc_score  # noqa: E402
 
@@ -52,7 +46,7 @@ from glomeruli.model.inference import StoreRows, predict_rows  # noqa: E402
 from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402
 from glomeruli.data.layout import SYNTHETIC_SITE_REGEX  # noqa: E402
 from glomeruli.model.efficientnet import build_model  # noqa: E402
-from glomeruli.core.params import parse_params, read_yaml  # noqa: E402
+from glomeruli.core.params import parse_params  # noqa: E402
 from glomeruli.data.preprocess import preprocess_images  # noqa: E402
 from glomeruli.data.sample_data import generate_sample_dataset  # noqa: E402
 from glomeruli.data.split import split_records  # noqa: E402
@@ -75,15 +69,9 @@ RULES = (
 )
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def shipped_params(args):
+def bench_params(args):
     """params.yaml as committed, at CPU bench size; split by site."""
-    out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
-    raw = read_yaml(io.StringIO(out.stdout if out.returncode == 0 and out.stdout.strip()
-                                else (ROOT / "params.yaml").read_text()))
+    raw = shipped_params()
     raw["preprocess"]["image_size"] = args.size
     raw["model"]["weights"] = "none"
     raw["runtime"].update(workers=1, memory_budget_gb=2)
@@ -200,7 +188,7 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    params = shipped_params(args)
+    params = bench_params(args)
     raw = args.work / "raw"
     generate_sample_dataset(raw, args.n_images, seed=args.seed, difficulty=args.difficulty, size_range=(64, 200),
                             sclerotic_fraction=args.sclerotic_fraction,
@@ -229,7 +217,7 @@ def main() -> int:
                 and r[3] == params.evaluate.threshold_resamples and r[1] == "cal")
     table = {pair: pooled_row(folds, rule, params.evaluate.burden_cutoff, args.seed) for pair, folds in runs.items()}
     rules = rule_rows(runs)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    result = {"machine": machine(),
               "args": {k: str(v) for k, v in vars(args).items()}, "threshold_rule": rule[0],
               "colour_augment_on": COLOUR_ON,
               "wall_s": round(time.perf_counter() - start), "table": table, "rules": rules, "runs": runs}

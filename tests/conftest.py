@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from glomeruli.core.params import Params, load_params, parse_params, read_yaml  
 from glomeruli.data.preprocess import preprocess_images  # noqa: E402
 from glomeruli.data.sample_data import generate_sample_dataset  # noqa: E402
 from glomeruli.data.split import Split, split_records  # noqa: E402
+from glomeruli.core.vcs import git_show_or_none  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def shipped_params_text() -> str:
     """params.yaml as committed: the demo's `dvc exp run -S` overrides stay in the working copy, and tests
     must not depend on whether the demo ran first (outside a git checkout: the file itself)."""
-    result = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
-    return result.stdout if result.returncode == 0 and result.stdout.strip() else (ROOT / "params.yaml").read_text()
+    return git_show_or_none("HEAD", "params.yaml", ROOT) or (ROOT / "params.yaml").read_text()
 
 
 def shipped_params_raw() -> dict:

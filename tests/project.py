@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "preprocess", "augment", "split", "train_frozen", "finetune", "evaluate")
+# dvc.yaml's stages in pipeline order; export reruns whenever evaluate rewrites models/model.meta.json (its dep).
+STAGES = ("ingest", "preprocess", "augment", "split", "train_frozen", "finetune", "evaluate", "export")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", "pyproject.toml", ".dvcignore")
 
 

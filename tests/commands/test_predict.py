@@ -10,9 +10,11 @@ import yaml
 
 from glomeruli.commands import cli
 from glomeruli.data.h5store import ImageStore
-from glomeruli.model.metadata import CLASS_NAMES, DatasetLayout, ModelMetadata, file_sha256, write_metadata
+from glomeruli.model.metadata import DatasetLayout, write_metadata
 from glomeruli.model.efficientnet import build_model
 from glomeruli.commands.predict import predict_folder
+
+from handmade import GS, NON_GS, grey_png, labelled_folder, model_metadata, save_grey_model
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,7 @@ def trained(tmp_path_factory, tiny_data):
     model = build_model(32, "none", 0.3)
     path = folder / "model.keras"
     model.save(path)
-    write_metadata(path, ModelMetadata(image_size=32, fill=(0, 0, 0), threshold=0.5, threshold_rule="fixed",
-                                       class_names=CLASS_NAMES, model_sha256=file_sha256(path), max_pixels=10**8))
+    write_metadata(path, model_metadata(path, image_size=32, threshold=0.5, threshold_rule="fixed", max_pixels=10**8))
     return path, model
 
 
@@ -88,9 +89,8 @@ def test_predict_pads_with_the_models_fill_and_composites_transparency_over_it(t
     model_path.parent.mkdir()
     shutil.copy(trained[0], model_path)
     fill = (10, 200, 30)
-    write_metadata(model_path, ModelMetadata(image_size=32, fill=fill, threshold=0.5, threshold_rule="fixed",
-                                             class_names=CLASS_NAMES, model_sha256=file_sha256(model_path),
-                                             max_pixels=10**6))
+    write_metadata(model_path, model_metadata(model_path, image_size=32, fill=fill, threshold=0.5,
+                                              threshold_rule="fixed"))
     rgba = np.zeros((16, 32, 4), np.uint8)
     rgba[..., 0] = np.arange(32) * 8  # red grows to the right, green down, blue constant: orientation shows
     rgba[..., 1] = np.arange(16)[:, None] * 16
@@ -130,44 +130,21 @@ def test_cli_refuses_a_model_without_metadata(tmp_path, trained, messy_folder, c
 
 # ---------------------------------------------------------------------------------------- folders, scoring
 
-GS, NON_GS = "globally_sclerotic_glomeruli", "non_globally_sclerotic_glomeruli"
-
-
 @pytest.fixture(scope="module")
 def grey_model(tmp_path_factory):
     """probability = sigmoid(0.02 * (R + G + B mean) - 7.68): a flat grey image of value v is called
     globally sclerotic (threshold 0.5) exactly when v > 128, so every score below is known by hand."""
-    import keras
-
-    inputs = keras.Input((32, 32, 3))
-    dense = keras.layers.Dense(1, activation="sigmoid")
-    model = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)))
-    dense.set_weights([np.full((3, 1), 0.02, np.float32), np.array([-7.68], np.float32)])
-    path = tmp_path_factory.mktemp("grey") / "model.keras"
-    model.save(path)
-    write_metadata(path, ModelMetadata(image_size=32, fill=(0, 0, 0), threshold=0.5, threshold_rule="fixed",
-                                       class_names=CLASS_NAMES, model_sha256=file_sha256(path), max_pixels=10**6))
-    return path
-
-
-def _grey_png(path, value: int) -> None:
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(cv2.imencode(".png", np.full((32, 32, 3), value, np.uint8))[1].tobytes())
+    return save_grey_model(tmp_path_factory.mktemp("grey") / "model.keras")
 
 
 @pytest.fixture()
 def labelled_batch(tmp_path):
     """The training layout: class folders, a public.csv beside them, one loose and one unsorted image, junk."""
-    root = tmp_path / "batch"
-    for name, value in {f"{GS}/g220.png": 220, f"{GS}/g200.png": 200, f"{GS}/g60.png": 60,
-                        f"{NON_GS}/n180.png": 180, f"{NON_GS}/n70.png": 70, f"{NON_GS}/n50.png": 50,
-                        f"{NON_GS}/n40.png": 40, f"{NON_GS}/n90.png": 90, "loose.png": 230,
-                        "unsorted/u100.png": 100}.items():
-        _grey_png(root / name, value)
     # g220 and n180 agree with their folders; loose.png is labelled by the csv only; n90 contradicts its folder
-    (root / "public.csv").write_text("name,ground truth\ng220.png,1\nn180.png,0\nloose.png,0\nn90.png,1\n")
+    root = labelled_folder(tmp_path / "batch", {
+        f"{GS}/g220.png": 220, f"{GS}/g200.png": 200, f"{GS}/g60.png": 60, f"{NON_GS}/n180.png": 180,
+        f"{NON_GS}/n70.png": 70, f"{NON_GS}/n50.png": 50, f"{NON_GS}/n40.png": 40, f"{NON_GS}/n90.png": 90,
+        "loose.png": 230, "unsorted/u100.png": 100}, "name,ground truth\ng220.png,1\nn180.png,0\nloose.png,0\nn90.png,1\n")
     (root / "__MACOSX").mkdir()
     (root / "__MACOSX" / "._g220.png").write_bytes(b"\x00\x05\x16\x07")
     (root / ".DS_Store").write_bytes(b"junk")
@@ -239,6 +216,28 @@ def test_nothing_predicted_exits_non_zero_and_keeps_decoder_noise_off(grey_model
     assert not [line for line in err.splitlines() if "libpng" in line], err
 
 
+def test_the_sample_datas_marker_is_not_reported_as_skipped(grey_model, tmp_path, monkeypatch, capfd):
+    """A folder `glomeruli sample-data` wrote holds its SYNTHETIC_DATA.txt marker: predict passes over it in
+    silence, and still names any other file that is no image."""
+    from glomeruli.data.layout import MARKER_FILE
+    from glomeruli.data.sample_data import generate_sample_dataset
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "sample"
+    generate_sample_dataset(folder, 6, seed=0, size_range=(32, 48), workers=1, progress=False)
+    assert (folder / MARKER_FILE).is_file()
+    (folder / "notes.txt").write_text("not an image")
+    images = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert len(images) == 6
+    out = tmp_path / "evaluation.csv"
+    assert cli.main(["predict", str(folder), "-r", "--model", str(grey_model), "-o", str(out), "--workers", "1"]) == 0
+    with open(out, newline="") as f:
+        assert sorted(row["name"] for row in csv.DictReader(f)) == images
+    err = capfd.readouterr().err
+    assert MARKER_FILE not in err and "1 skipped" in err, err
+    assert "skipped notes.txt: notes.txt: not an image file" in err, err
+
+
 # ---------------------------------------------------------------------------------------- model and metadata only
 
 @pytest.fixture()
@@ -250,9 +249,8 @@ def sick_or_healthy_model(grey_model, tmp_path):
     shutil.copy(grey_model, path)
     layout = DatasetLayout(class_dirs={"sick": 1, "healthy": 0}, labels_csv="truth.csv",
                            group_regex=r"^(?P<group>[a-z])\d")
-    write_metadata(path, ModelMetadata(image_size=32, fill=(0, 0, 0), threshold=0.5, threshold_rule="fixed",
-                                       class_names=CLASS_NAMES, model_sha256=file_sha256(path), max_pixels=10**6,
-                                       dataset_layout=layout))
+    write_metadata(path, model_metadata(path, image_size=32, threshold=0.5, threshold_rule="fixed",
+                                        dataset_layout=layout))
     return path
 
 
@@ -273,7 +271,7 @@ def test_predict_needs_only_the_model_and_its_metadata(sick_or_healthy_model, tm
     batch = tmp_path / "batch"
     for name, value in {"sick/a220.png": 220, "sick/a60.png": 60, "healthy/b180.png": 180, "healthy/b40.png": 40,
                         f"{GS}/a200.png": 200}.items():
-        _grey_png(batch / name, value)
+        grey_png(batch / name, value)
     (batch / "truth.csv").write_text("name,ground truth\na220.png,1\nb40.png,0\n")
     out, by_biopsy = here / "evaluation.csv", here / "biopsies.csv"
     assert cli.main(["predict", str(batch), "--recursive", "--model", str(sick_or_healthy_model), "-o", str(out),
@@ -313,7 +311,7 @@ def test_recursive_predict_skips_what_is_not_a_regular_file_under_the_cap(grey_m
     from badfiles import fifo
 
     folder = tmp_path / "batch"
-    _grey_png(folder / "sub" / "ok.png", 200)
+    grey_png(folder / "sub" / "ok.png", 200)
     hostile = folder / "sub" / "hostile.png"
     with contextlib.ExitStack() as stack:
         if kind == "fifo":

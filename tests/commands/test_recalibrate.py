@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from glomeruli.commands import cli
-from glomeruli.model.metadata import (CLASS_NAMES, DatasetLayout, MetadataError, ModelMetadata, file_sha256, read_metadata,
-                                write_metadata)
+from glomeruli.model.metadata import CLASS_NAMES, DatasetLayout, MetadataError, read_metadata, write_metadata
 from glomeruli.commands.recalibrate import (LabelledScores, RecalibrationError, check_output, default_output,
                                    recalibrate_scores, recalibrated_metadata)
+
+from handmade import labelled_folder, model_metadata, save_grey_model, stand_in_model
 
 
 def _sigmoid(z):
@@ -112,22 +113,9 @@ def test_few_biopsies_per_class_are_warned_about(caplog):
 
 # ---------------------------------------------------------------------------------------- the metadata
 
-def _model_file(tmp_path):
-    path = tmp_path / "models" / "model.keras"
-    path.parent.mkdir(exist_ok=True)
-    path.write_bytes(b"model bytes")
-    return path
-
-
-def _meta(path, **changes) -> ModelMetadata:
-    values = dict(image_size=64, fill=(0, 0, 0), threshold=0.7, threshold_rule="max_f1", class_names=CLASS_NAMES,
-                  model_sha256=file_sha256(path), max_pixels=10**6)
-    return ModelMetadata(**{**values, **changes})
-
-
 def test_recalibrated_metadata_round_trips_beside_the_model(tmp_path):
-    model = _model_file(tmp_path)
-    write_metadata(model, _meta(model))
+    model = stand_in_model(tmp_path / "models" / "model.keras")
+    write_metadata(model, model_metadata(model))
     result = recalibrate_scores(_gap_set(), old_temperature=1.0, old_threshold=0.7, rule="max_f1",
                                 bootstrap_resamples=20)
     new = recalibrated_metadata(read_metadata(model), result, folder=tmp_path / "site b", source=model)
@@ -142,9 +130,9 @@ def test_recalibrated_metadata_round_trips_beside_the_model(tmp_path):
 
 
 def test_metadata_for_another_model_or_missing_is_refused(tmp_path):
-    model = _model_file(tmp_path)
+    model = stand_in_model(tmp_path / "models" / "model.keras")
     other = tmp_path / "other.meta.json"
-    write_metadata(model, _meta(model, model_sha256="0" * 64), other)
+    write_metadata(model, model_metadata(model, model_sha256="0" * 64), other)
     with pytest.raises(MetadataError, match="checksum differs.*glomeruli recalibrate"):
         read_metadata(model, other)
     with pytest.raises(MetadataError, match="not found"):
@@ -155,8 +143,8 @@ def test_metadata_for_another_model_or_missing_is_refused(tmp_path):
 
 
 def test_the_model_and_its_own_metadata_are_never_the_output(tmp_path):
-    model = _model_file(tmp_path)
-    write_metadata(model, _meta(model))
+    model = stand_in_model(tmp_path / "models" / "model.keras")
+    write_metadata(model, model_metadata(model))
     for protected in (model.with_name("model.meta.json"), model, tmp_path / "models" / ".." / "models" / "model.keras"):
         with pytest.raises(RecalibrationError, match="never replaces it"):
             check_output(protected, model, tmp_path / "site")
@@ -182,33 +170,15 @@ def _logit_of_grey(value: float) -> float:
 def grey_model(tmp_path_factory):
     """probability = sigmoid(0.06 * grey value - 7.68) for a flat grey image: 0.5 at 128. Its metadata: the
     `sick/` = 1, `healthy/` = 0 layout, biopsy id the first letter, threshold 0.5 (max_f1), temperature 1."""
-    import keras
-
-    inputs = keras.Input((32, 32, 3))
-    dense = keras.layers.Dense(1, activation="sigmoid")
-    model = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(inputs)))
-    dense.set_weights([np.full((3, 1), 0.02, np.float32), np.array([-7.68], np.float32)])
-    path = tmp_path_factory.mktemp("grey") / "models" / "model.keras"
-    path.parent.mkdir()
-    model.save(path)
     layout = DatasetLayout(class_dirs={SICK: 1, HEALTHY: 0}, labels_csv="truth.csv", group_regex=r"^(?P<group>[a-z])\d")
-    write_metadata(path, ModelMetadata(image_size=32, fill=(0, 0, 0), threshold=0.5, threshold_rule="max_f1",
-                                       class_names=CLASS_NAMES, model_sha256=file_sha256(path), max_pixels=10**6,
-                                       dataset_layout=layout))
-    return path
+    return save_grey_model(tmp_path_factory.mktemp("grey") / "models" / "model.keras", threshold_rule="max_f1",
+                           dataset_layout=layout)
 
 
 @pytest.fixture()
 def site_folder(tmp_path):
-    import cv2
-
-    root = tmp_path / "site_b"
-    for folder, images in SITE.items():
-        (root / folder).mkdir(parents=True)
-        for name, value in images.items():
-            (root / folder / f"{name}.png").write_bytes(
-                cv2.imencode(".png", np.full((32, 32, 3), value, np.uint8))[1].tobytes())
-    return root
+    return labelled_folder(tmp_path / "site_b", {f"{folder}/{name}.png": value for folder, images in SITE.items()
+                                                for name, value in images.items()})
 
 
 def _predicted(path) -> dict[str, tuple[int, float]]:

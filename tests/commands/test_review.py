@@ -44,7 +44,7 @@ def revisions(pipeline_repo, tmp_path_factory):
     chosen = json.loads((repo / "metrics" / "evaluate.json").read_text())["threshold"]
     set_params(repo, evaluate__threshold_rule="fixed", evaluate__fixed_threshold=0.25 if chosen > 0.5 else 0.75)
     output = dvc(repo, "repro").stdout
-    assert stages_run(output) == ["evaluate"], output[-2000:]
+    assert stages_run(output) == ["evaluate", "export"], output[-2000:]  # export ships the new model.meta.json
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "fixed threshold")
     first = run(repo, "git", "rev-list", "--max-parents=0", "HEAD").stdout.strip()
@@ -107,7 +107,8 @@ def test_review_of_two_revisions(revisions, tmp_path):
     fixed = yaml.safe_load(run(repo, "git", "show", f"{head}:params.yaml").stdout)["evaluate"]["fixed_threshold"]
     assert rows["`evaluate.fixed_threshold`"] == ["`0.5`", f"`{fixed}`"]
     assert "**Stages rerun:** `evaluate` (params `evaluate.fixed_threshold`, `evaluate.threshold_rule`)" in report
-    for stage in STAGES[:-1]:
+    assert "; `export` (deps `models/model.meta.json`)." in report
+    for stage in STAGES[:STAGES.index("evaluate")]:
         assert f"`{stage}`" in report.split("**Unchanged:**")[1].splitlines()[0]
     # the rest is collapsed: split counts, validation and both training phases
     details = report.split("<details>")[1]

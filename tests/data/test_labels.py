@@ -4,8 +4,6 @@ that ingest refuses (`ingest.label_files`, called by both)."""
 import shutil
 import unicodedata
 
-import cv2
-import numpy as np
 import pytest
 
 from glomeruli.data.ingest import IngestConfig, ingest_dataset
@@ -13,14 +11,9 @@ from glomeruli.data.layout import CMIL_GROUP_REGEX
 from glomeruli.model.metadata import DatasetLayout
 from glomeruli.commands.predict import Prediction, folder_labels, image_name, list_images, score_predictions
 
-GS, NON_GS = "globally_sclerotic_glomeruli", "non_globally_sclerotic_glomeruli"
-CLASS_DIRS = {GS: 1, NON_GS: 0}
+from handmade import CLASS_DIRS, GS, NON_GS, labelled_folder
+
 NFD_NAME = unicodedata.normalize("NFD", "café.png")  # as macOS stores it; the csv names it composed
-
-
-def _png(path, value: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(cv2.imencode(".png", np.full((8, 8, 3), value, np.uint8))[1].tobytes())
 
 
 @pytest.fixture()
@@ -28,7 +21,7 @@ def messy(tmp_path):
     """A labelled folder with every case the rule decides, inside a wrapper folder (as unzipping leaves it)."""
     root = tmp_path / "batch"
     data = root / "CMIL"
-    for relpath, value in {
+    labelled_folder(data, {
         f"{GS}/agrees.png": 10,            # csv 1: kept, 1
         f"{GS}/not_in_csv.png": 20,        # no csv row: kept with its folder's 1
         f"{GS}/{NFD_NAME}": 30,            # csv 1 (written NFC): kept, 1
@@ -40,13 +33,10 @@ def messy(tmp_path):
         f"{NON_GS}/healthy.png": 100,      # csv 0: kept, 0
         "csv_only.png": 110,               # csv 0, no class folder: outside, refused
         "unsorted/u.png": 120,             # csv 1, not directly inside a class folder: refused
-    }.items():
-        _png(data / relpath, value)
+    }, "name,ground truth\n"
+       "agrees.png,1\ncafé.png,1\ninvalid.png,2\nrows_disagree.png,1\nrows_disagree.png,0\n"
+       "contradicted.png,1\nhealthy.png,0\nhealthy_copy.png,0\ncsv_only.png,0\nu.png,1\n", size=8)
     shutil.copy(data / NON_GS / "healthy.png", data / NON_GS / "healthy_copy.png")  # ingest keeps one of the two
-    (data / "public.csv").write_text(
-        "name,ground truth\n"
-        "agrees.png,1\ncafé.png,1\ninvalid.png,2\nrows_disagree.png,1\nrows_disagree.png,0\n"
-        "contradicted.png,1\nhealthy.png,0\nhealthy_copy.png,0\ncsv_only.png,0\nu.png,1\n", encoding="utf-8")
     (data / ".DS_Store").write_bytes(b"junk")
     (root / "__MACOSX").mkdir()
     (root / "__MACOSX" / "._agrees.png").write_bytes(b"\x00\x05\x16\x07")
@@ -92,8 +82,7 @@ def test_predict_scores_only_against_labels_ingest_keeps(messy):
 
 def test_a_folder_labelled_by_its_csv_alone_is_not_scored(tmp_path):
     """Ingest uses no image outside the class folders, whatever the csv says; predict scores none either."""
-    _png(tmp_path / "a.png", 10)
-    (tmp_path / "public.csv").write_text("name,ground truth\na.png,1\n")
+    labelled_folder(tmp_path, {"a.png": 10}, "name,ground truth\na.png,1\n", size=8)
     labels = folder_labels(tmp_path, DatasetLayout(CLASS_DIRS, "public.csv", CMIL_GROUP_REGEX))
     assert labels.csv_name == "public.csv" and not labels.scorable
     assert labels.label_of("a.png") is None

@@ -4,37 +4,26 @@ import json
 
 import pytest
 
-from glomeruli.model.metadata import (CLASS_NAMES, DatasetLayout, MetadataError, ModelMetadata, file_sha256, read_metadata,
-                                write_metadata)
+from glomeruli.model.metadata import DatasetLayout, MetadataError, read_metadata, write_metadata
 
-
-def _model_file(tmp_path):
-    path = tmp_path / "model.keras"
-    path.write_bytes(b"model bytes")
-    return path
-
-
-def _meta(path, **changes) -> ModelMetadata:
-    values = dict(image_size=64, fill=(0, 0, 0), threshold=0.4, threshold_rule="max_f1", class_names=CLASS_NAMES,
-                  model_sha256=file_sha256(path), max_pixels=10**6)
-    return ModelMetadata(**{**values, **changes})
+from handmade import model_metadata, stand_in_model
 
 
 def test_round_trip(tmp_path):
-    path = _model_file(tmp_path)
-    write_metadata(path, _meta(path))
+    path = stand_in_model(tmp_path / "model.keras")
+    write_metadata(path, model_metadata(path))
     assert (tmp_path / "model.meta.json").is_file()
-    assert read_metadata(path) == _meta(path)
+    assert read_metadata(path) == model_metadata(path)
 
 
 def test_missing_metadata_is_refused(tmp_path):
     with pytest.raises(MetadataError, match="dvc repro evaluate"):
-        read_metadata(_model_file(tmp_path))
+        read_metadata(stand_in_model(tmp_path / "model.keras"))
 
 
 def test_metadata_of_another_model_is_refused(tmp_path):
-    path = _model_file(tmp_path)
-    write_metadata(path, _meta(path))
+    path = stand_in_model(tmp_path / "model.keras")
+    write_metadata(path, model_metadata(path))
     path.write_bytes(b"retrained model bytes")
     with pytest.raises(MetadataError, match="checksum"):
         read_metadata(path)
@@ -42,8 +31,8 @@ def test_metadata_of_another_model_is_refused(tmp_path):
 
 @pytest.mark.parametrize("key, value", [("threshold", 1.5), ("class_names", ["a", "b"]), ("fill", [0, 0])])
 def test_inconsistent_values_are_refused(tmp_path, key, value):
-    path = _model_file(tmp_path)
-    write_metadata(path, _meta(path))
+    path = stand_in_model(tmp_path / "model.keras")
+    write_metadata(path, model_metadata(path))
     meta_path = tmp_path / "model.meta.json"
     raw = json.loads(meta_path.read_text())
     raw[key] = value
@@ -53,17 +42,17 @@ def test_inconsistent_values_are_refused(tmp_path, key, value):
 
 
 def test_incomplete_metadata_is_refused(tmp_path):
-    path = _model_file(tmp_path)
+    path = stand_in_model(tmp_path / "model.keras")
     (tmp_path / "model.meta.json").write_text(json.dumps({"threshold": 0.5}))
     with pytest.raises(MetadataError, match="incomplete"):
         read_metadata(path)
 
 
 def test_the_dataset_layout_travels_with_the_model(tmp_path):
-    path = _model_file(tmp_path)
+    path = stand_in_model(tmp_path / "model.keras")
     layout = DatasetLayout(class_dirs={"sick": 1, "healthy": 0}, labels_csv="truth.csv",
                            group_regex=r"^(?P<group>\w+)-")
-    write_metadata(path, _meta(path, dataset_layout=layout))
+    write_metadata(path, model_metadata(path, dataset_layout=layout))
     raw = json.loads((tmp_path / "model.meta.json").read_text())
     assert raw["dataset_layout"] == {"class_dirs": {"sick": 1, "healthy": 0}, "labels_csv": "truth.csv",
                                      "group_regex": r"^(?P<group>\w+)-"}
@@ -71,8 +60,8 @@ def test_the_dataset_layout_travels_with_the_model(tmp_path):
 
 
 def test_metadata_written_before_the_layout_travelled_reads_as_unrecorded(tmp_path):
-    path = _model_file(tmp_path)
-    write_metadata(path, _meta(path))
+    path = stand_in_model(tmp_path / "model.keras")
+    write_metadata(path, model_metadata(path))
     meta_path = tmp_path / "model.meta.json"
     raw = json.loads(meta_path.read_text())
     del raw["dataset_layout"]
@@ -85,8 +74,8 @@ def test_metadata_written_before_the_layout_travelled_reads_as_unrecorded(tmp_pa
                                     {"class_dirs": ["a", "b"], "labels_csv": None, "group_regex": "(?P<group>x)"},
                                     {"class_dirs": {"a": 1, "b": 0}, "labels_csv": None}])
 def test_a_malformed_dataset_layout_is_refused(tmp_path, layout):
-    path = _model_file(tmp_path)
-    write_metadata(path, _meta(path))
+    path = stand_in_model(tmp_path / "model.keras")
+    write_metadata(path, model_metadata(path))
     meta_path = tmp_path / "model.meta.json"
     raw = json.loads(meta_path.read_text())
     raw["dataset_layout"] = layout

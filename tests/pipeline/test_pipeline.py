@@ -85,19 +85,19 @@ def test_second_repro_runs_nothing(repo):
     assert "up to date" in dvc(repo, "status")
 
 
-def test_evaluate_param_reruns_only_evaluate(repo):
-    set_param(repo, "evaluate.threshold_rule", "youden")
-    assert stages_run(dvc(repo, "repro")) == ["evaluate"]
+def test_evaluate_param_reruns_only_evaluate_and_export(repo):
+    set_param(repo, "evaluate.threshold_rule", "youden")  # recorded in models/model.meta.json, which export ships
+    assert stages_run(dvc(repo, "repro")) == ["evaluate", "export"]
 
 
-def test_exp_run_of_a_finetune_param_reruns_finetune_and_evaluate_records_a_float_and_diffs(repo):
+def test_exp_run_of_a_finetune_param_reruns_finetune_evaluate_export_records_a_float_and_diffs(repo):
     """One retraining covers three things: `-S` in exponent notation (which YAML 1.1 reads as a string without
     a dot) is recorded as a float, only the stages that depend on `finetune.*` rerun, and `dvc metrics diff`
     against the last commit shows the change."""
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "youden threshold")
     output = dvc(repo, "exp", "run", "-S", "finetune.lr=1e-4")
-    assert stages_run(output) == ["finetune", "evaluate"]
+    assert stages_run(output) == ["finetune", "evaluate", "export"]
     assert load_params(repo / "params.yaml").finetune.lr == pytest.approx(1e-4)
     recorded = yaml.safe_load((repo / "params.yaml").read_text())["finetune"]["lr"]
     assert isinstance(recorded, float), f"dvc wrote {recorded!r}, which YAML reads as a string"

@@ -182,6 +182,15 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if any(f.problem for f in findings) and args.strict else 0
 
 
+def _add_model_options(parser: argparse.ArgumentParser, *, model_help: str) -> None:
+    """--model, --batch-size, --workers and --devices: how predict and recalibrate load and run the model."""
+    parser.add_argument("--model", default="models/model.keras", help=model_help)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    parser.add_argument("--devices", type=_devices, default="auto",
+                        help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glomeruli", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -193,19 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "predictions are also scored against the labels ingest would give them")
     p.add_argument("-r", "--recursive", action="store_true",
                    help="also predict the images in subfolders (named by their path inside image_dir)")
-    p.add_argument("--model", default="models/model.keras",
-                   help="trained model: a .keras file (its .meta.json must sit beside it), or its ONNX export "
-                        "(models/export/model.onnx, which carries its own metadata; runs on onnxruntime alone)")
+    _add_model_options(p, model_help="trained model: a .keras file (its .meta.json must sit beside it), or its ONNX "
+                       "export (models/export/model.onnx, which carries its own metadata; runs on onnxruntime alone)")
     p.add_argument("--meta", metavar="META.json", default=None,
                    help="metadata to predict with instead of the model's own (models/model.meta.json), e.g. one "
                         "written by `glomeruli recalibrate`; refused when written for another model file")
     p.add_argument("-o", "--output", default="evaluation.csv",
                    help="CSV to write (default: evaluation.csv); a score goes beside it (evaluation.metrics.json, "
                         "evaluation.confusion_matrix.png)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
-    p.add_argument("--devices", type=_devices, default="auto",
-                   help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
     p.add_argument("--threshold", type=float, default=None,
                    help="override the threshold chosen on validation (not recommended)")
     p.add_argument("--no-score", action="store_true",
@@ -222,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes new metadata beside the model (its own is kept) for `predict --meta`")
     q.add_argument("image_dir", help="labelled folder in the model's training layout (class folders, and/or the "
                    "labels file, as its metadata records them); biopsy ids from the file names (ingest.group_regex)")
-    q.add_argument("--model", default="models/model.keras", help="trained model (its .meta.json must sit beside it)")
+    _add_model_options(q, model_help="trained model (its .meta.json must sit beside it)")
     q.add_argument("-o", "--output", metavar="NEW_META.json", default=None,
                    help="metadata to write (default: beside the model, named by the folder: "
                         "models/model.recalibrated-FOLDER.meta.json); never the model's own")
@@ -235,10 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bootstrap-resamples", type=int, default=1000, metavar="N",
                    help="resamples of whole biopsies for the 95 %% intervals (0 = none)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
-    q.add_argument("--devices", type=_devices, default="auto",
-                   help="accelerators the model runs on: auto (all local ones) or a count (see runtime.devices)")
     q.set_defaults(func=_recalibrate)
     c = sub.add_parser("cv-summary", help="mean ± sd over the K cross-validation folds and the pooled out-of-fold "
                        "metrics, from the fold runs' DVC experiments (or run folders)")

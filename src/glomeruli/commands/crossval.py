@@ -11,8 +11,6 @@ import csv
 import io
 import json
 import logging
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from glomeruli.evaluation.burden import biopsy_burden, burden_summary
 from glomeruli.evaluation.calibration import calibration_metrics, logit
 from glomeruli.core.csvcells import original_cell
 from glomeruli.core.errors import UserError
+from glomeruli.core.vcs import CommandError, git_show, run_dvc
 from glomeruli.data.h5store import SINGLE_SITE
 from glomeruli.evaluation.metrics import prediction_metrics
 from glomeruli.evaluation.outputs import (EVALUATE_JSON, NOT_SCALAR, PREDICTION_REQUIRED_COLUMNS,
@@ -56,7 +55,7 @@ def _parse_run(source: str, read: Callable[[str], str]) -> FoldRun:
         predictions = [{key: original_cell(value) if key in PREDICTION_TEXT_COLUMNS and value else value
                         for key, value in row.items()}
                        for row in csv.DictReader(io.StringIO(read(TEST_PREDICTIONS_CSV)))]
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, CommandError, KeyError, ValueError) as err:
         raise CrossValidationError(f"{source}: cannot read its {SPLIT_JSON}, {EVALUATE_JSON} and "
                                    f"{TEST_PREDICTIONS_CSV} ({err}); was it run with this version of the pipeline?"
                                    ) from err
@@ -73,24 +72,10 @@ def folder_run(folder: Path) -> FoldRun:
     return _parse_run(str(folder), lambda rel: (folder / rel).read_text(encoding="utf-8"))
 
 
-def _dvc(repo: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CrossValidationError(f"`dvc {' '.join(args)}` failed in {repo}: {result.stderr.strip()[-500:]}")
-    return result.stdout
-
-
-def _git_show(repo: Path, rev: str, rel: str) -> str:
-    result = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise OSError(result.stderr.strip())
-    return result.stdout
-
-
 def experiment_revisions(repo: Path) -> list[tuple[str, str]]:
     """(name, commit) of every finished experiment on top of the current commit (`dvc exp show --json`)."""
     found = []
-    for baseline in json.loads(_dvc(repo, "exp", "show", "--json", "--no-fetch") or "[]"):
+    for baseline in json.loads(run_dvc(["exp", "show", "--json", "--no-fetch"], repo) or "[]"):
         for experiment in baseline.get("experiments") or []:
             state = (experiment.get("executor") or {}).get("state", "success")  # no executor: ran in the workspace
             for rev in experiment.get("revs") or []:
@@ -112,7 +97,7 @@ def experiment_runs(repo: Path, names: list[str] | None = None) -> list[FoldRun]
     if not revisions:
         raise CrossValidationError(f"no finished DVC experiments in {repo}: run every fold first "
                                    "(`dvc exp run --queue -S split.fold=K`, `dvc queue start -j 1`), or pass run folders")
-    return [_parse_run(f"experiment {name} ({rev[:7]})", lambda rel, rev=rev: _git_show(repo, rev, rel))
+    return [_parse_run(f"experiment {name} ({rev[:7]})", lambda rel, rev=rev: git_show(rev, rel, repo))
             for name, rev in revisions]
 
 

@@ -11,8 +11,6 @@ import difflib
 import json
 import logging
 import math
-import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from glomeruli.core.errors import UserError  # noqa: E402
+from glomeruli.core.vcs import CommandError, git_show_or_none, run_dvc, run_git  # noqa: E402
 from glomeruli.evaluation.outputs import EVALUATE_JSON, Bootstrap, Metric, Report, dotted, interval_key  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ _LOWER_BETTER = {"loss", "brier", "ece", "mae", "rmse", "mse", "error", "fp", "f
 
 
 class ReviewError(UserError):
-    """A revision cannot be reviewed (unknown, no pipeline, no metrics) or DVC could not read it."""
+    """A revision cannot be reviewed (unknown, no pipeline, no metrics); a failing dvc raises vcs.CommandError."""
 
 
 @dataclass(frozen=True)
@@ -142,18 +141,9 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-
-
 def _dvc_json(repo: Path, *args: str) -> dict:
     """Run a read-only dvc command with --json and parse its output (DVC's own CLI, as a user would)."""
-    result = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=repo, capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise ReviewError(f"`dvc {' '.join(args)}` failed: {lines[-1] if lines else 'no message'}")
-    return json.loads(result.stdout or "{}")
+    return json.loads(run_dvc([*args, "--json"], repo) or "{}")
 
 
 def resolve_revision(repo: Path, name: str | None) -> Revision:
@@ -162,11 +152,11 @@ def resolve_revision(repo: Path, name: str | None) -> Revision:
         if not (repo / "dvc.yaml").is_file():
             raise ReviewError(f"no dvc.yaml in {repo.resolve()}: run `glomeruli review` in the project's root")
         return Revision("workspace")
-    found = _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")
-    if found.returncode != 0:
-        raise ReviewError(f"unknown revision {name!r}: check the name, or fetch it (git fetch origin main)")
-    sha = found.stdout.strip()
-    if _git(repo, "cat-file", "-e", f"{sha}:dvc.yaml").returncode != 0:
+    try:
+        sha = run_git(["rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], repo).strip()
+    except CommandError:
+        raise ReviewError(f"unknown revision {name!r}: check the name, or fetch it (git fetch origin main)") from None
+    if git_show_or_none(sha, "dvc.yaml", repo) is None:
         raise ReviewError(f"revision {name!r} ({sha[:7]}) has no dvc.yaml: it is not a revision of this pipeline")
     return Revision(name, sha)
 
@@ -196,8 +186,7 @@ def read_lock(repo: Path, rev: Revision) -> dict:
         path = repo / "dvc.lock"
         text = path.read_text(encoding="utf-8") if path.is_file() else ""
     else:
-        shown = _git(repo, "show", f"{rev.sha}:dvc.lock")
-        text = shown.stdout if shown.returncode == 0 else ""
+        text = git_show_or_none(rev.sha, "dvc.lock", repo) or ""
     return (yaml.safe_load(text) or {}).get("stages", {})
 
 
@@ -206,8 +195,7 @@ def read_card(repo: Path, rev: Revision) -> str | None:
     if rev.sha is None:
         path = repo / MODEL_CARD
         return path.read_text(encoding="utf-8") if path.is_file() else None
-    shown = _git(repo, "show", f"{rev.sha}:{MODEL_CARD}")
-    return shown.stdout if shown.returncode == 0 else None
+    return git_show_or_none(rev.sha, MODEL_CARD, repo)
 
 
 def _hashes(entries: Iterable[dict] | None) -> dict[str, object]:
@@ -648,10 +636,10 @@ def build_review(repo: Path, base_name: str, head_name: str | None, out_dir: Pat
 
 def write_plots_html(repo: Path, review: Review, out_dir: Path) -> None:
     """DVC's own interactive page of both revisions (loads Vega from the internet when opened)."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "plots", "diff", *_rev_args(review.base, review.head),
-                             "-o", str(out_dir / "dvc_plots")], cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        log.warning("dvc plots diff could not write its HTML page: %s", result.stderr.strip()[-300:])
+    try:
+        run_dvc(["plots", "diff", *_rev_args(review.base, review.head), "-o", str(out_dir / "dvc_plots")], repo)
+    except CommandError as err:
+        log.warning("dvc plots diff could not write its HTML page: %s", err.stderr.strip()[-300:])
 
 
 def write_review(repo: Path, base_name: str, head_name: str | None, out_dir: Path) -> Review:

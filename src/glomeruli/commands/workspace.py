@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from glomeruli.core.errors import UserError
+from glomeruli.core.vcs import CommandError, git_show_or_none, run_dvc, run_git
 from glomeruli.data.layout import MARKER_FILE, SYNTHETIC_SITE_REGEX
 from glomeruli.core.params import load_params
 from glomeruli.core.paths import CHECKPOINTS
@@ -65,25 +64,14 @@ class DemoSettings:
     overrides: tuple[tuple[str, object], ...] = tuple(CPU_OVERRIDES.items())
 
 
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    log.debug("$ %s", " ".join(args))
-    result = subprocess.run(args, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise WorkspaceError(f"`{' '.join(args)}` failed (exit {result.returncode}): "
-                             f"{(result.stderr or result.stdout).strip()[-1500:]}")
-    return result
-
-
-def _dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _run(sys.executable, "-m", "dvc", *args, check=check)
-
-
 def _require_project(root: Path) -> None:
     if not (root / "dvc.yaml").is_file() or not (root / "params.yaml").is_file():
         raise WorkspaceError(f"{root.resolve()} holds no dvc.yaml and params.yaml: run this from the project root")
-    if _run("git", "rev-parse", "--verify", "-q", "HEAD", check=False).returncode != 0:
+    try:
+        run_git(["rev-parse", "--verify", "-q", "HEAD"], root)
+    except CommandError:
         raise WorkspaceError("this folder is not a git checkout with a commit: clone the project with git "
-                             "(DVC experiments are git commits)")
+                             "(DVC experiments are git commits)") from None
     if not (root / ".dvc").is_dir():
         raise WorkspaceError("no .dvc folder here: run `dvc init` (or clone the project again)")
 
@@ -94,24 +82,17 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, root: Path = Path("."))
     generate_sample_dataset(root / SAMPLE_DIR, settings.n_images, seed=settings.seed,
                             difficulty=settings.difficulty, n_sites=settings.n_sites, workers=0)
     # Tracked by DVC and staged: a queued experiment then finds the images in its copy of the project.
-    _dvc("add", "-q", str(SAMPLE_DIR))
-    _run("git", "add", "data/sample.dvc", "data/.gitignore")
+    run_dvc(["add", "-q", str(SAMPLE_DIR)], root)
+    run_git(["add", "data/sample.dvc", "data/.gitignore"], root)
     name = f"cpu-demo-{time.strftime('%Y%m%d-%H%M%S')}"
     args = ["exp", "run", "--name", name]
     for key, value in settings.overrides:
         args += ["-S", f"{key}={value}"]
     log.info("running all eight stages on the CPU: dvc %s", " ".join(args))
-    result = subprocess.run([sys.executable, "-m", "dvc", *args])
-    if result.returncode != 0:
-        raise WorkspaceError(f"the demo's `dvc exp run` failed (exit {result.returncode}); its log is above")
+    run_dvc(args, root, capture=False)  # the stages' log goes to the terminal as it comes
     present = [p for p in DEMO_STAGED if (root / p).exists()]
-    _run("git", "add", *present)
+    run_git(["add", *present], root)
     log.info("staged for queued experiments (not committed): %s", ", ".join(present))
-
-
-def _committed_text(path: str) -> str | None:
-    result = _run("git", "show", f"HEAD:{path}", check=False)
-    return result.stdout if result.returncode == 0 else None
 
 
 def _declared_outputs(root: Path) -> list[Path]:
@@ -157,14 +138,17 @@ def use_data(source: Path, *, root: Path = Path(".")) -> list[str]:
                              "own images in their own folder (e.g. data/raw) and name that folder")
     outputs = _declared_outputs(root)  # all checked before anything changes
     done = []
-    params_text = _committed_text("params.yaml")
+    params_text = git_show_or_none("HEAD", "params.yaml", root)
     if params_text is None:
         raise WorkspaceError("params.yaml is not committed: commit the project's params.yaml first")
     if (root / "params.yaml").read_text(encoding="utf-8") != params_text:
         (root / "params.yaml").write_text(params_text, encoding="utf-8")
         done.append("params.yaml restored to the committed defaults (the demo's CPU overrides removed)")
-    _run("git", "reset", "-q", "--", *DEMO_STAGED, check=False)  # unstage what the demo staged
-    lock_text = _committed_text("dvc.lock")
+    try:
+        run_git(["reset", "-q", "--", *DEMO_STAGED], root)  # unstage what the demo staged
+    except CommandError as err:  # unstaging only tidies the index: the files themselves are reset below
+        log.debug("%s", err)
+    lock_text = git_show_or_none("HEAD", "dvc.lock", root)
     if lock_text is not None:
         (root / "dvc.lock").write_text(lock_text, encoding="utf-8")
         done.append("dvc.lock restored to the committed one")
@@ -183,7 +167,7 @@ def use_data(source: Path, *, root: Path = Path(".")) -> list[str]:
     if removed:
         done.append(f"pipeline outputs removed: {', '.join(removed)}")
     if (root / "data" / "sample.dvc").exists():
-        _dvc("remove", "-q", "data/sample.dvc")
+        run_dvc(["remove", "-q", "data/sample.dvc"], root)
         done.append("data/sample untracked by DVC")
     if (root / SAMPLE_DIR).exists():
         shutil.rmtree(root / SAMPLE_DIR)

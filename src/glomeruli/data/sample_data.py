@@ -159,9 +159,9 @@ NOISE_STD = 0.86  # std of unit Gaussian noise after bicubic upsampling (measure
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt() parameter ids
 
-# PNG encoding: OpenCV with the SUB filter and Huffman-only deflate takes ~17 ms for a 600x600
-# crop where Pillow (adaptive filters, zlib level 1) takes ~43 ms, for ~6 % larger files; that
-# matters when making 20k images. The tEXt chunk is spliced in by hand (see _encode_png).
+# PNG encoding: OpenCV with the SUB filter and Huffman-only deflate, not Pillow's adaptive filters: encoding
+# is a large share of making thousands of images, and the files are only slightly larger. The tEXt chunk is
+# spliced in by hand (see _encode_png).
 PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION, 1,
     cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
