@@ -3,6 +3,9 @@ mean ± sd over folds of every test metric, and the metrics of the pooled out-of
 
 Runs come from DVC experiments (`dvc exp run --queue -S split.fold=k`; read at their git revisions, since
 the metrics and predictions are `cache: false` outputs kept in git) or from project folders.
+
+`check_complete` refuses a set that does not cover every fold once. The pooled predictions also give a per-site
+table and the gap between pooled and within-site ROC-AUC (`evaluation.sites`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`glomeruli doctor`: what this machine will run with, told before a long run starts."""
+"""`glomeruli doctor`: what this machine will run with, told before a long run starts.
+
+The backend, devices and dtype policy the run will use (`backend.local_devices`, `backend.dtype_policy`), the
+weights, and the data; where ImageNet weights cannot be had, the offline recipe (`recipes.from_scratch_command`).
+"""
 
 from __future__ import annotations
 

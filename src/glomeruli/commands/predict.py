@@ -7,6 +7,13 @@ JAX nor Keras, so Keras is only ever imported late, inside `KerasModel`.
 A folder in the training layout (class folders, and/or a `name,ground truth` labels file) is also
 scored: the evaluate stage's metrics and confusion matrix, against the labels ingest would give its images
 (`ingest.label_files`, in the layout recorded in the model's metadata).
+
+The runtime follows the model's suffix (`load_predictor`: `OnnxModel` or `KerasModel`, one interface); with an
+ONNX file the metadata is the file's own contract, or `--meta` checked against the Keras checksum the contract
+records. No params.yaml is read: metadata without `dataset_layout` reads a labelled folder in the CMIL layout,
+with a warning naming the file. Decoding runs in its own small pool (`_decoded_batches`), not
+`parallel.ordered_map`: whole batches are decoded ahead of the model at lower priority, and unreadable files come
+back as skips instead of stopping the run.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Everything is read through DVC (`dvc metrics diff`, `dvc params diff`, `dvc plots diff --json`) and git
 (`dvc.lock` of both revisions); nothing is re-run. The pictures are drawn with matplotlib from the same
 CSV/TSV data DVC's own plots use, so they render on a CI runner with no browser and no network.
+
+`dvc plots diff --json --split` fetches either revision's DVC-cached training curves from the cache or the
+remote; a stage whose `dvc.lock` entry differs reran (`stages_rerun`). The model card of both revisions comes from
+git (`read_card`): the head's is copied beside the report, its changed lines shown as a unified diff
+(`CardChange`). `.github/workflows/review.yml` posts `comment.md` on pull requests; `gpu-repro.yml` reruns the
+pipeline on a self-hosted GPU runner; `scripts/ci-remote.sh` sets the DVC remote from secrets.
 """
 
 from __future__ import annotations

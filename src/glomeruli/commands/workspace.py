@@ -4,6 +4,9 @@ The demo keeps its images in `data/sample/` (never in `data/raw/`, which is only
 tracks them with DVC and stages what a queued experiment needs (`dvc exp run --queue` copies the git
 HEAD plus staged and modified files, nothing untracked). `use_data` undoes all of it: committed params
 and lock, no pipeline outputs, the sample data untracked, `data.source` pointing at the user's images.
+
+`run_demo` (`scripts/demo.sh`) runs all stages with `dvc exp run -S` and `CPU_OVERRIDES`, visibly in
+`git diff params.yaml`. The offline from-scratch recipe lives in `model.recipes`.
 """
 
 from __future__ import annotations

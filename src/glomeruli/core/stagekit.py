@@ -1,4 +1,9 @@
-"""What every stage script shares: logging, params, and a clean exit on errors a user can fix."""
+"""What every stage script shares: logging, params, and a clean exit on errors a user can fix.
+
+A stage script parses `--params`, calls one package function and writes its outputs through
+`core.atomic.atomic_path`; `run_stage` quiets the libraries' start-up lines, sets up logging and turns a
+`UserError` into one clear line and exit code 1, not a traceback.
+"""
 
 from __future__ import annotations
 
