@@ -170,7 +170,7 @@ def test_finetune_with_no_epochs_leaves_the_frozen_model_as_it_is(tiny_data, tmp
         data = load_phase_data(store, tiny_data.split, 1.0)
         history = finetune(model, data, replace(p.finetune, epochs=0), p.runtime, seed=11, callbacks=[])
     assert history is None
-    assert model.optimizer is None, "no fine-tune graph was compiled"
+    assert getattr(model, "optimizer", None) is None, "no fine-tune graph was compiled"
     for got, expected in zip(model.get_weights(), load_model(tmp_path / "frozen.keras").get_weights()):
         np.testing.assert_array_equal(got, expected)
     assert [r.message for r in caplog.records if "finetune.epochs: 0" in r.message] == [
