@@ -155,7 +155,7 @@ def _start_jax(requested: str | int) -> Engine:
                     key=lambda d: (d.process_index, d.id))
     engine = Engine("jax", len(chosen), jax.process_index(), jax.process_count())
     if engine.distributed:
-        # auto_shard_dataset off: training.Batches already hands each process its share of the batch.
+        # auto_shard_dataset off: batches.Batches already hands each process its share of the batch.
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen, auto_shard_dataset=False))
     return engine
 
