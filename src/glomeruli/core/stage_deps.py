@@ -1,6 +1,6 @@
 """The package modules a stage runs, read from the import statements of its script (transitively).
 
-`dvc.yaml` declares each stage's code dependencies and `model/checkpoints.py`'s resume key hashes them; both take
+`dvc.yaml` declares each stage's code dependencies and `training.py`'s resume key hashes them; both take
 them from here (the test in tests/core/test_stage_deps.py checks dvc.yaml against this walk), so a module a
 stage reaches cannot be left out by hand.
 """
