@@ -195,7 +195,7 @@ def training(args) -> dict:
 
 
 def _compare_fit(model, x, y, xv, yv, params, seed, name, repeats) -> dict:
-    """Our fit loop (glomeruli.model.training._fit: Batches PyDataset, shuffling, weights, validation, early
+    """Our fit loop (glomeruli.model.training.fit: Batches PyDataset, shuffling, weights, validation, early
     stopping) versus keras `model.fit(x, y, batch_size, validation_data)` on the same arrays. Whole epochs
     (training and validation) are timed: on JAX the steps run asynchronously and only the epoch end waits."""
     from glomeruli.model import training as tr
@@ -212,7 +212,7 @@ def _compare_fit(model, x, y, xv, yv, params, seed, name, repeats) -> dict:
                   callbacks=[timer])
         bare += timer.epoch_s[1:]
         timer = EpochTimer()
-        tr._fit(model, tr.PhaseData(ArrayRows(x), y, ArrayRows(xv), yv), params, seed=seed, callbacks=[timer])
+        tr.fit(model, tr.PhaseData(ArrayRows(x), y, ArrayRows(xv), yv), params, seed=seed, callbacks=[timer])
         ours += timer.epoch_s[1:]
     ours_s, bare_s = min(ours), min(bare)  # best epoch of each: other processes on the machine only slow epochs down
     n = len(x)

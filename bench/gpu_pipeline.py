@@ -118,7 +118,7 @@ def scaling(args) -> None:
 
     Weak scaling, as data parallelism is used: every device gets `--batch-size` images per step (global
     batch = batch size x devices). Training: full-graph fine-tuning of the top `finetune.unfreeze_blocks`
-    blocks through the package's own batches (glomeruli.model.training.Batches, padded and split by
+    blocks through the package's own batches (glomeruli.model.batches.Batches, padded and split by
     glomeruli.model.distribute), timed over the second epoch (the first compiles). Inference: the package's
     predict_rows, timed over the second pass. Random pixels: throughput does not depend on content.
     """
@@ -130,7 +130,7 @@ def scaling(args) -> None:
     from glomeruli.model.inference import predict_rows
     from glomeruli.model.efficientnet import build_model, compile_model, freeze_base, unfreeze_top_blocks
     from glomeruli.core.params import load_params
-    from glomeruli.model.training import Batches
+    from glomeruli.model.batches import Batches
 
     params = load_params(ROOT / "params.yaml")
     size, n_all = args.image_size, len(jax.local_devices())
@@ -172,7 +172,7 @@ def scaling(args) -> None:
         unfreeze_top_blocks(model, params.finetune.unfreeze_blocks)
         compile_model(model, params.finetune.lr)
         timer = EpochTimer()
-        model.fit(Batches(rows, labels, batch, seed=0), epochs=2, shuffle=False, verbose=0, callbacks=[timer])
+        model.fit(Batches(rows, labels, batch, seed=0, engine=engine), epochs=2, shuffle=False, verbose=0, callbacks=[timer])
         train = images / timer.epoch_s[1]
         report(f"scaling_train_img_s_{n}", round(train, 1),
                f"  {n} device(s): training {train:.0f} img/s (global batch {batch}; first epoch with compile "

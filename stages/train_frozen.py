@@ -5,18 +5,19 @@ from glomeruli.core.stagekit import run_stage
 
 def main(params):
     # Keras loads here, inside run_stage, so a bad KERAS_BACKEND is one clear line (glomeruli.model.backend checks it).
+    from glomeruli.core.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, LIVE_FROZEN, MANIFEST, SPLIT
     from glomeruli.model.backend import configure, request_xla_determinism
     from glomeruli.model.distribute import start as start_devices
     from glomeruli.model.efficientnet import build_model
-    from glomeruli.core.paths import FROZEN_MODEL, LIVE_FROZEN
-    from glomeruli.model.training import run_phase
+    from glomeruli.model.training import PhasePaths, run_phase
 
     request_xla_determinism(params.runtime.deterministic)  # before anything starts JAX's backend
     start_devices(params.runtime.devices)  # first: on several hosts it joins the JAX job
     configure(params.seed, params.runtime.mixed_precision, params.runtime.deterministic)
+    paths = PhasePaths(store=AUGMENTED, split=SPLIT, manifest=MANIFEST, checkpoints=CHECKPOINTS, model=FROZEN_MODEL,
+                       live=LIVE_FROZEN)
     run_phase("train_frozen", params, lambda image_size: build_model(image_size, params.model.weights,
-                                                                     params.model.dropout),
-              out_model=FROZEN_MODEL, live_dir=LIVE_FROZEN)
+                                                                     params.model.dropout), paths)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from glomeruli.model.backend import configure  # noqa: E402
 from glomeruli.data.h5store import ImageStore  # noqa: E402
 from glomeruli.model.inference import ArrayRows, StoreRows, predict_batch, predict_rows  # noqa: E402
 from glomeruli.data.split import read_split  # noqa: E402
-from glomeruli.model.training import Batches, finetune, load_phase_data, train_frozen  # noqa: E402
+from glomeruli.model.batches import Batches  # noqa: E402
+from glomeruli.model.training import finetune, load_phase_data, train_frozen  # noqa: E402
 
 
 def stand_in_base(image_size: int, weights: str) -> keras.Model:
@@ -59,14 +60,14 @@ def stand_in_base(image_size: int, weights: str) -> keras.Model:
     return keras.Model(inputs, x, name="efficientnetb3")
 
 
-def bn_in_training_mode(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def bn_in_training_mode(x: np.ndarray, y: np.ndarray, batch_size: int, engine: distribute.Engine) -> list[np.ndarray]:
     """One epoch of a BatchNormalization layer that trains (batch statistics): its moving mean and variance."""
     configure(3, "float32", "auto")
     inputs = keras.Input((x.shape[1],))
     bn = keras.layers.BatchNormalization(momentum=0.5, name="bn")
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(bn(inputs)))
     gm.compile_model(model, 1e-3)
-    model.fit(Batches(ArrayRows(x), y, batch_size), epochs=1, shuffle=False, verbose=0)
+    model.fit(Batches(ArrayRows(x), y, batch_size, engine=engine), epochs=1, shuffle=False, verbose=0)
     return [keras.ops.convert_to_numpy(bn.moving_mean), keras.ops.convert_to_numpy(bn.moving_variance)]
 
 
@@ -115,7 +116,7 @@ def run(devices: int | str) -> None:
         x_bn = np.concatenate([rng.normal(0, 1, (4, 3)), rng.normal(3, 2, (4, 3))]).astype(np.float32)
         results["bn_x"] = x_bn
         results["bn_moving_mean"], results["bn_moving_var"] = bn_in_training_mode(
-            x_bn, (np.arange(8) % 2).astype(np.float32), 8)
+            x_bn, (np.arange(8) % 2).astype(np.float32), 8, engine)
     np.savez(out / f"results-{devices}-{engine.process_index}.npz", **results)
 
 

@@ -71,6 +71,17 @@ def test_bad_values_name_key_value_and_allowed(section, key, value, message):
     assert repr(value) in str(err.value) or str(value) in str(err.value)
 
 
+def test_finetune_epochs_may_be_zero_but_train_frozen_epochs_may_not():
+    raw = shipped()
+    raw["finetune"]["epochs"] = 0  # no fine-tuning: the frozen-phase model is the model
+    assert parse_params(raw).finetune.epochs == 0
+    for section, epochs in (("finetune", -1), ("train_frozen", 0)):
+        raw = shipped()
+        raw[section]["epochs"] = epochs
+        with pytest.raises(ParamsError, match=f"{section}.epochs"):
+            parse_params(raw)
+
+
 def test_site_regex_null_is_one_site_and_a_regex_is_kept():
     raw = shipped()
     assert parse_params(raw).ingest.site_regex is None  # CMIL: one site

@@ -35,6 +35,19 @@ def test_engine_shares_and_pads_every_batch():
     assert Engine().share(5) == (slice(0, 5), 0)
 
 
+def test_each_process_reads_its_share_padded_with_zero_rows():
+    rows = np.arange(1, 14, dtype=np.float32)[:, None] * 10  # a global batch of 13 rows, read by index
+    first, last = (Engine("jax", 4, p, 2).read_share(lambda i: rows[i], np.arange(13)) for p in range(2))
+    np.testing.assert_array_equal(first, rows[:8])
+    np.testing.assert_array_equal(last, np.concatenate([rows[8:], np.zeros((3, 1), np.float32)]))
+    # a process whose share is all padding still gets rows of the right shape (3 rows padded to 8: 4 per process)
+    empty = Engine("jax", 8, 1, 2).read_share(lambda i: rows[i], np.arange(3))
+    assert empty.shape == (4, 1) and empty.dtype == np.float32 and not empty.any()
+    # one device: the batch as it is, or padded up to a given size
+    np.testing.assert_array_equal(Engine().read_share(lambda i: rows[i], np.arange(5)), rows[:5])
+    assert Engine().read_share(lambda i: rows[i], np.arange(5), 8).shape == (8, 1)
+
+
 def test_batch_size_that_does_not_divide_is_refused_naming_key_and_sizes():
     assert nearest_valid_sizes(30, 4) == [28, 32] and nearest_valid_sizes(3, 4) == [4]
     check_batch_size("finetune.batch_size", 32, Engine("jax", 4))

@@ -16,7 +16,9 @@ from glomeruli.model.backend import configure
 from glomeruli.model.inference import ArrayRows
 from glomeruli.model.efficientnet import base_of, build_model, head_of, unfreeze_top_blocks
 from glomeruli.core.params import FinetuneParams
-from glomeruli.model.training import Batches, OnlineRows, PhaseData, Resume, _fit, finetune, learning_rate
+from glomeruli.model.batches import Batches, OnlineRows
+from glomeruli.model.checkpoints import Resume
+from glomeruli.model.training import PhaseData, finetune, fit, learning_rate
 
 
 def _small_phase(tiny_data, store) -> PhaseData:
@@ -209,7 +211,7 @@ def test_killed_online_augmented_cosine_run_resumes_to_identical_weights(tiny_da
         data = PhaseData(OnlineRows(ArrayRows(images), _augment_settings(tiny_data)), labels,
                          ArrayRows(images[:16]), labels[:16])
         try:
-            _fit(model, data, params, seed=3, callbacks=[Resume(folder), *([Kill()] if kill else [])], workers=2)
+            fit(model, data, params, seed=3, callbacks=[Resume(folder), *([Kill()] if kill else [])], workers=2)
         except _Killed:
             return None
         return model.get_weights(), int(model.optimizer.iterations)

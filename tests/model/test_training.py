@@ -1,7 +1,10 @@
-"""Training: cached phases give the same weights as full-graph training, and the model learns."""
+"""Training phases: cached phases give the same weights as full-graph training, the model learns, and a
+fine-tuning that never beats the frozen model (or has no epoch) hands it back."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import replace
 
 import keras
@@ -12,9 +15,8 @@ from conftest import build_tiny_data
 from glomeruli.model.backend import configure
 from glomeruli.evaluation.metrics import binary_metrics, choose_threshold
 from glomeruli.model.efficientnet import build_model, head_of, load_model
-from glomeruli.model.inference import ArrayRows, StoreRows, predict_rows
-from glomeruli.model.training import (Batches, finetune, load_phase_data,
-                                sample_weights, train_frozen)
+from glomeruli.model.inference import StoreRows, predict_rows
+from glomeruli.model.training import finetune, load_phase_data, train_frozen
 from glomeruli.model.recipes import FROM_SCRATCH_OVERRIDES
 
 
@@ -71,26 +73,6 @@ def test_cached_finetune_equals_full_graph_training(tiny_data, tmp_path):
     assert any(not np.allclose(a, b) for a, b in zip(results[0], before)), "fine-tuning changed nothing"
     for a, b in [*zip(*results), *zip(*final)]:  # every epoch's weights, and the model handed back
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_batches_reshuffle_per_epoch_and_repeat_exactly():
-    x = ArrayRows(np.arange(10, dtype=np.float32)[:, None])
-    y = np.arange(10) % 2
-    a, b = Batches(x, y, 4, seed=1), Batches(x, y, 4, seed=1)
-    first = [a[i][1].tolist() for i in range(len(a))]
-    assert first == [b[i][1].tolist() for i in range(len(b))] and len(a) == 3
-    a.on_epoch_end()
-    assert [a[i][0].ravel().tolist() for i in range(3)] != [b[i][0].ravel().tolist() for i in range(3)]
-    assert sorted(np.concatenate([a[i][0].ravel() for i in range(3)]).tolist()) == list(range(10))
-
-
-def test_balanced_sample_weights():
-    labels = np.array([0] * 8 + [1] * 2)
-    w = sample_weights(labels, "balanced")
-    # n / (2 * n_class): 10 / 16 for each of the 8 negatives, 10 / 4 for each of the 2 positives
-    np.testing.assert_allclose(w, [0.625] * 8 + [2.5] * 2)
-    assert w[labels == 0].sum() == pytest.approx(w[labels == 1].sum())
-    assert sample_weights(labels, "none") is None
 
 
 @pytest.mark.slow
@@ -152,66 +134,6 @@ def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_ca
     assert scratch_auc >= 0.65, f"from scratch: ROC-AUC {scratch_auc:.3f} (frozen random base: {frozen_auc:.3f})"
 
 
-def test_resume_key_follows_the_store_content_not_its_size(tmp_path, monkeypatch):
-    """Changed pixels in one source image: a store of the same size, other bytes, and another resume key."""
-    from badfiles import rgba_png, write_clean_dataset
-    from conftest import small_params
-    from glomeruli.data.augment import augment_store
-    from glomeruli.data.ingest import IngestConfig, ingest_dataset, write_manifest
-    from glomeruli.core.paths import AUGMENTED, MANIFEST, PREPROCESSED, SPLIT
-    from glomeruli.data.preprocess import preprocess_images
-    from glomeruli.model.training import _checkpoint_dir
-
-    monkeypatch.chdir(tmp_path)
-    params = small_params(**{"preprocess.image_size": 32})
-    files = write_clean_dataset(tmp_path / "raw")
-    config = IngestConfig(class_dirs=params.ingest.class_dirs, labels_csv=None, group_regex=params.ingest.group_regex,
-                          max_pixels=params.ingest.max_pixels, max_unreadable_fraction=0.0, workers=1)
-
-    builds = iter(range(3))
-
-    def build_store() -> tuple[Path, bytes]:
-        for path in (MANIFEST, AUGMENTED):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        rows = ingest_dataset(tmp_path / "raw", config).rows
-        write_manifest(rows, MANIFEST)
-        # a new preprocessed file each time: a one-worker augment keeps its input open in this process
-        preprocessed = PREPROCESSED.with_name(f"preprocessed-{next(builds)}.h5")
-        preprocess_images(tmp_path / "raw", rows, preprocessed, size=32, fill=(0, 0, 0), max_pixels=10**6, workers=1)
-        augment_store(preprocessed, AUGMENTED, params.augment, seed=params.seed, workers=1)
-        SPLIT.write_text('{"same": "split"}\n')
-        return _checkpoint_dir("train_frozen", params), AUGMENTED.read_bytes()
-
-    key, store = build_store()
-    assert build_store() == (key, store)  # same inputs: same store, same key
-    first = next(iter(files))
-    (tmp_path / "raw" / first).write_bytes(rgba_png(20, 26, seed=4242))  # same size, other pixels
-    changed_key, changed_store = build_store()
-    assert len(changed_store) == len(store) and changed_store != store
-    assert changed_key != key
-
-
-def test_resume_key_hashes_the_code_dvc_yaml_lists(monkeypatch):
-    """The code in the resume key is the code DVC reruns the stage for: the phase's own deps in dvc.yaml, and
-    those of preprocess and augment for the store's content; inference.py (the caches) among them."""
-    from pathlib import Path
-
-    import yaml
-
-    from conftest import small_params
-    from glomeruli.model import training
-
-    root = Path(__file__).resolve().parents[2]
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    for phase in ("train_frozen", "finetune"):
-        hashed: list[Path] = []
-        monkeypatch.setattr(training, "file_sha256", lambda path: hashed.append(Path(path).resolve()) or "0")
-        training._checkpoint_dir(phase, small_params())
-        declared = {root / d for s in (phase, "preprocess", "augment") for d in stages[s]["deps"] if d.endswith(".py")}
-        assert {p for p in hashed if p.suffix == ".py"} == declared
-        assert root / "src/glomeruli/model/inference.py" in declared
-
-
 @pytest.mark.parametrize("from_scratch", [False, True], ids=["top-block", "from-scratch"])
 def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp_path, caplog, from_scratch):
     """Weights and predictions: from scratch, fine-tuning resets the head's standardisation before it starts,
@@ -238,3 +160,53 @@ def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp
             np.testing.assert_array_equal(got, expected)
         np.testing.assert_allclose(predict_rows(model, rows, 16), predict_rows(frozen, rows, 16), rtol=1e-5, atol=1e-6)
     assert "no epoch beat the starting model's validation loss" in caplog.text
+
+
+def test_finetune_with_no_epochs_leaves_the_frozen_model_as_it_is(tiny_data, tmp_path, caplog):
+    p = tiny_data.params
+    _frozen_model(tiny_data, True, epochs=1).save(tmp_path / "frozen.keras")
+    model = load_model(tmp_path / "frozen.keras")
+    with tiny_data.store() as store, caplog.at_level(logging.INFO, logger="glomeruli.model.training"):
+        data = load_phase_data(store, tiny_data.split, 1.0)
+        history = finetune(model, data, replace(p.finetune, epochs=0), p.runtime, seed=11, callbacks=[])
+    assert history is None
+    assert getattr(model, "optimizer", None) is None, "no fine-tune graph was compiled"
+    for got, expected in zip(model.get_weights(), load_model(tmp_path / "frozen.keras").get_weights()):
+        np.testing.assert_array_equal(got, expected)
+    assert [r.message for r in caplog.records if "finetune.epochs: 0" in r.message] == [
+        "finetune.epochs: 0: no fine-tuning, the frozen-phase model is the model"]
+
+
+def test_finetune_stage_with_no_epochs_writes_every_declared_output(tmp_path, caplog):
+    """The frozen model, copied byte for byte as the model; the dvclive folder with its metrics.json and
+    every curve file dvc.yaml plots for the phase (header only); no model is built and no resume state left."""
+    from pathlib import Path
+
+    import yaml
+
+    from conftest import small_params
+    from glomeruli.model.training import PhasePaths, run_phase
+
+    frozen = tmp_path / "frozen.keras"
+    frozen.write_bytes(b"the frozen-phase model")
+    paths = PhasePaths(store=tmp_path / "no-store.h5", split=tmp_path / "no-split.json",
+                       manifest=tmp_path / "no-manifest.csv", checkpoints=tmp_path / "checkpoints",
+                       model=tmp_path / "model.keras", live=tmp_path / "metrics" / "finetune", start_model=frozen)
+
+    def make_model(image_size: int):
+        raise AssertionError("no model is built without fine-tuning")
+
+    with caplog.at_level(logging.INFO, logger="glomeruli.model.training"):
+        run_phase("finetune", small_params(**{"finetune.epochs": 0}), make_model, paths)
+    assert paths.model.read_bytes() == b"the frozen-phase model"
+    assert json.loads((paths.live / "metrics.json").read_text()) == {}
+    root = Path(__file__).resolve().parents[2]
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    plotted = [file for plot in dvc_yaml["plots"] if isinstance(plot, dict) for spec in plot.values()
+               for file in spec.get("y", {}) if file.startswith("metrics/finetune/")]
+    assert len(plotted) == 4
+    for file in plotted:
+        metric = Path(file).stem
+        assert (tmp_path / file).read_text() == f"step\t{metric}\n"
+    assert not paths.checkpoints.exists()
+    assert "finetune.epochs: 0: no fine-tuning" in caplog.text

@@ -518,7 +518,8 @@ def test_resume_continues_early_stopping_and_ends_like_an_uninterrupted_run(tmp_
     from glomeruli.model.backend import configure
     from glomeruli.core.params import TrainParams
     from glomeruli.model.inference import ArrayRows
-    from glomeruli.model.training import PhaseData, Resume, _fit
+    from glomeruli.model.checkpoints import Resume
+    from glomeruli.model.training import PhaseData, fit
 
     rng = np.random.default_rng(0)
     data = PhaseData(ArrayRows(rng.normal(size=(64, 8)).astype(np.float32)), rng.integers(0, 2, 64),
@@ -552,7 +553,7 @@ def test_resume_continues_early_stopping_and_ends_like_an_uninterrupted_run(tmp_
                                   keras.layers.Dense(1, activation="sigmoid")])
         epochs = Epochs()
         try:
-            _fit(model, data, params, seed=3, callbacks=[epochs, Resume(folder), *([Kill(kill)] if kill else [])])
+            fit(model, data, params, seed=3, callbacks=[epochs, Resume(folder), *([Kill(kill)] if kill else [])])
         except _Killed:
             return None, epochs.seen
         return model.get_weights(), epochs.seen

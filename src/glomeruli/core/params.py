@@ -245,10 +245,10 @@ def _int_or_word(key: str, value: Any, word: str, lo: int, hi: int | None = None
     return _number(key, value, int, lo, hi)
 
 
-def _train(section: dict, prefix: str) -> dict:
+def _train(section: dict, prefix: str, min_epochs: int = 1) -> dict:
     g = lambda n: _get(section, prefix, n)  # noqa: E731
     return dict(
-        epochs=_number(f"{prefix}.epochs", g("epochs"), int, 1),
+        epochs=_number(f"{prefix}.epochs", g("epochs"), int, min_epochs),
         batch_size=_number(f"{prefix}.batch_size", g("batch_size"), int, 1),
         lr=_number(f"{prefix}.lr", g("lr"), float, 0, 1, lo_open=True),
         class_weight=_choice(f"{prefix}.class_weight", g("class_weight"), ("balanced", "none")),
@@ -318,7 +318,7 @@ def parse_params(raw: dict) -> Params:
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         _fail("model.weights", weights, "no such file; give imagenet, none or an existing weights file")
 
-    finetune = _train(ft, "finetune")
+    finetune = _train(ft, "finetune", min_epochs=0)  # 0: no fine-tuning, the frozen-phase model is the model
     finetune["unfreeze_blocks"] = _int_or_word("finetune.unfreeze_blocks", _get(ft, "finetune", "unfreeze_blocks"),
                                                "all", 1, MAX_UNFREEZE_BLOCKS)
     finetune["online_augment"] = _bool("finetune.online_augment", _get(ft, "finetune", "online_augment"))

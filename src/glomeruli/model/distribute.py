@@ -1,4 +1,4 @@
-"""Data parallelism on Keras' own engines: which devices run the model, and who reads and writes what.
+"""Devices only: which devices run the model, joining a multi-process job, and who reads what share of a batch.
 
 JAX: `keras.distribution.DataParallel` over a mesh of the chosen devices (every process's, on several
 hosts), set once with `set_distribution`, so every model built or loaded afterwards has replicated
@@ -9,7 +9,9 @@ and run inside `Engine.scope()`.
 `batch_size` settings are global batches. A batch that does not divide by the device count (the short
 last batch of an epoch, the last batch of a prediction) is padded with zero rows whose sample weight is
 0; the real rows' weights are scaled by padded/real so the mean loss, and so the gradient, is exactly
-the one of the unpadded batch. On several processes each process reads only its share of every batch.
+the one of the unpadded batch. On several processes each process reads only its share of every batch
+(`Engine.read_share`, the one share-and-pad step of training batches and of prediction). The forward
+pass itself is glomeruli.model.inference's.
 
 Nothing here imports Keras at module level: the data stages (and glomeruli.core.atomic) stay light.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +79,18 @@ class Engine:
         stop = min(start + k, n)
         return slice(start, stop), k - (stop - start)
 
+    def read_share(self, read: Callable[[np.ndarray], np.ndarray], indices: np.ndarray,
+                   padded: int | None = None) -> np.ndarray:
+        """This process's rows of the global batch `indices`, read with `read` and padded with zero rows so
+        every replica gets as many (see `share`); a share that is all padding still has the rows' shape."""
+        rows, pad = self.share(len(indices), padded)
+        local = indices[rows]
+        x = read(local) if len(local) else read(indices[:1])[:0]
+        return pad_rows(x, pad)
 
-_ENGINE = Engine()
-_FORWARDS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+ONE_DEVICE = Engine()
+_ENGINE = ONE_DEVICE
 
 
 def current() -> Engine:
@@ -144,7 +155,7 @@ def _start_jax(requested: str | int) -> Engine:
                     key=lambda d: (d.process_index, d.id))
     engine = Engine("jax", len(chosen), jax.process_index(), jax.process_count())
     if engine.distributed:
-        # auto_shard_dataset off: training.Batches already hands each process its share of the batch.
+        # auto_shard_dataset off: batches.Batches already hands each process its share of the batch.
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen, auto_shard_dataset=False))
     return engine
 
@@ -193,7 +204,7 @@ def stop() -> None:
         import keras
 
         keras.distribution.set_distribution(None)
-    _ENGINE = Engine()
+    _ENGINE = ONE_DEVICE
 
 
 def pad_rows(x: np.ndarray, n: int, value: float = 0) -> np.ndarray:
@@ -201,42 +212,3 @@ def pad_rows(x: np.ndarray, n: int, value: float = 0) -> np.ndarray:
     if n == 0:
         return x
     return np.concatenate([x, np.full((n, *x.shape[1:]), value, x.dtype)])
-
-
-def predict(model, x_local: np.ndarray, n_global: int) -> np.ndarray:
-    """Model outputs for a global batch of `n_global` rows (padded), given this process's share of it.
-
-    Every process gets every output row. JAX: one jitted forward pass with the input split over the mesh
-    and the output replicated (Keras' predict_on_batch would neither split the input nor gather the output
-    across hosts). TensorFlow: `model.predict` inside the strategy (predict_on_batch returns one copy of
-    the batch per replica under MirroredStrategy).
-    """
-    engine = _ENGINE
-    if engine.backend == "jax":
-        import jax
-        import keras
-
-        distribution = keras.distribution.distribution()
-        global_shape = (n_global, *x_local.shape[1:])
-        layout = distribution.get_data_layout(global_shape).backend_layout
-        x = jax.make_array_from_process_local_data(layout, x_local, global_shape)
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        return np.asarray(_jax_forward(model, layout.mesh)(trainable, non_trainable, x))
-    with engine.scope():
-        return np.asarray(model.predict(x_local, batch_size=len(x_local), verbose=0))
-
-
-def _jax_forward(model, mesh):
-    forward = _FORWARDS.get(model)
-    if forward is None:
-        import jax
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        def call(trainable, non_trainable, x):
-            outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
-            return outputs
-
-        forward = jax.jit(call, out_shardings=NamedSharding(mesh, PartitionSpec()))
-        _FORWARDS[model] = forward
-    return forward

@@ -1,20 +1,23 @@
-"""Running a model over rows of inputs: the one batching path of training, evaluation and prediction.
+"""Running a model over rows of inputs: the one forward pass of training, evaluation and prediction.
 
-Every batch a model sees has the same shape (a short last batch is zero-padded, outputs trimmed), so
-JAX/XLA compiles, and TensorFlow traces, each model once.
+`forward` runs one padded batch on one device or on several (every process gets every output row);
+`predict_batch` and `predict_rows` feed it. Every batch a model sees has the same shape (a short last
+batch is zero-padded, outputs trimmed), so JAX/XLA compiles, and TensorFlow traces, each model once.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 import h5py
 import keras
 import numpy as np
 
 from glomeruli.model import distribute
+from glomeruli.model.distribute import Engine
 from glomeruli.data.h5store import ImageStore
 
 log = logging.getLogger(__name__)
@@ -77,35 +80,69 @@ def image_rows(store: ImageStore, rows: np.ndarray, memory_budget_gb: float) -> 
     return StoreRows(store, rows)
 
 
-def predict_batch(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """One batch of outputs; a short last batch is padded to `batch_size`, so each model runs at one
-    batch shape only (JAX/XLA compiles, and TensorFlow retraces, for every new shape)."""
+def forward(model: keras.Model, x: np.ndarray, n: int, engine: Engine | None = None) -> np.ndarray:
+    """Outputs of the first `n` rows of a padded global batch, given this process's share `x` of it
+    (`Engine.read_share`); every process gets every output row.
+
+    One device: `predict_on_batch`. JAX on several: one jitted forward pass with the input split over the
+    mesh and the output replicated (Keras' predict_on_batch would neither split the input nor gather the
+    output across hosts). TensorFlow on several: `model.predict` inside the strategy (predict_on_batch
+    returns one copy of the batch per replica under MirroredStrategy).
+    """
+    engine = engine or distribute.current()
+    if not engine.distributed:
+        return np.asarray(model.predict_on_batch(x))[:n]
+    if engine.backend == "jax":
+        return _jax_forward(model, x, len(x) * engine.process_count)[:n]
+    with engine.scope():
+        return np.asarray(model.predict(x, batch_size=len(x), verbose=0))[:n]
+
+
+_JAX_FORWARDS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def _jax_forward(model: keras.Model, x_local: np.ndarray, n_global: int) -> np.ndarray:
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    global_shape = (n_global, *x_local.shape[1:])
+    layout = keras.distribution.distribution().get_data_layout(global_shape).backend_layout
+    x = jax.make_array_from_process_local_data(layout, x_local, global_shape)
+    call = _JAX_FORWARDS.get(model)
+    if call is None:  # traced once per model
+
+        def stateless(trainable, non_trainable, inputs):
+            outputs, _ = model.stateless_call(trainable, non_trainable, inputs, training=False)
+            return outputs
+
+        call = jax.jit(stateless, out_shardings=NamedSharding(layout.mesh, PartitionSpec()))
+        _JAX_FORWARDS[model] = call
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    return np.asarray(call(trainable, non_trainable, x))
+
+
+def predict_batch(model: keras.Model, x: np.ndarray, batch_size: int, engine: Engine | None = None) -> np.ndarray:
+    """Outputs of one batch `x` (the whole batch, on every process); a short batch is padded to `batch_size`,
+    so each model runs at one batch shape only (JAX/XLA compiles, and TensorFlow retraces, for every new shape)."""
+    engine = engine or distribute.current()
     n = len(x)
-    engine = distribute.current()
-    if engine.distributed:  # padded to a multiple of the devices; each process passes its share on
-        padded = engine.padded(batch_size)
-        rows, pad = engine.share(n, padded)
-        return distribute.predict(model, distribute.pad_rows(x[rows], pad), padded)[:n]
-    if n < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-    return np.asarray(model.predict_on_batch(x))[:n]
+    local = engine.read_share(x.__getitem__, np.arange(n), engine.padded(max(batch_size, n)))
+    return forward(model, local, n, engine)
 
 
-def predict_rows(model: keras.Model, rows: Rows, batch_size: int) -> np.ndarray:
+def predict_rows(model: keras.Model, rows: Rows, batch_size: int, engine: Engine | None = None) -> np.ndarray:
     """Model outputs for every row, in order, batch by batch (memory bounded by two batches).
 
-    A thread reads (and converts) the next batch while the model runs on this one, so on an
-    accelerator the host-side reading overlaps the forward pass instead of adding to it.
+    A thread reads (and converts, and pads) the next batch while the model runs on this one, so on an
+    accelerator the host-side reading overlaps the forward pass instead of adding to it. On several
+    processes each reads only its share of every batch.
     """
-    engine = distribute.current()
+    engine = engine or distribute.current()
+    padded = engine.padded(batch_size)
 
     def read(start: int) -> np.ndarray:
-        batch = np.arange(start, min(start + batch_size, len(rows)))
-        if engine.process_count == 1:
-            return rows.read(batch)
-        # Several processes: each reads only its share of the batch (predict_batch takes shares as they come).
-        share, _ = engine.share(len(batch), engine.padded(batch_size))
-        return _read_share(rows, batch, share)
+        return engine.read_share(rows.read, np.arange(start, min(start + batch_size, len(rows))), padded)
 
     outputs = []
     with ThreadPoolExecutor(1, thread_name_prefix="glomeruli-prefetch") as prefetch:
@@ -113,22 +150,5 @@ def predict_rows(model: keras.Model, rows: Rows, batch_size: int) -> np.ndarray:
         for start in range(0, len(rows), batch_size):
             x = pending.result()
             pending = prefetch.submit(read, start + batch_size) if start + batch_size < len(rows) else None
-            n = min(batch_size, len(rows) - start)
-            outputs.append(predict_batch(model, x, batch_size) if engine.process_count == 1
-                           else _predict_share(model, x, n, batch_size))
+            outputs.append(forward(model, x, min(batch_size, len(rows) - start), engine))
     return np.concatenate(outputs).astype(np.float32)
-
-
-def _read_share(rows: Rows, batch: np.ndarray, share: slice) -> np.ndarray:
-    """This process's rows of a batch; a share that is all padding still has the rows' shape."""
-    if share.stop > share.start:
-        return rows.read(batch[share])
-    return rows.read(batch[:1])[:0]
-
-
-def _predict_share(model: keras.Model, x_local: np.ndarray, n: int, batch_size: int) -> np.ndarray:
-    """Outputs of a batch of `n` rows from this process's share of it (several processes)."""
-    engine = distribute.current()
-    padded = engine.padded(batch_size)
-    _, pad = engine.share(n, padded)
-    return distribute.predict(model, distribute.pad_rows(x_local, pad), padded)[:n]

@@ -1,231 +1,53 @@
-"""The two training phases, on cached activations where the network below the trained part is fixed.
+"""The two training phases and the stage body that runs one (`run_phase`).
 
+Both phases train on cached activations where the network below the trained part is fixed.
 Frozen phase: the base runs in inference mode with fixed weights and augmentation is offline, so
 its pooled features per record never change: compute them once, then train only the head.
 Fine-tune phase: the blocks below the unfrozen ones are just as fixed: cache the activations
 entering the first unfrozen block once, then train only the top. `runtime.cache_features: false`
-trains the whole graph instead (same result, much slower; kept for comparison).
+trains the whole graph instead (same result, much slower; kept for comparison). `finetune.epochs: 0`
+skips fine-tuning: the frozen model is the model.
+
+`fit` is the one fit loop of both (batches from glomeruli.model.batches, callbacks and resume state from
+glomeruli.model.checkpoints); `run_phase` takes every path it reads and writes (`PhasePaths`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
-import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import h5py
 import keras
 import numpy as np
-from sklearn.utils.class_weight import compute_class_weight
 
-from glomeruli.model import distribute
 from glomeruli.core.atomic import OutputWriteError, atomic_path, is_out_of_space
+from glomeruli.core.params import FinetuneParams, Params, RuntimeParams, TrainParams
 from glomeruli.data.augment import OnlineAugment
-from glomeruli.core.errors import UserError
 from glomeruli.data.h5store import ImageStore, close_h5
-from glomeruli.model.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict_batch, predict_rows
-from glomeruli.model.metadata import file_sha256
-from glomeruli.model.efficientnet import (adapt_head, calibrate_batchnorm, compile_model, feature_model, freeze_base, head_of,
-                             reset_head_standardisation, split_at_block, sync_normalization, unfreeze_top_blocks)
-from glomeruli.model.recipes import FROM_SCRATCH_MIN_IMAGE_SIZE
-from glomeruli.core.params import (FinetuneParams, Params, RuntimeParams, TrainParams,
-                              as_dict)
-from glomeruli.core.paths import AUGMENTED, CHECKPOINTS, FROZEN_MODEL, MANIFEST, SPLIT
 from glomeruli.data.split import Split, read_split
-from glomeruli.core.stage_deps import stage_code
+from glomeruli.model import distribute
+from glomeruli.model.batches import Batches, OnlineRows, sample_weights
+from glomeruli.model.checkpoints import (EarlyStoppingFrom, LiveLogger, Resume, checkpoint_dir, open_live,
+                                         write_empty_curves)
+from glomeruli.model.distribute import Engine
+from glomeruli.model.efficientnet import (adapt_head, calibrate_batchnorm, compile_model, feature_model, freeze_base,
+                                          head_of, reset_head_standardisation, split_at_block, unfreeze_top_blocks)
+from glomeruli.model.inference import GB, ArrayRows, H5Rows, Rows, image_rows, predict_batch, predict_rows
+from glomeruli.model.recipes import FROM_SCRATCH_MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 
 BN_CALIBRATION_IMAGES = 128  # one training-mode pass sets BatchNormalization's statistics before fine-tuning from scratch
-
-
-class Batches(keras.utils.PyDataset):
-    """(x, y, sample_weight) batches, reshuffled every epoch from (seed, epoch) so runs repeat exactly."""
-
-    def __init__(self, x: Rows, y: np.ndarray, batch_size: int, *, weights: np.ndarray | None = None,
-                 seed: int | None = None, epoch: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.x, self.y, self.batch_size, self.seed = x, y.astype(np.float32), batch_size, seed
-        self.weights = weights
-        self.epoch = epoch  # the first epoch's order; a resumed run starts at its first epoch left
-        self._order = self._permutation()
-        self._sync_rows()
-
-    def _sync_rows(self) -> None:
-        if isinstance(self.x, OnlineRows):  # its images are drawn for this epoch
-            self.x.epoch = self.epoch
-
-    def _permutation(self) -> np.ndarray:
-        if self.seed is None:
-            return np.arange(len(self.y))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.y))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __getitem__(self, index: int):
-        idx = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        engine = distribute.current()
-        if engine.distributed:
-            return self._share(idx, engine)
-        x, y = self.x.read(idx), self.y[idx]
-        return (x, y) if self.weights is None else (x, y, self.weights[idx])
-
-    def _share(self, idx: np.ndarray, engine: distribute.Engine):
-        """This process's part of the batch, padded so every replica gets as many rows (weight 0 on padding;
-        real rows scaled by padded/real, so the mean loss and its gradient equal the unpadded batch's)."""
-        rows, pad = engine.share(len(idx))
-        local = idx[rows]
-        weights = (np.ones(len(idx), np.float32) if self.weights is None else self.weights[idx])[rows]
-        x = self.x.read(local) if len(local) else self.x.read(idx[:1])[:0]
-        scale = np.float32(engine.padded(len(idx)) / len(idx))
-        return (distribute.pad_rows(x, pad), distribute.pad_rows(self.y[local], pad),
-                distribute.pad_rows(weights * scale, pad))
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._order = self._permutation()
-        self._sync_rows()
-
-
-class OnlineRows:
-    """Training rows augmented afresh every epoch (finetune.online_augment), drawn inside the input pipeline.
-
-    Row r of epoch e is `augment.augment_image` of the original image with a generator seeded by (seed, e, r),
-    so a batch is a function of (seed, epoch, rows) alone: prefetching threads may draw batches in any order,
-    and a resumed run (Batches starts at its first epoch left) sees the images the killed one would have.
-    """
-
-    def __init__(self, rows: Rows, augment: OnlineAugment):
-        self.rows, self.augment, self.epoch = rows, augment, 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def read(self, indices: np.ndarray) -> np.ndarray:
-        # Rows hold the store's uint8 pixels as float32: the cast back is exact.
-        images = self.rows.read(indices).astype(np.uint8)
-        return self.augment.images(images, np.asarray(indices), self.epoch).astype(np.float32)
-
-
-def sample_weights(labels: np.ndarray, rule: str) -> np.ndarray | None:
-    """`balanced`: weight each class by n / (2 * n_class), scikit-learn's rule."""
-    if rule == "none":
-        return None
-    classes = np.array([0, 1])
-    per_class = compute_class_weight("balanced", classes=classes, y=labels)
-    return per_class[labels].astype(np.float32)
-
-
-class LiveLogger(keras.callbacks.Callback):
-    """Logs epoch metrics to dvclive on every backend (dvclive's own Keras callback needs TensorFlow)."""
-
-    def __init__(self, live):
-        super().__init__()
-        self.live = live
-
-    def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
-            self.live.log_metric(name, float(value))
-        self.live.next_step()
-
-
-class Resume(keras.callbacks.Callback):
-    """Resume state saved after every epoch, so a killed run continues exactly where it stopped.
-
-    A snapshot `epoch-NNNN/` holds every variable of the model being fitted (dropout seed states included,
-    which Keras' BackupAndRestore leaves out) and of its optimizer, the early-stopping state, and a copy of
-    the dvclive folder. It appears by a rename (atomic_path), so a kill leaves the previous snapshot or this
-    one, never half of one, and weights, epoch count and curves always agree.
-    """
-
-    def __init__(self, folder: Path, live_dir: Path | None = None):
-        super().__init__()
-        self.folder, self.live_dir = Path(folder), live_dir
-        snapshots = sorted(self.folder.glob("epoch-[0-9][0-9][0-9][0-9]"))
-        self.latest: Path | None = snapshots[-1] if snapshots else None
-        self.state: dict = {}
-        if self.latest is not None:
-            try:
-                self.state = json.loads((self.latest / "state.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                log.warning("ignoring unreadable resume state %s (%s): training from the first epoch", self.latest, err)
-                self.latest = None
-        self.completed = int(self.state.get("epoch", 0))
-        self.early_stopping: keras.callbacks.EarlyStopping | None = None
-
-    @property
-    def live_snapshot(self) -> Path | None:
-        return self.latest / "live" if self.latest is not None and (self.latest / "live").is_dir() else None
-
-    def _variables(self, model: keras.Model) -> list:
-        return list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
-
-    def restore(self, model: keras.Model, stop: keras.callbacks.EarlyStopping, epochs: int) -> int:
-        """Load the latest snapshot into the compiled `model`; returns the first epoch left to train."""
-        self.early_stopping = stop
-        if self.latest is None:
-            return 0
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        targets = self._variables(model)
-        try:
-            with np.load(self.latest / "variables.npz") as saved:
-                arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
-            if [tuple(a.shape) for a in arrays] != [tuple(v.shape) for v in targets]:
-                raise ValueError("its variables do not match this model")
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise UserError(f"the resume state in {self.latest} is unusable ({err}); it was removed: rerun "
-                            "`dvc repro` to train this phase from its first epoch") from err
-        for variable, value in zip(targets, arrays):
-            variable.assign(value)
-        sync_normalization(model)
-        log.info("resuming after epoch %d of %d from %s", self.completed, epochs, self.latest)
-        return epochs if self.state.get("stopped") else min(self.completed, epochs)
-
-    def on_train_begin(self, logs=None):
-        # After EarlyStopping's own on_train_begin, which resets it.
-        stop, saved = self.early_stopping, self.state.get("early_stopping")
-        if stop is None or not saved:
-            return
-        for key, value in saved.items():
-            setattr(stop, key, value)
-        if (self.latest / "best_weights.npz").is_file():
-            with np.load(self.latest / "best_weights.npz") as best:
-                stop.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
-
-    def on_epoch_end(self, epoch, logs=None):
-        stop = self.early_stopping
-        target = self.folder / f"epoch-{epoch + 1:04d}"
-        with atomic_path(target) as tmp:
-            tmp.mkdir()
-            np.savez(tmp / "variables.npz", *[keras.ops.convert_to_numpy(v) for v in self._variables(self.model)])
-            state: dict = {"epoch": epoch + 1, "stopped": bool(self.model.stop_training)}
-            if stop is not None:
-                best = None if stop.best is None else float(stop.best)
-                state["early_stopping"] = {"wait": int(stop.wait), "best": best, "best_epoch": int(stop.best_epoch),
-                                           "stopped_epoch": int(stop.stopped_epoch)}
-                if stop.best_weights is not None:
-                    np.savez(tmp / "best_weights.npz", *stop.best_weights)
-            if self.live_dir is not None and Path(self.live_dir).is_dir():
-                shutil.copytree(self.live_dir, tmp / "live")
-            (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-        for older in self.folder.glob("epoch-*"):
-            if older != target:
-                shutil.rmtree(older, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -251,28 +73,6 @@ def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.op
                                                   warmup_steps=warmup)
 
 
-class EarlyStoppingFrom(keras.callbacks.EarlyStopping):
-    """Early stopping on val_loss that counts the model a phase starts from (`start`: its val loss and weights)
-    as a candidate: a fine-tuning that never beats it on validation hands it back, not its least bad epoch."""
-
-    def __init__(self, start: tuple[float, list] | None = None, **kwargs):
-        super().__init__(monitor="val_loss", restore_best_weights=True, **kwargs)
-        self.start = start
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.start is not None:
-            self.best, self.best_weights = self.start
-            self.best_epoch = -1
-
-    def on_train_end(self, logs=None):
-        if self.start is not None and self.best_epoch == -1:
-            log.warning("no epoch beat the starting model's validation loss (%.4f): it is kept unchanged",
-                        self.start[0])
-        super().on_train_end(logs)
-        sync_normalization(self.model)  # restored weights include the head's standardisation
-
-
 def starting_point(model: keras.Model, x_val: Rows, y_val: np.ndarray, batch_size: int) -> tuple[float, list]:
     """Validation loss (binary cross-entropy, as fit reports it) and weights of `model` as it is now."""
     prob = np.clip(predict_rows(model, x_val, batch_size).reshape(-1).astype(np.float64), 1e-7, 1 - 1e-7)
@@ -280,10 +80,16 @@ def starting_point(model: keras.Model, x_val: Rows, y_val: np.ndarray, batch_siz
     return float(-np.mean(y * np.log(prob) + (1 - y) * np.log1p(-prob))), model.get_weights()
 
 
-def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list,
-         workers: int = 1, start: tuple[float, list] | None = None) -> keras.callbacks.History:
-    """`workers` > 1: that many threads prepare training batches ahead of the model (online augmentation).
-    `start`: the starting model's (val loss, weights), kept if no epoch beats it (see EarlyStoppingFrom)."""
+def fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int, callbacks: list,
+        workers: int = 1, start: tuple[float, list] | None = None,
+        engine: Engine | None = None) -> keras.callbacks.History:
+    """Compile and train `model` on `data`, early stopping on val_loss, resumable (a `Resume` in `callbacks`).
+
+    `workers` > 1: that many threads prepare training batches ahead of the model (online augmentation).
+    `start`: the starting model's (val loss, weights), kept if no epoch beats it (see EarlyStoppingFrom).
+    `engine`: the devices to train on (default: those `distribute.start` set up).
+    """
+    engine = engine or distribute.current()
     steps_per_epoch = math.ceil(len(data.y_train) / params.batch_size)
     compile_model(model, learning_rate(params, steps_per_epoch))
     stop = EarlyStoppingFrom(start, patience=params.patience)
@@ -292,8 +98,8 @@ def _fit(model: keras.Model, data: PhaseData, params: TrainParams, *, seed: int,
     prefetch = {"workers": workers, "use_multiprocessing": False, "max_queue_size": 2 * workers} if workers > 1 else {}
     train = Batches(data.x_train, data.y_train, params.batch_size,
                     weights=sample_weights(data.y_train.astype(int), params.class_weight), seed=seed, epoch=first_epoch,
-                    **prefetch)
-    val = Batches(data.x_val, data.y_val, params.batch_size)
+                    engine=engine, **prefetch)
+    val = Batches(data.x_val, data.y_val, params.batch_size, engine=engine)
     # The snapshot goes last: it records the early-stopping decision and the curves of the epoch just ended.
     ordered = [stop, *(c for c in callbacks if c is not resume), *([resume] if resume is not None else [])]
     # shuffle=False: Batches reshuffles from (seed, epoch) itself. Keras would also reorder the batches with
@@ -323,11 +129,11 @@ def train_frozen(model: keras.Model, data: PhaseData, params: TrainParams, runti
     train_features = predict_rows(extractor, data.x_train, params.batch_size)
     adapt_head(model, train_features)
     if not runtime.cache_features:
-        return _fit(model, data, params, seed=seed, callbacks=callbacks)
+        return fit(model, data, params, seed=seed, callbacks=callbacks)
     log.info("computing base features of %d val records; the head trains on these cached features", len(data.x_val))
     cached = PhaseData(ArrayRows(train_features), data.y_train,
                        ArrayRows(predict_rows(extractor, data.x_val, params.batch_size)), data.y_val)
-    return _fit(head_of(model), cached, params, seed=seed, callbacks=callbacks)
+    return fit(head_of(model), cached, params, seed=seed, callbacks=callbacks)
 
 
 def _cache_activations(bottom: keras.Model, rows: Rows, batch_size: int, budget_bytes: float,
@@ -357,14 +163,18 @@ def _cache_activations(bottom: keras.Model, rows: Rows, batch_size: int, budget_
 
 def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtime: RuntimeParams, *,
              seed: int, callbacks: list, from_scratch: bool = False,
-             augment: OnlineAugment | None = None) -> keras.callbacks.History:
-    """Unfreeze the top blocks (`all`: every layer) and train at a lower rate.
+             augment: OnlineAugment | None = None) -> keras.callbacks.History | None:
+    """Unfreeze the top blocks (`all`: every layer) and train at a lower rate; `params.epochs` 0: leave
+    `model` as it is (no fine-tuning: the frozen model is the model) and return None.
 
     `from_scratch` (model.weights: none): BatchNormalization trains too, and fit runs the base in training mode;
     over pretrained weights it stays frozen. `params.online_augment` needs `augment` and `data` read with
     `load_phase_data(..., originals=True)`. The activation cache is used only when everything below the
     trained layers gives fixed activations; otherwise the log says why it is off.
     """
+    if params.epochs == 0:
+        log.info("finetune.epochs: 0: no fine-tuning, the frozen-phase model is the model")
+        return None
     # Fine-tuning must never hand back a model worse on validation than the frozen phase's (a short run, or
     # from scratch, where recalibrated BatchNormalization first moves every feature under the trained head).
     start = starting_point(model, data.x_val, data.y_val, params.batch_size)
@@ -400,7 +210,7 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
     if runtime.cache_features and not_fixed:
         log.info("activation cache off, nothing below the trained layers is fixed: %s", "; ".join(not_fixed))
     if not runtime.cache_features or not_fixed:
-        return _fit(model, data, params, seed=seed, callbacks=callbacks, workers=workers, start=start)
+        return fit(model, data, params, seed=seed, callbacks=callbacks, workers=workers, start=start)
     bottom, top = split_at_block(model, params.unfreeze_blocks)
     spill_dir = Path(tempfile.mkdtemp(prefix="glomeruli-activations-"))
     try:
@@ -408,7 +218,7 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
         x_train, used = _cache_activations(bottom, data.x_train, params.batch_size, budget, spill_dir)
         x_val, _ = _cache_activations(bottom, data.x_val, params.batch_size, budget - used, spill_dir)
         cached = PhaseData(x_train, data.y_train, x_val, data.y_val)
-        return _fit(top, cached, params, seed=seed, callbacks=callbacks,
+        return fit(top, cached, params, seed=seed, callbacks=callbacks,
                     start=(start[0], top.get_weights()))
     finally:
         for rows in (locals().get("x_train"), locals().get("x_val")):
@@ -417,82 +227,68 @@ def finetune(model: keras.Model, data: PhaseData, params: FinetuneParams, runtim
         shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def _checkpoint_dir(phase: str, params: Params) -> Path:
-    """Resume state keyed by everything that shapes the run, so a stale one is never picked up."""
-    code = [file_sha256(f) for f in stage_code(phase)]  # the phase's code deps in dvc.yaml
-    inputs = [file_sha256(SPLIT), *_store_content_key(), keras.__version__, *code]
-    if phase == "finetune":  # a retrained frozen-phase model makes fine-tuning state stale
-        inputs.append(file_sha256(FROZEN_MODEL))
-    key = json.dumps([phase, as_dict(params), *inputs], sort_keys=True)
-    return CHECKPOINTS / f"{phase}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+@dataclass(frozen=True)
+class PhasePaths:
+    """What a training phase reads and writes (the stages pass glomeruli.core.paths')."""
+
+    store: Path  # the augmented image store
+    split: Path
+    manifest: Path  # stands for the store's content in the resume key (checkpoints.store_content_key)
+    checkpoints: Path  # the resume states' folder
+    model: Path  # the trained model
+    live: Path  # the dvclive folder: curves and metrics.json
+    start_model: Path | None = None  # the model the phase starts from (fine-tuning: the frozen phase's)
 
 
-# The stages whose code writes the pixels of the augmented store (with the params, already in the key).
-_STORE_STAGES = ("preprocess", "augment")
-
-
-def _store_content_key() -> list[str]:
-    """What the augmented store's pixels are a function of, instead of hashing gigabytes at every start.
-
-    Its size says nothing (fixed-size chunks: other pixels, same size). The store is deterministic given
-    the manifest (the SHA-256 of every source image, and its label), the params, and the code and
-    libraries that decode, resize and augment; those few kilobytes stand for its content.
-    """
-    import cv2  # imported here: only the key needs its version
-
-    code = [file_sha256(f) for f in stage_code(*_STORE_STAGES)]
-    return [file_sha256(MANIFEST), *code, cv2.__version__, np.__version__]
-
-
-def _live(folder: Path, resume_at: int = 0):
-    """A dvclive logger that edits neither dvc.yaml nor git (dvc.yaml declares its files).
-
-    `resume_at` > 0: `folder` holds the curves of that many epochs already; keep them and continue.
-    """
-    from dvclive import Live  # imported late: it is slow to import and only stages need it
-    from scmrepo.exceptions import SCMError
-
-    try:
-        live = Live(str(folder), dvcyaml=None, save_dvc_exp=False, resume=resume_at > 0)
-        if resume_at:
-            live.step = resume_at  # dvclive's own resume reads the step back one short after a single epoch
-        return live
-    except SCMError as err:  # dvclive reads the current commit and fails in a repository without one
-        raise UserError(f"dvclive needs a git repository with at least one commit ({err}): run "
-                        "`git add -A && git commit -m 'initial'`, then `dvc repro` again") from err
-
-
-def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Model], *,
-              out_model: Path, live_dir: Path) -> None:
+def run_phase(phase: str, params: Params, make_model: Callable[[int], keras.Model], paths: PhasePaths) -> None:
     """Stage body shared by train_frozen and finetune: data in, curves and model out, resumable."""
+    if phase == "finetune" and params.finetune.epochs == 0:
+        _hand_on_start_model(paths)
+        return
     phase_params = params.train_frozen if phase == "train_frozen" else params.finetune
     train = train_frozen if phase == "train_frozen" else finetune
-    distribute.check_batch_size(f"{phase}.batch_size", phase_params.batch_size)
+    engine = distribute.current()
+    distribute.check_batch_size(f"{phase}.batch_size", phase_params.batch_size, engine)
     # TensorFlow builds, compiles and fits in its strategy's scope (no-op on JAX and on one device).
-    with distribute.current().scope(), ImageStore(AUGMENTED) as store:
-        split = read_split(SPLIT, len(store.meta))
+    with engine.scope(), ImageStore(paths.store) as store:
+        split = read_split(paths.split, len(store.meta))
         model = make_model(store.image_size)
         online = phase == "finetune" and params.finetune.online_augment
         data = load_phase_data(store, split, params.runtime.memory_budget_gb, originals=online)
-        checkpoint = _checkpoint_dir(phase, params)
+        checkpoint = checkpoint_dir(phase, params, paths.checkpoints, split=paths.split, manifest=paths.manifest,
+                                    start_model=paths.start_model)
         # A killed run resumes from its last completed epoch, curves included (see Resume).
         resume = Resume(checkpoint)
-        with atomic_path(live_dir) as tmp_live:
+        with atomic_path(paths.live) as tmp_live:
             if resume.live_snapshot is not None:
                 shutil.copytree(resume.live_snapshot, tmp_live)
             resume.live_dir = tmp_live
-            with _live(tmp_live, resume.completed if resume.live_snapshot is not None else 0) as live:
+            with open_live(tmp_live, resume.completed if resume.live_snapshot is not None else 0) as live:
                 # The frozen model's weights came from model.weights: from scratch, fine-tuning trains BatchNormalization.
                 extra = {} if phase != "finetune" else {
                     "from_scratch": params.model.weights == "none",
                     "augment": OnlineAugment(params.augment, params.preprocess.fill, params.seed)}
                 train(model, data, phase_params, params.runtime, seed=params.seed,
                       callbacks=[LiveLogger(live), resume], **extra)
-    with atomic_path(out_model) as tmp:
+    with atomic_path(paths.model) as tmp:
         model.save(tmp)
     # Done: drop this phase's resume state, and any a run with other settings left behind.
-    for state in [checkpoint, *CHECKPOINTS.glob(f"{phase}-*")]:
+    for state in [checkpoint, *paths.checkpoints.glob(f"{phase}-*")]:
         shutil.rmtree(state, ignore_errors=True)
-    for empty in (CHECKPOINTS, CHECKPOINTS.parent):  # leave no scratch folders behind
+    for empty in (paths.checkpoints, paths.checkpoints.parent):  # leave no scratch folders behind
         with contextlib.suppress(OSError):
             empty.rmdir()
+
+
+def _hand_on_start_model(paths: PhasePaths) -> None:
+    """`finetune.epochs: 0`: a copy of the model the phase starts from as its model, and the curves of no
+    epoch (dvclive's empty metrics.json, header-only curve files), so every output dvc.yaml declares exists."""
+    if paths.start_model is None:
+        raise ValueError("finetune.epochs: 0 hands on the frozen-phase model: PhasePaths.start_model names it")
+    log.info("finetune.epochs: 0: no fine-tuning, the frozen-phase model is the model")
+    with atomic_path(paths.live) as tmp_live:
+        with open_live(tmp_live):
+            pass
+        write_empty_curves(tmp_live)
+    with atomic_path(paths.model) as tmp:
+        shutil.copyfile(paths.start_model, tmp)
