@@ -23,8 +23,7 @@ from glomeruli.model.recipes import FROM_SCRATCH_OVERRIDES, from_scratch_command
 from project import ROOT, dvc, glomeruli, run
 
 pytestmark = pytest.mark.slow
-DEMO_SMALLEST = ["-n", "120", "-S", "preprocess.image_size=32", "-S", "train_frozen.epochs=2",
-                 "-S", "finetune.epochs=1", "-S", "runtime.workers=1"]
+DEMO_SMALLEST = ["-n", "120", "-S", "preprocess.image_size=32", "-S", "train_frozen.epochs=2", "-S", "runtime.workers=1"]
 
 
 def _checkout(folder: Path) -> Path:
