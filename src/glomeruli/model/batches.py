@@ -2,7 +2,9 @@
 
 `Batches` reshuffles every epoch from (seed, epoch), so a run and a resumed run see the same batches; on
 several devices it hands this process its padded share of every batch (`Engine.read_share`), given the
-engine explicitly. `OnlineRows` draws fresh augmented images every epoch (finetune.online_augment).
+engine explicitly. `OnlineRows` draws fresh augmented images every epoch (finetune.online_augment). Its variants are
+seeded by (seed, epoch, record) and drawn in Keras' PyDataset threads ahead of the model, so batches repeat
+exactly whatever thread drew them, and resume stays exact.
 """
 
 from __future__ import annotations

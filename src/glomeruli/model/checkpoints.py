@@ -4,6 +4,13 @@
 early-stopping state and the curves after each epoch, under a folder keyed by everything that shapes the
 run (`checkpoint_dir`), so a resumed run continues exactly and a stale snapshot is never picked up;
 `EarlyStoppingFrom` counts the model a phase starts from as a candidate.
+
+Snapshots live in `.glomeruli-tmp/checkpoints/<phase>-<hash>` (outside DVC's outputs), each appearing by a
+rename so a kill never leaves half of one, and the folder goes when the stage completes. The key hashes the
+params, the split, the code (`stage_deps.stage_code`: the files dvc.yaml lists), the frozen model for
+fine-tuning, and the augmented store's content through `store_content_key`: the store is a deterministic
+function of the manifest (every image's SHA-256), the params and the code and library versions that write it,
+so those few kilobytes stand for gigabytes (the store's size would not change with its pixels).
 """
 
 from __future__ import annotations

@@ -10,6 +10,14 @@ skips fine-tuning: the frozen model is the model.
 
 `fit` is the one fit loop of both (batches from glomeruli.model.batches, callbacks and resume state from
 glomeruli.model.checkpoints); `run_phase` takes every path it reads and writes (`PhasePaths`).
+
+Fine-tuning starts by measuring the incoming model's validation loss (`starting_point`); `EarlyStoppingFrom`
+counts it as a candidate, so a phase that never beats it hands the frozen model back unchanged (and says so)
+instead of its least bad epoch. The activation cache is off, with a log line saying why, when nothing below the
+trained layers is fixed: `unfreeze_blocks: all`, from scratch (BatchNormalization trains, after
+`calibrate_batchnorm` set its statistics from one training-mode pass) or `finetune.online_augment`.
+`finetune.lr_schedule: cosine` is Keras' `CosineDecay` with linear warm-up, a function of the optimizer's
+iteration count, so a resumed run continues the same schedule.
 """
 
 from __future__ import annotations
