@@ -64,7 +64,7 @@ def filter_native_stderr() -> None:
     sys.stderr.flush()
     read_end, write_end = os.pipe()
     try:
-        _stderr_filter = subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdin=read_end, stdout=2)
+        _stderr_filter = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", code], stdin=read_end, stdout=2)
     except OSError:
         os.close(write_end)
         return
