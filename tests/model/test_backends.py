@@ -50,10 +50,11 @@ def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-# Tests of those modules that run no Keras computation (input order, hashing, refusals before a model runs):
-# their outcome does not depend on the backend, so the TensorFlow run covers them.
+# Tests of those modules whose checks do not depend on the backend (input order, hashing, which files predict reads
+# and the pixels it feeds, refusals before a model runs): the TensorFlow run covers them.
 BACKEND_INDEPENDENT = ("batches_reshuffle", "sample_weights", "resume_key", "arbitrary_code", "corrupt_or_missing",
-                       "offline_imagenet", "refuses", "over_its_cap", "without_recursive")
+                       "offline_imagenet", "refuses", "over_its_cap", "without_recursive", "bad_files", "pads_with",
+                       "cli_writes")
 
 
 @pytest.mark.slow
