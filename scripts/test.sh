@@ -3,6 +3,7 @@
 # learning test on the hard set. Two worker processes (GLOMERULI_TEST_WORKERS, 0 for one process): most of
 # the suite is single-threaded Python (imports, tracing, DVC), so a second process uses the second core.
 # `bash scripts/test.sh -m learning` runs the learning test alone.
+# `bash scripts/test.sh -m "not slow"` is the quick loop: everything but training, `dvc repro` and Keras subprocesses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -c "import pytest, xdist" 2>/dev/null || bash scripts/setup.sh requirements-dev.txt

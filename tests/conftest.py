@@ -132,6 +132,14 @@ SLOWEST_FIRST = ("test_training", "test_robustness", "test_backends", "test_work
                  "test_distribute", "test_finetune", "test_evaluate_outputs", "test_review", "test_export")
 
 
+# A test using one of these runs the real `dvc repro` of the tiny pipeline (or waits for it): slow by definition.
+SLOW_FIXTURES = frozenset({"pipeline_repo"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("learning") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))

@@ -40,6 +40,7 @@ def messy_folder(tmp_path, tiny_data):
     return tmp_path, sorted(p.name for p in images)
 
 
+@pytest.mark.slow  # loads and runs EfficientNetB3
 def test_bad_files_are_skipped_by_name(trained, messy_folder):
     folder, good = messy_folder
     predictions, skipped = predict_folder(trained[0], folder, batch_size=3, workers=2)
@@ -62,6 +63,7 @@ def _model_inputs_recorded(monkeypatch) -> list[np.ndarray]:
     return fed
 
 
+@pytest.mark.slow  # loads and runs EfficientNetB3
 def test_probabilities_use_the_training_preprocessing(trained, messy_folder, tiny_data, monkeypatch):
     """The model gets exactly the pixels the preprocess stage stored for training from the same files."""
     path, model = trained
@@ -79,6 +81,7 @@ def test_probabilities_use_the_training_preprocessing(trained, messy_folder, tin
     assert all(p.label == int(p.probability >= 0.5) for p in predictions)
 
 
+@pytest.mark.slow  # loads and runs EfficientNetB3
 def test_predict_pads_with_the_models_fill_and_composites_transparency_over_it(trained, tmp_path, monkeypatch):
     """A 16x32 image whose longer side is the model's 32: no resampling, so every input pixel is known."""
     from PIL import Image
@@ -111,6 +114,7 @@ def test_predict_pads_with_the_models_fill_and_composites_transparency_over_it(t
                                                    rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow  # loads and runs EfficientNetB3
 def test_cli_writes_a_csv_scorable_against_public_csv(trained, messy_folder, tmp_path_factory):
     folder, good = messy_folder
     out = tmp_path_factory.mktemp("out") / "evaluation.csv"
@@ -122,8 +126,8 @@ def test_cli_writes_a_csv_scorable_against_public_csv(trained, messy_folder, tmp
     assert all(r[1] in ("0", "1") and 0.0 <= float(r[2]) <= 1.0 for r in rows[1:])
 
 
-def test_cli_refuses_a_model_without_metadata(tmp_path, trained, messy_folder, capfd):
-    shutil.copy(trained[0], tmp_path / "other.keras")
+def test_cli_refuses_a_model_without_metadata(tmp_path, grey_model, messy_folder, capfd):
+    shutil.copy(grey_model, tmp_path / "other.keras")
     assert cli.main(["predict", str(messy_folder[0]), "--model", str(tmp_path / "other.keras")]) == 1
     assert "other.meta.json not found" in capfd.readouterr().err
 

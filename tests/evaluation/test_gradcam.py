@@ -61,6 +61,7 @@ def test_gradcam_localises_the_evidence_of_either_class():
         assert image[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2, 0].max() == 1.0
 
 
+@pytest.mark.slow
 def test_efficientnet_split_reproduces_the_model():
     """sigmoid(the score Grad-CAM differentiates) is the model's own probability."""
     model = build_model(32, "none", 0.3)

@@ -50,12 +50,20 @@ def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+# Tests of those modules whose checks do not depend on the backend (input order, hashing, which files predict reads
+# and the pixels it feeds, refusals before a model runs): the TensorFlow run covers them.
+BACKEND_INDEPENDENT = ("batches_reshuffle", "sample_weights", "resume_key", "arbitrary_code", "corrupt_or_missing",
+                       "offline_imagenet", "refuses", "over_its_cap", "without_recursive", "bad_files", "pads_with",
+                       "cli_writes")
+
+
 @pytest.mark.slow
 def test_training_path_under_jax_without_tensorflow(tmp_path):
     """Training, the model and prediction on JAX. The learning tests and the top-block twin of the never-beats
     test run on TensorFlow only, for time."""
+    skipped = " and ".join(f"not {name}" for name in BACKEND_INDEPENDENT)
     result = pytest_under_jax(tmp_path, "tests/model/test_training.py", "tests/model/test_efficientnet.py", "tests/commands/test_predict.py",
-                              "-k", "not learns and not (never_beats and top)")
+                              "-k", f"not learns and not (never_beats and top) and {skipped}")
     assert " passed" in result.stdout and "failed" not in result.stdout
     probe = subprocess.run([sys.executable, "-c", "import keras, glomeruli.model.training, glomeruli.model.efficientnet, sys; "
                             "print(keras.backend.backend(), 'tensorflow' in sys.modules)"],
@@ -73,6 +81,7 @@ for setting in ("false", "auto", "false"):
 """
 
 
+@pytest.mark.slow
 def test_op_determinism_follows_the_param_on_tensorflow():
     """auto turns TensorFlow op determinism on for a CPU run; false leaves it off (and turns it off again)."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
@@ -82,6 +91,7 @@ def test_op_determinism_follows_the_param_on_tensorflow():
     assert result.stdout.split("\n")[:3] == ["false False", "auto True", "false False"], result.stdout
 
 
+@pytest.mark.slow
 def test_deterministic_true_on_jax_sets_the_xla_flag_before_jax_starts(tmp_path):
     (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)  # as on our JAX boxes (and faster to start)
     probe = ("import os; from glomeruli.model.backend import configure; configure(0, 'float32', True); import jax; "

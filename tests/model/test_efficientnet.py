@@ -37,6 +37,7 @@ def test_unfreezing_whole_top_blocks_keeps_batchnorm_frozen(model):
     M.freeze_base(model)
 
 
+@pytest.mark.slow
 def test_split_at_block_reproduces_the_model(model):
     bottom, top = M.split_at_block(model, 2)
     activations = bottom.predict(X, verbose=0)
@@ -45,6 +46,7 @@ def test_split_at_block_reproduces_the_model(model):
     np.testing.assert_allclose(M.head_of(model).predict(features, verbose=0), model.predict(X, verbose=0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_reset_head_standardisation_passes_the_features_through_unscaled():
     """From scratch the head must see the base's features as they are, also in an already traced predict."""
     keras.utils.set_random_seed(1)
@@ -58,6 +60,7 @@ def test_reset_head_standardisation_passes_the_features_through_unscaled():
     np.testing.assert_allclose(fresh.predict(X, verbose=0), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_save_and_safe_load_round_trip(model, tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = M.load_model(tmp_path / "m.keras")

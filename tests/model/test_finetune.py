@@ -64,6 +64,7 @@ def _kernel(model: keras.Model, layer: str) -> np.ndarray:
     return keras.ops.convert_to_numpy(base_of(model).get_layer(layer).kernel)
 
 
+@pytest.mark.slow
 def test_batchnorm_trains_from_scratch_and_stays_fixed_over_pretrained_weights(tiny_data, tmp_path, caplog):
     """The top block fine-tuned (a small backward graph; the learning test trains every layer from scratch)."""
     configure(3, "float32", "auto")
@@ -188,6 +189,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_online_augmented_cosine_run_resumes_to_identical_weights(tiny_data, tmp_path):
     """Online augmentation drawn by prefetching threads, warm-up + cosine: killed after an epoch, a rerun
     ends with the weights of an uninterrupted run (the kill/resume pattern of test_robustness)."""

@@ -31,6 +31,7 @@ def _frozen_model(tiny_data, cache: bool, seed: int = 7, epochs: int = 3) -> ker
     return model
 
 
+@pytest.mark.slow
 def test_cached_frozen_phase_equals_full_graph_training(tiny_data):
     cached, full = _frozen_model(tiny_data, True), _frozen_model(tiny_data, False)
     cached_w, full_w = head_of(cached).get_weights(), head_of(full).get_weights()
@@ -53,6 +54,7 @@ class _WeightsAtEpochEnd(keras.callbacks.Callback):
         self.weights = self.watched.get_weights()
 
 
+@pytest.mark.slow
 def test_cached_finetune_equals_full_graph_training(tiny_data, tmp_path):
     p = tiny_data.params
     _frozen_model(tiny_data, True, epochs=1).save(tmp_path / "frozen.keras")
@@ -134,6 +136,7 @@ def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_ca
     assert scratch_auc >= 0.65, f"from scratch: ROC-AUC {scratch_auc:.3f} (frozen random base: {frozen_auc:.3f})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("from_scratch", [False, True], ids=["top-block", "from-scratch"])
 def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp_path, caplog, from_scratch):
     """Weights and predictions: from scratch, fine-tuning resets the head's standardisation before it starts,
