@@ -12,7 +12,7 @@ if [ -L .venv ]; then  # an environment linked in from elsewhere (e.g. a test's 
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -qq --upgrade pip
 case "$REQUIREMENTS" in
   *gpu-tf*)  .venv/bin/python -m pip uninstall -q -y tensorflow-cpu 2>/dev/null || true ;;
   *gpu-jax*) .venv/bin/python -m pip uninstall -q -y tensorflow-cpu tensorflow 2>/dev/null || true ;;
@@ -20,5 +20,6 @@ case "$REQUIREMENTS" in
                .venv/bin/python -m pip uninstall -q -y tensorflow  # back from a GPU set-up to the CPU build
              fi ;;
 esac
-.venv/bin/python -m pip install -q -r "$REQUIREMENTS"
-.venv/bin/python -m pip install -q --no-deps -e .
+# -qq: errors only (a machine whose pip.conf names index folders it lacks warns once per package otherwise)
+.venv/bin/python -m pip install -qq -r "$REQUIREMENTS"
+.venv/bin/python -m pip install -qq --no-deps -e .
