@@ -29,6 +29,26 @@ def test_plot_files(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_phase_without_epochs_is_named_not_drawn(tmp_path):
+    """finetune.epochs: 0 leaves header-only curve files: the legend says so, and no empty lines are listed."""
+    import matplotlib.pyplot as plt
+
+    from glomeruli.evaluation.plots import training_curves_figure
+
+    for phase, rows in (("frozen", "1\t0\t0.5\n2\t1\t0.4\n"), ("fine-tune", "")):
+        for split in ("train", "val"):
+            folder = tmp_path / phase / "plots" / "metrics" / split
+            folder.mkdir(parents=True)
+            for metric in ("loss", "accuracy"):
+                (folder / f"{metric}.tsv").write_text(f"timestamp\tstep\t{metric}\n" + rows)
+    fig = training_curves_figure({"frozen": tmp_path / "frozen", "fine-tune": tmp_path / "fine-tune"})
+    for ax in fig.axes:
+        assert [text.get_text() for text in ax.get_legend().get_texts()] == ["frozen train", "frozen val",
+                                                                              "fine-tune: no epochs"]
+        assert [list(line.get_xdata()) for line in ax.get_lines() if len(line.get_xdata())] == [[1, 2], [1, 2]]
+    plt.close(fig)
+
+
 def test_confusion_csv_ids_are_inert(tmp_path):
     ids = np.array(["gs/=1+1.png", "-x.png", "plain.png"], dtype=object)
     write_confusion_roc_pr(tmp_path, ids, np.array([1, 0, 1]), np.array([0.9, 0.2, 0.4]), 0.5)

@@ -121,15 +121,27 @@ def _read_curve(live_dir: Path, split: str, metric: str) -> tuple[list[int], lis
 
 def plot_training_curves(phases: dict[str, Path], out_png: Path) -> None:
     """Loss and accuracy per epoch of both phases, fine-tuning continuing the frozen phase's x-axis."""
+    fig = training_curves_figure(phases)
+    fig.savefig(out_png, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def training_curves_figure(phases: dict[str, Path]):
+    """The figure of plot_training_curves; a phase without epochs (finetune.epochs: 0) is named as such in the
+    legend rather than listed with lines that are not there."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     offset = 0
     for phase, live_dir in phases.items():
-        n_steps = 0
+        curves = {(metric, split): _read_curve(live_dir, split, metric)
+                  for metric in ("loss", "accuracy") for split in ("train", "val")}
+        n_steps = max(len(steps) for steps, _ in curves.values())
         for ax, metric in zip(axes, ("loss", "accuracy")):
+            if n_steps == 0:
+                ax.plot([], [], " ", label=f"{phase}: no epochs")
             for split, style in (("train", "-"), ("val", "--")):
-                steps, values = _read_curve(live_dir, split, metric)
-                ax.plot([s + offset + 1 for s in steps], values, style, label=f"{phase} {split}")
-                n_steps = max(n_steps, len(steps))
+                steps, values = curves[metric, split]
+                if steps:
+                    ax.plot([s + offset + 1 for s in steps], values, style, label=f"{phase} {split}")
             ax.set_xlabel("epoch")
             ax.set_title(metric)
         offset += n_steps
@@ -137,8 +149,7 @@ def plot_training_curves(phases: dict[str, Path], out_png: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120, metadata={"Software": None})
-    plt.close(fig)
+    return fig
 
 
 def plot_site_rocs(out_png: Path, labels: np.ndarray, score: np.ndarray, sites: np.ndarray, title: str) -> None:
