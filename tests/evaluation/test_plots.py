@@ -84,3 +84,20 @@ def test_reliability_csv_holds_the_filled_bins(tmp_path):
         ("0.00", "1", "0.000000"), ("0.10", "2", "0.500000"), ("0.80", "1", "1.000000"), ("0.90", "1", "1.000000")]
     assert rows[1]["mean_probability"] == "0.135000"
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dvc_yaml_plots_name_the_columns_evaluate_writes():
+    """dvc.yaml's `plots:` (x and y) and the CSVs evaluate writes (and review reads back) use the same columns."""
+    import yaml
+
+    from conftest import ROOT
+    from glomeruli.evaluation.outputs import CONFUSION_NAME, PR_NAME, ROC_NAME, PlotColumn
+
+    plots = {name: spec for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+             if isinstance(entry, dict) for name, spec in entry.items()}
+    expected = {"Confusion matrix (test)": (PlotColumn.ACTUAL, CONFUSION_NAME, PlotColumn.PREDICTED),
+                "ROC (test)": (PlotColumn.FPR, ROC_NAME, PlotColumn.TPR),
+                "Precision-recall (test)": (PlotColumn.RECALL, PR_NAME, PlotColumn.PRECISION)}
+    for name, (x, file_name, y) in expected.items():
+        assert plots[name]["x"] == x, name
+        assert plots[name]["y"] == {f"metrics/plots/{file_name}": y}, name

@@ -30,7 +30,8 @@ import yaml  # noqa: E402
 
 from glomeruli.core.errors import UserError  # noqa: E402
 from glomeruli.core.vcs import CommandError, git_show_or_none, run_dvc, run_git  # noqa: E402
-from glomeruli.evaluation.outputs import EVALUATE_JSON, Bootstrap, Metric, Report, dotted, interval_key  # noqa: E402
+from glomeruli.evaluation.outputs import (EVALUATE_JSON, Bootstrap, Metric, PlotColumn, Report, dotted,  # noqa: E402
+                                          interval_key)
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ def draw_confusions(data: PlotData, sides: list[tuple[str, Revision]], path: Pat
     for ax, (side, rev, rows) in zip(axes[0], panels):
         matrix = np.zeros((2, 2), int)
         for r in rows:
-            matrix[int(float(r["actual"])), int(float(r["predicted"]))] += 1
+            matrix[int(float(r[PlotColumn.ACTUAL])), int(float(r[PlotColumn.PREDICTED]))] += 1
         ax.imshow(matrix, cmap="Blues" if side == "head" else "Oranges", vmin=0)
         for (i, j), count in np.ndenumerate(matrix):
             share = count / max(matrix[i].sum(), 1)
@@ -320,8 +321,9 @@ def draw_roc_pr(data: PlotData, sides: list[tuple[str, Revision]], path: Path) -
         roc_rows, pr_rows = data.of(ROC_PLOT, rev), data.of(PR_PLOT, rev)
         if not roc_rows or not pr_rows:
             continue
-        fpr, tpr = (np.array([float(r[k]) for r in roc_rows]) for k in ("fpr", "tpr"))
-        recall, precision = (np.array([float(r[k]) for r in pr_rows]) for k in ("recall", "precision"))
+        fpr, tpr = (np.array([float(r[k]) for r in roc_rows]) for k in (PlotColumn.FPR, PlotColumn.TPR))
+        recall, precision = (np.array([float(r[k]) for r in pr_rows])
+                             for k in (PlotColumn.RECALL, PlotColumn.PRECISION))
         # ROC rows run up from (0, 0); PR rows (scikit-learn's order) run from recall 1 down to 0
         style = {k: v for k, v in STYLES[side].items() if k != "ms"}
         auc = float(np.trapezoid(tpr, fpr))  # the curve's own area (the table has scikit-learn's)

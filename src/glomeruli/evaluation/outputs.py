@@ -1,5 +1,5 @@
-"""The names in the evaluate stage's outputs that other code reads: the keys of `metrics/evaluate.json` and the
-columns of `metrics/plots/test_predictions.csv`. Evaluate writes them with these constants and `glomeruli
+"""The names in the evaluate stage's outputs that other code reads: the keys of `metrics/evaluate.json`, the
+columns of `metrics/plots/test_predictions.csv` and of the plot CSVs that dvc.yaml's `plots:` name. Evaluate writes them with these constants and `glomeruli
 cv-summary`, `glomeruli review`, the model card and `glomeruli recalibrate` read them with the same ones.
 
 The strings are a file format: `dvc metrics diff`, `dvc plots` and runs made by earlier versions read them, so
@@ -12,6 +12,7 @@ from __future__ import annotations
 from glomeruli.core.paths import METRICS, PLOTS
 
 TEST_PREDICTIONS_NAME = "test_predictions.csv"
+CONFUSION_NAME, ROC_NAME, PR_NAME = "confusion.csv", "roc.csv", "precision_recall.csv"
 BURDEN_NAME = "burden.csv"
 # Relative to the project root, as git and `dvc exp` name them.
 EVALUATE_JSON = METRICS.as_posix()
@@ -140,3 +141,17 @@ def prediction_columns(calibrated: bool) -> tuple[str, ...]:
     c = PredictionColumn
     return (c.NAME, c.BIOPSY, c.SITE, c.LABEL, c.PROBABILITY, *((c.CALIBRATED_PROBABILITY,) if calibrated else ()),
             c.SCORE, c.PREDICTED)
+
+
+class PlotColumn:
+    """Columns of the plot CSVs: dvc.yaml's `plots:` use them as x and y (a test keeps the two equal), and
+    `glomeruli review` reads them back from `dvc plots diff`."""
+
+    ID = "id"  # confusion.csv: the image, actual and predicted class
+    ACTUAL = "actual"
+    PREDICTED = "predicted"
+    FPR = "fpr"  # roc.csv
+    TPR = "tpr"
+    RECALL = "recall"  # precision_recall.csv
+    PRECISION = "precision"
+    THRESHOLD = "threshold"  # both curves: the probability at each point

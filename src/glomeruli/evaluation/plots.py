@@ -20,7 +20,8 @@ from glomeruli.core.csvcells import spreadsheet_safe, write_csv  # noqa: E402
 from glomeruli.evaluation.burden import BiopsyBurden  # noqa: E402
 from glomeruli.evaluation.calibration import prob_of_score, reliability_bins  # noqa: E402
 from glomeruli.evaluation.metrics import scalar_metrics  # noqa: E402
-from glomeruli.evaluation.outputs import Calibration, Metric, interval_key  # noqa: E402
+from glomeruli.evaluation.outputs import (CONFUSION_NAME, PR_NAME, ROC_NAME, Calibration, Metric, PlotColumn,  # noqa: E402
+                                          interval_key)
 from glomeruli.evaluation.uncertainty import format_interval  # noqa: E402
 
 MAX_BIOPSIES_LISTED = 20  # biopsies named beside the burden scatter plot; beyond that burden.csv lists them
@@ -35,14 +36,15 @@ def write_confusion_roc_pr(folder: Path, ids: np.ndarray, y_true: np.ndarray, pr
     score = prob if score is None else np.asarray(score)
     folder.mkdir(parents=True, exist_ok=True)
     y_pred = (prob >= threshold).astype(int)
-    write_csv(folder / "confusion.csv", ["id", "actual", "predicted"],
+    c = PlotColumn
+    write_csv(folder / CONFUSION_NAME, [c.ID, c.ACTUAL, c.PREDICTED],
               zip(map(spreadsheet_safe, ids), y_true.tolist(), y_pred.tolist()))
     as_probability = prob_of_score if score is not prob else (lambda values: values)
     fpr, tpr, roc_thr = skm.roc_curve(y_true, score)
-    write_csv(folder / "roc.csv", ["fpr", "tpr", "threshold"],
+    write_csv(folder / ROC_NAME, [c.FPR, c.TPR, c.THRESHOLD],
               zip(np.round(fpr, 6), np.round(tpr, 6), np.round(np.minimum(as_probability(roc_thr), 1.0), 6)))
     precision, recall, pr_thr = skm.precision_recall_curve(y_true, score)
-    write_csv(folder / "precision_recall.csv", ["recall", "precision", "threshold"],
+    write_csv(folder / PR_NAME, [c.RECALL, c.PRECISION, c.THRESHOLD],
               zip(np.round(recall[:-1], 6), np.round(precision[:-1], 6), np.round(as_probability(pr_thr), 6)))
 
     m = scalar_metrics(y_true, prob, threshold, score)
