@@ -89,7 +89,7 @@ def test_sheets_pick_every_error_and_spread_correct_cases():
 
 @pytest.mark.slow
 def test_gradcam_under_jax_without_tensorflow(tmp_path):
-    from test_backends import pytest_under_jax
+    from jaxrun import pytest_under_jax
 
     result = pytest_under_jax(tmp_path, "tests/evaluation/test_gradcam.py", "-k", "localises")
     assert "1 passed" in result.stdout

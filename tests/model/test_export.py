@@ -162,7 +162,7 @@ print(json.dumps({"backend": keras.backend.backend(), "tensorflow": "tensorflow"
 @pytest.mark.slow
 def test_onnx_predicts_what_keras_predicts_on_jax(exported, tmp_path):
     """Exported on JAX (jax2onnx), with TensorFlow made unimportable, as on our JAX boxes."""
-    from test_backends import jax_env
+    from jaxrun import jax_env
 
     keras_model, _, images = exported
     result = subprocess.run([sys.executable, "-c", _JAX_PARITY, str(keras_model), str(images),

@@ -1,0 +1,38 @@
+"""Run code or tests on JAX with TensorFlow made unimportable, as on our GPU boxes (a sitecustomize in a folder)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_TENSORFLOW = """
+import sys
+
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def jax_env(tmp_path: Path) -> dict:
+    """Environment of a process on JAX with TensorFlow made unimportable (a sitecustomize in tmp_path)."""
+    (tmp_path / "sitecustomize.py").write_text(NO_TENSORFLOW)
+    return dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}",
+                JAX_PLATFORMS="cpu")
+
+
+def pytest_under_jax(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run this suite's tests `args` on JAX with TensorFlow made unimportable; asserts they pass."""
+    env = jax_env(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                             "-W", "ignore::DeprecationWarning"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return result
