@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxrun import jax_env, pytest_under_jax
+from jaxrun import NO_TENSORFLOW, jax_env, pytest_under_jax
 
 ROOT = Path(__file__).resolve().parents[2]
 
