@@ -88,38 +88,55 @@ def tiny_data(tmp_path_factory) -> TinyData:
     return build_tiny_data(tmp_path_factory.mktemp("tiny"), n_images=60, size=32)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory) -> None:
+    """One persistent XLA compilation cache for this run's JAX processes (both workers, their subprocesses): the
+    JAX tests build the same EfficientNet graphs many times. JAX keys each entry on the program, its flags and
+    versions, so a hit is the compilation it replaces; the folder is new each run."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_run_folder(tmp_path_factory) / "jax-cache"))
+
+
+def _run_folder(tmp_path_factory) -> Path:
+    """This test run's folder, shared by its xdist workers (each has its own basetemp inside it)."""
+    in_worker = "PYTEST_XDIST_WORKER" in os.environ
+    return tmp_path_factory.getbasetemp().parent if in_worker else tmp_path_factory.getbasetemp()
+
+
 @pytest.fixture(scope="session")
 def pipeline_repo(tmp_path_factory) -> Path:
-    """One tiny project (120 images at 64 px from 3 synthetic sites, split by biopsy) after a real `dvc repro`, committed as
-    `baseline` on main. Shared by every test that needs a finished pipeline, in every xdist worker (the
-    first builds it, the others wait for it): do not change it; work on
+    """One tiny project (`project.TINY_PIPELINE`: 120 images at 64 px from 3 synthetic sites, split by biopsy) after
+    a real `dvc repro`, committed as `baseline` on main. Shared by every test that needs a finished pipeline, in
+    every xdist worker (the first builds it, the others wait for it): do not change it; work on
     `project.clone_project(pipeline_repo, tmp_path / "clone")` instead."""
+    return _shared_pipeline(tmp_path_factory) / "project"
+
+
+@pytest.fixture(scope="session")
+def pipeline_pristine(tmp_path_factory) -> Path:
+    """`pipeline_repo` as it was before its `dvc repro` (the same git commit, nothing run): copy it, never change it."""
+    return _shared_pipeline(tmp_path_factory) / "pristine"
+
+
+def _shared_pipeline(tmp_path_factory) -> Path:
     from filelock import FileLock
 
-    # Each xdist worker has its own basetemp inside this run's folder; without xdist that folder is ours.
-    in_worker = "PYTEST_XDIST_WORKER" in os.environ
-    shared = tmp_path_factory.getbasetemp().parent if in_worker else tmp_path_factory.getbasetemp()
-    repo, built = shared / "pipeline" / "project", shared / "pipeline" / "built"
+    shared = _run_folder(tmp_path_factory)
+    folder, built = shared / "pipeline", shared / "pipeline" / "built"
     with FileLock(str(shared / "pipeline.lock")):
         if not built.exists():
-            if repo.exists():
-                pytest.fail(f"building {repo} failed in another worker: see that worker's first error")
-            _build_pipeline_repo(repo)
+            if folder.exists():
+                pytest.fail(f"building {folder} failed in another worker: see that worker's first error")
+            _build_pipeline_repo(folder)
             built.touch()
-    return repo
+    return folder
 
 
 def _build_pipeline_repo(folder: Path) -> None:
-    from project import STAGES, dvc, make_project, run, stages_run
+    from project import STAGES, TINY_PIPELINE, dvc, make_project, run, stages_run
 
-    from glomeruli.data.layout import SYNTHETIC_SITE_REGEX
-
-    repo = make_project(folder, shipped_params_raw(), n_images=120, seed=1, sites=3,
-                        ingest__site_regex=SYNTHETIC_SITE_REGEX, preprocess__image_size=64, model__weights="none",
-                        split__group_by="biopsy",
-                        split__val_fraction=0.2, split__folds=5, train_frozen__epochs=2, train_frozen__batch_size=16,
-                        finetune__epochs=1, finetune__batch_size=16, finetune__unfreeze_blocks=1,
-                        evaluate__bootstrap_resamples=200, runtime__workers=2, runtime__memory_budget_gb=1)
+    pristine, repo = folder / "pristine", folder / "project"
+    make_project(pristine, shipped_params_raw(), n_images=120, seed=1, sites=3, **TINY_PIPELINE)
+    shutil.copytree(pristine, repo, symlinks=True)
     output = dvc(repo, "repro").stdout
     assert stages_run(output) == list(STAGES), output[-3000:]
     run(repo, "git", "add", "-A")
@@ -133,7 +150,7 @@ SLOWEST_FIRST = ("test_training", "test_robustness", "test_backends", "test_work
 
 
 # A test using one of these runs the real `dvc repro` of the tiny pipeline (or waits for it): slow by definition.
-SLOW_FIXTURES = frozenset({"pipeline_repo"})
+SLOW_FIXTURES = frozenset({"pipeline_repo", "pipeline_pristine"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

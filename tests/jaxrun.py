@@ -12,13 +12,23 @@ NO_TENSORFLOW = """
 import sys
 
 
-class NoTensorFlow:
+class HideTensorFlow:
+    \"\"\"Wraps a finder so that it finds no `tensorflow`: imports fail with ModuleNotFoundError and
+    importlib.util.find_spec returns None, as when it is not installed (JAX's cache asks find_spec).\"\"\"
+
+    def __init__(self, finder):
+        self.finder = finder
+
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "tensorflow":
-            raise ModuleNotFoundError(f"No module named {name!r}")
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
 
 
-sys.meta_path.insert(0, NoTensorFlow())
+sys.meta_path[:] = [HideTensorFlow(finder) for finder in sys.meta_path]
 """
 
 

@@ -14,10 +14,20 @@ from pathlib import Path
 
 import yaml
 
+from glomeruli.data.layout import SYNTHETIC_SITE_REGEX
+
 ROOT = Path(__file__).resolve().parents[1]
 # dvc.yaml's stages in pipeline order; export reruns whenever evaluate rewrites models/model.meta.json (its dep).
 STAGES = ("ingest", "preprocess", "augment", "split", "train_frozen", "finetune", "evaluate", "export")
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", "pyproject.toml", ".dvcignore")
+# conftest.pipeline_repo's settings (with 120 images from 3 sites, seed 1). The kill test reruns this project from
+# scratch and compares with pipeline_repo, so it needs two fine-tuning epochs (a kill between them) and patience
+# at least the epochs (early stopping never shortens a run).
+TINY_PIPELINE = dict(ingest__site_regex=SYNTHETIC_SITE_REGEX, preprocess__image_size=64, model__weights="none",
+                     split__group_by="biopsy", split__val_fraction=0.2, split__folds=5, train_frozen__epochs=3,
+                     train_frozen__batch_size=16, train_frozen__patience=3, finetune__epochs=2, finetune__batch_size=16,
+                     finetune__unfreeze_blocks=1, finetune__patience=2, evaluate__bootstrap_resamples=200,
+                     runtime__workers=2, runtime__memory_budget_gb=1)
 
 
 def project_env(repo: Path, **extra: str) -> dict:

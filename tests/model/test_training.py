@@ -20,20 +20,29 @@ from glomeruli.model.training import finetune, load_phase_data, train_frozen
 from glomeruli.model.recipes import FROM_SCRATCH_OVERRIDES
 
 
-def _frozen_model(tiny_data, cache: bool, seed: int = 7, epochs: int = 3) -> keras.Model:
+def _frozen_model(tiny_data, cache: bool, seed: int = 7) -> keras.Model:
     p = tiny_data.params
     configure(seed, "float32", "auto")
     model = build_model(32, "none", 0.3)
     with tiny_data.store() as store:
         data = load_phase_data(store, tiny_data.split, 1.0)
-        train_frozen(model, data, replace(p.train_frozen, epochs=epochs, batch_size=8),
+        train_frozen(model, data, replace(p.train_frozen, epochs=3, batch_size=8),
                      replace(p.runtime, cache_features=cache), seed=seed, callbacks=[])
     return model
 
 
+@pytest.fixture(scope="module")
+def frozen_file(tiny_data, tmp_path_factory):
+    """The frozen phase on the tiny set (cached features, seed 7), trained once for this module's tests: read it,
+    never write it."""
+    path = tmp_path_factory.mktemp("frozen") / "frozen.keras"
+    _frozen_model(tiny_data, True).save(path)
+    return path
+
+
 @pytest.mark.slow
-def test_cached_frozen_phase_equals_full_graph_training(tiny_data):
-    cached, full = _frozen_model(tiny_data, True), _frozen_model(tiny_data, False)
+def test_cached_frozen_phase_equals_full_graph_training(tiny_data, frozen_file):
+    cached, full = load_model(frozen_file), _frozen_model(tiny_data, False)
     cached_w, full_w = head_of(cached).get_weights(), head_of(full).get_weights()
     assert len(cached_w) == len(full_w) > 0
     for a, b in zip(cached_w, full_w):
@@ -55,13 +64,12 @@ class _WeightsAtEpochEnd(keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_cached_finetune_equals_full_graph_training(tiny_data, tmp_path):
+def test_cached_finetune_equals_full_graph_training(tiny_data, frozen_file):
     p = tiny_data.params
-    _frozen_model(tiny_data, True, epochs=1).save(tmp_path / "frozen.keras")
     results, final = [], []
     for cache in (True, False):
         configure(11, "float32", "auto")
-        model = load_model(tmp_path / "frozen.keras")
+        model = load_model(frozen_file)
         trained = _WeightsAtEpochEnd(model)
         with tiny_data.store() as store:
             data = load_phase_data(store, tiny_data.split, 1.0)
@@ -71,7 +79,7 @@ def test_cached_finetune_equals_full_graph_training(tiny_data, tmp_path):
                      runtime, seed=11, callbacks=[trained])
         results.append(trained.weights)
         final.append(model.get_weights())
-    before = load_model(tmp_path / "frozen.keras").get_weights()
+    before = load_model(frozen_file).get_weights()
     assert any(not np.allclose(a, b) for a, b in zip(results[0], before)), "fine-tuning changed nothing"
     for a, b in [*zip(*results), *zip(*final)]:  # every epoch's weights, and the model handed back
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -138,13 +146,12 @@ def test_from_scratch_recipe_learns_the_hard_set_where_the_frozen_random_base_ca
 
 @pytest.mark.slow
 @pytest.mark.parametrize("from_scratch", [False, True], ids=["top-block", "from-scratch"])
-def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp_path, caplog, from_scratch):
+def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, frozen_file, caplog, from_scratch):
     """Weights and predictions: from scratch, fine-tuning resets the head's standardisation before it starts,
     and a model handed back must predict as the frozen one did, not with the reset statistics."""
     p = tiny_data.params
-    _frozen_model(tiny_data, True).save(tmp_path / "frozen.keras")
     configure(11, "float32", "auto")
-    model = load_model(tmp_path / "frozen.keras")
+    model = load_model(frozen_file)
     with tiny_data.store() as store:
         data = load_phase_data(store, tiny_data.split, 1.0)
         rows = StoreRows(store, tiny_data.split.val)
@@ -158,23 +165,22 @@ def test_finetune_that_never_beats_the_frozen_model_hands_it_back(tiny_data, tmp
         finetune(model, data, replace(p.finetune, epochs=1, batch_size=8, unfreeze_blocks=1, lr=5.0,
                                       lr_schedule="constant", warmup_epochs=0), p.runtime, seed=11,
                  callbacks=[PredictEachEpoch()], from_scratch=from_scratch)
-        frozen = load_model(tmp_path / "frozen.keras")
+        frozen = load_model(frozen_file)
         for got, expected in zip(model.get_weights(), frozen.get_weights()):
             np.testing.assert_array_equal(got, expected)
         np.testing.assert_allclose(predict_rows(model, rows, 16), predict_rows(frozen, rows, 16), rtol=1e-5, atol=1e-6)
     assert "no epoch beat the starting model's validation loss" in caplog.text
 
 
-def test_finetune_with_no_epochs_leaves_the_frozen_model_as_it_is(tiny_data, tmp_path, caplog):
+def test_finetune_with_no_epochs_leaves_the_frozen_model_as_it_is(tiny_data, frozen_file, caplog):
     p = tiny_data.params
-    _frozen_model(tiny_data, True, epochs=1).save(tmp_path / "frozen.keras")
-    model = load_model(tmp_path / "frozen.keras")
+    model = load_model(frozen_file)
     with tiny_data.store() as store, caplog.at_level(logging.INFO, logger="glomeruli.model.training"):
         data = load_phase_data(store, tiny_data.split, 1.0)
         history = finetune(model, data, replace(p.finetune, epochs=0), p.runtime, seed=11, callbacks=[])
     assert history is None
     assert getattr(model, "optimizer", None) is None, "no fine-tune graph was compiled"
-    for got, expected in zip(model.get_weights(), load_model(tmp_path / "frozen.keras").get_weights()):
+    for got, expected in zip(model.get_weights(), load_model(frozen_file).get_weights()):
         np.testing.assert_array_equal(got, expected)
     assert [r.message for r in caplog.records if "finetune.epochs: 0" in r.message] == [
         "finetune.epochs: 0: no fine-tuning, the frozen-phase model is the model"]

@@ -1,14 +1,17 @@
 """Issue 4: never crash on bad input, never lose or corrupt data, resume where it stopped.
 
-The slow tests drive the real `dvc repro` on a tiny synthetic project (60 images, 32 px, no pretrained
-weights, 3 + 2 epochs):
+The slow tests drive the real `dvc repro`: the kill test reruns the shared tiny pipeline from scratch
+(`conftest.pipeline_pristine`: 120 images at 64 px, no pretrained weights, 3 + 2 epochs) and compares it with
+`pipeline_repo`, its uninterrupted run; the full-disk and small-split tests use 60 images at 32 px.
 
 * kill-and-rerun: `dvc repro` is SIGKILLed (its whole process group) at 10 points spread over all seven
   stages, each detected by polling the file system or the run's log, never by sleeping a fixed time; a
   plain `dvc repro` then continues. The final outputs must equal those of an uninterrupted run byte for
   byte (models: weight for weight, as `.keras` files embed their save date), no temporary file may remain,
   and killed training stages must resume from their last completed epoch.
-* reproducibility: `dvc repro --force` gives the same bytes and metrics again.
+* reproducibility, inside the kill test: every output of the killed project was computed by other processes, in
+  another folder, than the uninterrupted run's, so its byte-for-byte equality (metrics and plots included) is
+  reproducibility; a `dvc repro --force` of the reference, which would run every stage a third time, adds nothing.
 * a disk that fills up (RLIMIT_FSIZE, which makes writes fail with EFBIG) stops a stage with one clear
   line and leaves nothing half-written.
 
@@ -46,7 +49,7 @@ from glomeruli.core.atomic import OutputWriteError, atomic_path, is_out_of_space
 from glomeruli.core.params import ParamsError, parse_params, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-FROZEN_EPOCHS, FINETUNE_EPOCHS = 3, 2
+FROZEN_EPOCHS, FINETUNE_EPOCHS = project.TINY_PIPELINE["train_frozen__epochs"], project.TINY_PIPELINE["finetune__epochs"]
 SLOW_S, SLOW_LOOP_S = 0.3, 1.0
 # Outputs compared byte for byte between runs: everything but the two .keras models, the metadata that holds their
 # hash, and the ONNX export (it carries that hash, and tf2onnx's bytes differ between two exports of one file; its
@@ -97,14 +100,10 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 def make_project(folder: Path, *, n_images: int = 60, commit: bool = True, **settings) -> Path:
-    """A git + DVC project with this pipeline, tiny settings and synthetic data (nothing run yet).
-
-    patience >= epochs: early stopping never cuts a run short, so every run has all its epochs."""
+    """A git + DVC project with this pipeline, tiny data settings and synthetic data (nothing run yet), for the
+    tests that stop at the data stages."""
     tiny = dict(preprocess__image_size=32, model__weights="none", split__val_fraction=0.2, split__folds=5,
-                split__group_by="image", train_frozen__epochs=FROZEN_EPOCHS, train_frozen__batch_size=16,
-                train_frozen__patience=FROZEN_EPOCHS, finetune__epochs=FINETUNE_EPOCHS, finetune__batch_size=16,
-                finetune__unfreeze_blocks=1, finetune__patience=FINETUNE_EPOCHS, evaluate__bootstrap_resamples=200,
-                runtime__workers=1, runtime__memory_budget_gb=1)
+                split__group_by="image", runtime__workers=1, runtime__memory_budget_gb=1)
     return project.make_project(folder, shipped_params_raw(), n_images=n_images, seed=1, commit=commit,
                                 **{**tiny, **settings})
 
@@ -353,19 +352,11 @@ def test_split_too_small_for_both_classes_is_refused_before_training(tmp_path):
 # ------------------------------------------------------------------- kill, rerun, resume, repeat
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("pristine") / "project")
-
-
-@pytest.fixture(scope="module")
-def reference(pristine, tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
-    """An uninterrupted `dvc repro` and its outputs."""
-    repo = tmp_path_factory.mktemp("reference") / "project"
-    shutil.copytree(pristine, repo, symlinks=True)
-    dvc(repo, "repro")
-    files = output_files(repo)
-    assert leftovers(repo) == []
-    return repo, files
+def reference(pipeline_repo) -> tuple[Path, dict[str, bytes]]:
+    """An uninterrupted `dvc repro` of `pipeline_pristine` (the shared tiny pipeline) and its outputs."""
+    files = output_files(pipeline_repo)
+    assert leftovers(pipeline_repo) == []
+    return pipeline_repo, files
 
 
 def _snapshots(repo: Path, phase: str) -> list[int]:
@@ -447,13 +438,15 @@ def _check_no_half_written_output(repo: Path, reference_files: dict[str, bytes],
 
 
 @pytest.mark.slow
-def test_killed_at_any_point_a_plain_rerun_finishes_with_identical_outputs(pristine, reference, tmp_path):
-    """10 SIGKILLs of `dvc repro` across all seven stages; after each, a plain `dvc repro` goes on."""
+def test_killed_at_any_point_a_plain_rerun_finishes_with_identical_outputs(pipeline_pristine, reference, tmp_path):
+    """10 SIGKILLs of `dvc repro` across all seven stages; after each, a plain `dvc repro` goes on. The outputs are
+    the uninterrupted run's, byte for byte: every stage was rerun in other processes, so this is also the test that
+    the same seed on the same CPU reproduces every output and metric."""
     ref_repo, ref_files = reference
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_WRITERS)
     repo = tmp_path / "project"
-    shutil.copytree(pristine, repo, symlinks=True)
+    shutil.copytree(pipeline_pristine, repo, symlinks=True)
 
     outcomes, resumed_from = [], {}
     for i, (stage, moment, condition) in enumerate(KILL_POINTS):
@@ -481,6 +474,8 @@ def test_killed_at_any_point_a_plain_rerun_finishes_with_identical_outputs(prist
     for path, data in ref_files.items():
         if path not in NOT_BYTE_COMPARED:
             assert files[path] == data, f"{path} differs from the uninterrupted run's"
+    for metric in ("metrics/evaluate.json", "metrics/split.json"):
+        assert json.loads(files[metric]) == json.loads(ref_files[metric])
     for model in ("models/frozen.keras", "models/model.keras"):
         assert same_weights(ref_repo / model, repo / model), f"{model}: other weights than the uninterrupted run's"
     assert leftovers(repo) == []
@@ -568,21 +563,3 @@ def test_resume_continues_early_stopping_and_ends_like_an_uninterrupted_run(tmp_
         assert all(np.array_equal(a, b) for a, b in zip(weights, expected)), f"killed at {kill}: other weights"
 
 
-# ------------------------------------------------------------------------------ reproducibility
-
-@pytest.mark.slow
-def test_forced_rerun_reproduces_every_output_and_metric(reference):
-    """Same seed, same CPU: `dvc repro --force` gives the same bytes (models: the same weights)."""
-    repo, first = reference
-    first_models = repo.parent / "first-run"
-    shutil.copytree(repo / "models", first_models)
-    dvc(repo, "repro", "--force")
-    second = output_files(repo)
-    assert sorted(second) == sorted(first)
-    differing = [p for p in first if p not in NOT_BYTE_COMPARED and first[p] != second[p]]
-    assert differing == [], f"not reproducible: {differing}"
-    for metric in ("metrics/evaluate.json", "metrics/split.json"):
-        assert json.loads(second[metric]) == json.loads(first[metric])
-    for model in ("frozen.keras", "model.keras"):
-        assert same_weights(first_models / model, repo / "models" / model), f"{model}: other weights on a rerun"
-    assert leftovers(repo) == []
