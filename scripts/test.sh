@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite (about 20 minutes on 2 cores): unit tests, both Keras backends, a real `dvc repro` and the
+# The test suite (about 19 minutes on 2 cores): unit tests, both Keras backends, a real `dvc repro` and the
 # learning test on the hard set. Two worker processes (GLOMERULI_TEST_WORKERS, 0 for one process): most of
 # the suite is single-threaded Python (imports, tracing, DVC), so a second process uses the second core.
 # `bash scripts/test.sh -m learning` runs the learning test alone.
