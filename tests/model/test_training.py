@@ -20,20 +20,23 @@ from glomeruli.model.training import finetune, load_phase_data, train_frozen
 from glomeruli.model.recipes import FROM_SCRATCH_OVERRIDES
 
 
-def _frozen_model(tiny_data, cache: bool, seed: int = 7) -> keras.Model:
+FROZEN_SEED = 7
+
+
+def _frozen_model(tiny_data, cache: bool) -> keras.Model:
     p = tiny_data.params
-    configure(seed, "float32", "auto")
+    configure(FROZEN_SEED, "float32", "auto")
     model = build_model(32, "none", 0.3)
     with tiny_data.store() as store:
         data = load_phase_data(store, tiny_data.split, 1.0)
         train_frozen(model, data, replace(p.train_frozen, epochs=3, batch_size=8),
-                     replace(p.runtime, cache_features=cache), seed=seed, callbacks=[])
+                     replace(p.runtime, cache_features=cache), seed=FROZEN_SEED, callbacks=[])
     return model
 
 
 @pytest.fixture(scope="module")
 def frozen_file(tiny_data, tmp_path_factory):
-    """The frozen phase on the tiny set (cached features, seed 7), trained once for this module's tests: read it,
+    """The frozen phase on the tiny set (cached features), trained once for this module's tests: read it,
     never write it."""
     path = tmp_path_factory.mktemp("frozen") / "frozen.keras"
     _frozen_model(tiny_data, True).save(path)

@@ -17,7 +17,7 @@ The slow tests drive the real `dvc repro`: the kill test reruns the shared tiny 
 
 Test instrumentation only: in the kill runs a `sitecustomize` slows the package's writers down a little
 (each atomic output waits 0.3 s before its rename, each progress loop takes 1 s longer), so that the kill
-windows of a 32-px project are wide enough to hit by polling. It changes no output.
+windows of a tiny project are wide enough to hit by polling. It changes no output.
 """
 
 from __future__ import annotations
