@@ -14,20 +14,6 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-
-def _share_the_cores_between_workers() -> None:
-    """Under xdist, each worker's TensorFlow (and every stage it starts) gets its share of the cores. Left alone,
-    each sizes its thread pools to the whole machine, and two workers training at once on 2 cores took 42 % longer
-    than with one thread each (bench/RESULTS.md, "The suite, third round"). Must run before TensorFlow starts."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:
-        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
-        for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
-            os.environ.setdefault(name, threads)
-
-
-_share_the_cores_between_workers()
-
 from glomeruli.data.augment import augment_store  # noqa: E402
 from glomeruli.data.h5store import ImageStore  # noqa: E402
 from glomeruli.data.ingest import IngestConfig, ingest_dataset  # noqa: E402
